@@ -1,0 +1,3 @@
+from medmitra.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,188 @@
+"""create_app(settings) -> Sanic. No import-time side effects: listeners open and close
+the database, storage and worker pool; everything lives on ``app.ctx``."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from typing import Any
+
+from sanic import Request, Sanic
+from sanic.exceptions import SanicException
+from sanic.response import HTTPResponse, empty, json as json_response
+
+from medmitra import __version__
+from medmitra.api.cases import bp as cases_bp, downloads as downloads_bp
+from medmitra.auth.jwt import TokenVerifier
+from medmitra.auth.keys import load_or_create_secret
+from medmitra.config import Settings
+from medmitra.db.models import CaseFile
+from medmitra.db.setup import close_db, open_db
+from medmitra.errors import ApiError
+from medmitra.jobs import queue
+from medmitra.services.links import LinkSigner
+from medmitra.storage import Storage
+
+log = logging.getLogger("medmitra.app")
+
+CORS_HEADERS = ("authorization, content-type, apikey, x-client-info, x-supabase-api-version, "
+                "x-requested-with, accept")
+
+
+def _error_response(status: int, message: str, extra: dict[str, Any] | None = None,
+                    headers: dict[str, str] | None = None) -> HTTPResponse:
+    body: dict[str, Any] = {"detail": message, "error": message}
+    if extra:
+        body.update(extra)
+    return json_response(body, status=status, headers=headers)
+
+
+async def handle_api_error(request: Request, exc: ApiError) -> HTTPResponse:
+    if exc.status >= 500:
+        log.warning("%s %s -> %d: %s", request.method, request.path, exc.status, exc.message)
+    return json_response(exc.body(), status=exc.status, headers=exc.headers)
+
+
+async def handle_sanic_error(request: Request, exc: SanicException) -> HTTPResponse:
+    status = getattr(exc, "status_code", 500) or 500
+    if status >= 500:
+        log.error("server error on %s %s", request.method if request else "?",
+                  request.path if request else "?", exc_info=exc)
+        return _error_response(500, "Internal server error")
+    message = str(exc) or {404: "Not found", 405: "Method not allowed"}.get(status, "Bad request")
+    # Sanic's own messages are generic (route not found, bad JSON, body too large).
+    return _error_response(status, message, headers=getattr(exc, "headers", None) or None)
+
+
+async def handle_unexpected(request: Request, exc: Exception) -> HTTPResponse:
+    log.error("unhandled error on %s %s", request.method if request else "?",
+              request.path if request else "?", exc_info=exc)
+    return _error_response(500, "Internal server error")
+
+
+def create_app(settings: Settings, *, start_workers: bool = True,
+               runtime_factory: Any = None, name: str | None = None) -> Sanic:
+    app = Sanic(name or f"medmitra_{uuid.uuid4().hex[:12]}")
+    app.config.REQUEST_MAX_SIZE = settings.server.request_max_bytes
+    app.config.REQUEST_TIMEOUT = 120
+    app.config.RESPONSE_TIMEOUT = 300
+    app.config.GRACEFUL_SHUTDOWN_TIMEOUT = settings.server.graceful_shutdown_s
+    app.config.FALLBACK_ERROR_FORMAT = "json"
+    app.config.TOUCHUP = False          # no source inspection at start (frozen binary)
+    app.config.ACCESS_LOG = settings.server.access_log
+    app.config.MOTD = False
+    app.ctx.settings = settings
+    app.ctx.started_at = time.time()
+    app.ctx.pool = None
+    app.ctx.session_check = None
+    app.ctx.ready = False
+
+    app.blueprint(cases_bp)
+    app.blueprint(downloads_bp)
+    _register_system_routes(app)
+    try:
+        from medmitra.api.docs import register_docs
+    except ImportError:  # docs module not built into this copy
+        register_docs = None
+    if register_docs is not None:
+        register_docs(app)
+    try:
+        from medmitra.auth.supabase import register_auth_api
+    except ImportError:
+        register_auth_api = None
+
+    app.error_handler.add(ApiError, handle_api_error)
+    app.error_handler.add(SanicException, handle_sanic_error)
+    app.error_handler.add(Exception, handle_unexpected)
+
+    @app.on_request
+    async def cors_preflight(request: Request) -> HTTPResponse | None:
+        if request.method == "OPTIONS":
+            return empty(status=204)
+        return None
+
+    @app.on_response
+    async def cors_headers(request: Request, response: HTTPResponse) -> None:
+        origins = settings.server.cors_origins
+        if origins:
+            origin = request.headers.get("origin")
+            allowed = [o.strip() for o in origins.split(",")]
+            if "*" in allowed or (origin and origin in allowed):
+                response.headers["Access-Control-Allow-Origin"] = origin if origin and "*" not in allowed else "*"
+                response.headers["Access-Control-Allow-Headers"] = CORS_HEADERS
+                response.headers["Access-Control-Allow-Methods"] = "GET, POST, PUT, DELETE, OPTIONS"
+                response.headers["Access-Control-Max-Age"] = "600"
+
+    @app.before_server_start
+    async def open_resources(app: Sanic) -> None:
+        data = settings.data_path
+        data.mkdir(parents=True, exist_ok=True)
+        await open_db(settings)
+        storage = Storage(data, min_free_bytes=settings.storage.min_free_bytes)
+        storage.open()
+        known = set(await CaseFile.all().values_list("file_id", flat=True))
+        temps, orphans = storage.sweep(known)
+        if temps or orphans:
+            log.info("start-up sweep removed %d unfinished upload(s) and %d orphan file(s)",
+                     temps, orphans)
+        app.ctx.storage = storage
+        secret = load_or_create_secret(data, settings.auth.jwt_secret)
+        app.ctx.jwt_secret = secret
+        app.ctx.verifier = TokenVerifier.from_settings(settings, secret)
+        app.ctx.links = LinkSigner(secret, settings.limits.file_url_ttl_s)
+        if register_auth_api is not None:
+            await register_auth_api(app)
+        if start_workers:
+            from medmitra.jobs.pool import WorkerPool
+
+            pool = WorkerPool(settings, storage, runtime_factory=runtime_factory)
+            app.ctx.pool = pool
+            await pool.start()
+        app.ctx.ready = True
+
+    @app.before_server_stop
+    async def stop_workers(app: Sanic) -> None:
+        app.ctx.ready = False
+        if app.ctx.pool is not None:
+            await app.ctx.pool.stop()
+
+    @app.after_server_stop
+    async def close_resources(app: Sanic) -> None:
+        await close_db()
+
+    return app
+
+
+def _register_system_routes(app: Sanic) -> None:
+    @app.get("/")
+    async def root(request: Request) -> HTTPResponse:
+        return json_response({"message": "MedMitra Backend API is running!"})
+
+    @app.get("/health")
+    async def health(request: Request) -> HTTPResponse:
+        ctx = request.app.ctx
+        checks: dict[str, Any] = {"version": __version__,
+                                  "uptime_s": round(time.time() - ctx.started_at, 3)}
+        ok = bool(ctx.ready)
+        try:
+            depth = await queue.queue_depth()
+            checks["database"] = {"status": "ok"}
+            checks["queue"] = depth
+        except Exception as exc:  # the database is down: say so instead of a 500
+            ok = False
+            checks["database"] = {"status": "error", "error": type(exc).__name__}
+        storage = getattr(ctx, "storage", None)
+        if storage is not None:
+            free = storage.free_bytes()
+            checks["storage"] = {"status": "ok" if free >= storage.min_free_bytes else "low",
+                                 "free_bytes": free}
+        if ctx.pool is not None:
+            pool = ctx.pool.status()
+            checks["model"] = pool["model"]
+            checks["workers"] = pool["workers"]
+        else:
+            checks["model"] = {"state": "disabled", "name": None, "error": None}
+            checks["workers"] = []
+        checks["status"] = "ok" if ok else "unavailable"
+        return json_response(checks, status=200 if ok else 503)

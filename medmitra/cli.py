@@ -1,0 +1,209 @@
+"""Command line: serve, migrate, token, models, version. No logic lives here."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from medmitra import __version__
+from medmitra.config import ConfigError, Settings, load_settings, resolve_model_path
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="path to config.toml (default: ./config.toml if present)")
+    p.add_argument("--data-dir", help="where the database and files live")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="medmitra",
+                                     description="MedMitra Edge: offline clinical case server")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the HTTP server")
+    _common(p)
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--workers", type=int, help="analysis workers (llm.workers)")
+
+    p = sub.add_parser("migrate", help="create or upgrade the database schema")
+    _common(p)
+
+    p = sub.add_parser("version", help="print the version")
+    _common(p)
+
+    p = sub.add_parser("token", help="issue access tokens")
+    _common(p)
+    tsub = p.add_subparsers(dest="token_command", required=True)
+    t = tsub.add_parser("create", help="print a JWT this server accepts")
+    _common(t)
+    t.add_argument("--user-id", required=True)
+    t.add_argument("--email")
+    t.add_argument("--expires-in", type=int, default=3600, help="seconds (default 3600)")
+
+    p = sub.add_parser("models", help="manage GGUF model files")
+    _common(p)
+    msub = p.add_subparsers(dest="models_command", required=True)
+    m = msub.add_parser("import", help="copy a GGUF chat model into models/ and use it")
+    _common(m)
+    m.add_argument("path")
+    m = msub.add_parser("show", help="print the configured model and whether it is present")
+    _common(m)
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides: dict[str, dict[str, Any]] = {
+        "storage": {"data_dir": getattr(args, "data_dir", None)},
+        "server": {"host": getattr(args, "host", None), "port": getattr(args, "port", None)},
+        "llm": {"workers": getattr(args, "workers", None)},
+    }
+    return load_settings(getattr(args, "config", None), overrides=overrides)
+
+
+def _setup_logging(settings: Settings) -> None:
+    logging.basicConfig(level=settings.log.level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Library loggers that echo SQL parameters or request bodies stay at WARNING: they could
+    # carry patient names.
+    for noisy in ("tortoise", "aiosqlite", "db_client", "sanic.access"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = _settings(args)
+    except ConfigError as exc:
+        print(f"medmitra: configuration error: {exc}", file=sys.stderr)
+        return 2
+    cmd = args.command
+    if cmd == "version":
+        print(f"medmitra {__version__}")
+        return 0
+    if cmd == "migrate":
+        return _migrate(settings)
+    if cmd == "token":
+        return _token_create(settings, args)
+    if cmd == "models":
+        return _models(settings, args)
+    if cmd == "serve":
+        return _serve(settings)
+    return 2
+
+
+def _migrate(settings: Settings) -> int:
+    from medmitra.db.setup import close_db, current_version, open_db
+
+    async def run() -> int:
+        await open_db(settings, migrate=True)
+        try:
+            return await current_version()
+        finally:
+            await close_db()
+
+    version = asyncio.run(run())
+    print(f"database at schema version {version}: {settings.database_url.split('@')[-1]}")
+    return 0
+
+
+def _token_create(settings: Settings, args: argparse.Namespace) -> int:
+    import uuid
+
+    from medmitra.auth.jwt import issue_token
+    from medmitra.auth.keys import load_or_create_secret
+
+    try:
+        user_id = str(uuid.UUID(args.user_id))
+    except ValueError:
+        print("medmitra: --user-id must be a UUID", file=sys.stderr)
+        return 2
+    if not 1 <= args.expires_in <= 366 * 86400:
+        print("medmitra: --expires-in must be between 1 and 31622400 seconds", file=sys.stderr)
+        return 2
+    settings.data_path.mkdir(parents=True, exist_ok=True)
+    secret = load_or_create_secret(settings.data_path, settings.auth.jwt_secret)
+    print(issue_token(secret, user_id=user_id, email=args.email, expires_in_s=args.expires_in,
+                      audience=settings.auth.audience or "authenticated",
+                      issuer=settings.auth.issuer or None))
+    return 0
+
+
+def _models(settings: Settings, args: argparse.Namespace) -> int:
+    if args.models_command == "show":
+        path = resolve_model_path(settings.llm.model_path)
+        state = "present" if path and path.is_file() else "MISSING"
+        print(f"llm.model_path = {settings.llm.model_path} -> {path} ({state})")
+        return 0 if state == "present" else 1
+    src = Path(args.path).expanduser()
+    try:
+        with open(src, "rb") as fh:
+            magic = fh.read(4)
+    except OSError as exc:
+        print(f"medmitra: cannot read {src}: {exc.strerror}", file=sys.stderr)
+        return 2
+    if magic != b"GGUF":
+        print(f"medmitra: {src} is not a GGUF model file", file=sys.stderr)
+        return 2
+    dest_dir = Path("models")
+    dest_dir.mkdir(exist_ok=True)
+    dest = dest_dir / src.name
+    if dest.resolve() != src.resolve():
+        tmp = dest.with_suffix(".part")
+        digest = hashlib.sha256()
+        with open(src, "rb") as fin, open(tmp, "wb") as fout:
+            for block in iter(lambda: fin.read(1 << 20), b""):
+                digest.update(block)
+                fout.write(block)
+            fout.flush()
+            os.fsync(fout.fileno())
+        os.replace(tmp, dest)
+        print(f"copied {src} -> {dest} (sha256 {digest.hexdigest()})")
+    print("To use it, set in config.toml:\n\n[llm]\n"
+          f'model_path = "models/{dest.name}"\n\n'
+          f"or export MEDMITRA_LLM_MODEL_PATH=models/{dest.name}")
+    return 0
+
+
+def _serve(settings: Settings) -> int:
+    from sanic import Sanic
+
+    from medmitra.app import create_app
+
+    _setup_logging(settings)
+    if settings.auth.trust_user_id:
+        logging.getLogger("medmitra").warning(
+            "auth.trust_user_id is ON: requests without a token may act as any user_id. "
+            "Use only on a trusted LAN.")
+    app = create_app(settings, name="medmitra")
+    host, port = settings.server.host, settings.server.port
+    _banner(settings)
+    app.prepare(host=host, port=port, single_process=True, access_log=settings.server.access_log,
+                motd=False)
+    Sanic.serve_single(app)
+    return 0
+
+
+def _banner(settings: Settings) -> None:
+    model = resolve_model_path(settings.llm.model_path)
+    shown_host = "localhost" if settings.server.host in ("127.0.0.1", "0.0.0.0", "::") \
+        else settings.server.host
+    exe = "medmitra" if shutil.which("medmitra") or getattr(sys, "frozen", False) \
+        else "python -m medmitra"
+    lines = [
+        f"MedMitra Edge {__version__}",
+        f"  API:      http://{shown_host}:{settings.server.port}/   (docs: /docs, /redoc)",
+        f"  Data:     {settings.data_path}",
+        f"  Config:   {settings.source}",
+        f"  Model:    {model} ({'found' if model and model.is_file() else 'MISSING'})"
+        f", {settings.llm.workers} worker(s)",
+        f"  Token:    {exe} token create --user-id <UUID>"
+        + (f" --data-dir {settings.data_path}" if settings.source == "defaults" else ""),
+    ]
+    print("\n".join(lines), flush=True)

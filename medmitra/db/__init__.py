@@ -1,0 +1,1 @@
+"""Database: tortoise config, connection lifecycle and migrations."""

@@ -1,0 +1,116 @@
+"""Open/close the database and apply schema migrations.
+
+Migrations are frozen SQL files ``NNNN_name.<dialect>.sql`` in ``db/migrations``; each is
+applied once, in order, in its own transaction together with its ``schema_version`` row,
+so a crash mid-upgrade leaves the previous version intact.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from tortoise import Tortoise, connections
+
+from medmitra.config import Settings
+
+log = logging.getLogger("medmitra.db")
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+_NAME_RE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.(sqlite|postgres)\.sql$")
+
+
+def tortoise_config(settings: Settings) -> dict[str, Any]:
+    url = settings.database_url
+    if settings.is_sqlite:
+        settings.data_path.mkdir(parents=True, exist_ok=True)
+        conn: Any = {
+            "engine": "tortoise.backends.sqlite",
+            "credentials": {
+                "file_path": url.removeprefix("sqlite://"),
+                "journal_mode": "WAL",
+                "busy_timeout": settings.database.busy_timeout_ms,
+                # FULL: a committed record survives power loss too, not only a crash.
+                "synchronous": "FULL",
+                "foreign_keys": "ON",
+            },
+        }
+    else:
+        conn = url
+    return {
+        "connections": {"default": conn},
+        "apps": {"models": {"models": ["medmitra.db.models"], "default_connection": "default"}},
+        "use_tz": True,
+        "timezone": "UTC",
+    }
+
+
+def dialect(settings: Settings) -> str:
+    return "sqlite" if settings.is_sqlite else "postgres"
+
+
+def available_migrations(kind: str) -> list[tuple[int, str, Path]]:
+    out = []
+    for path in sorted(MIGRATIONS_DIR.iterdir()):
+        m = _NAME_RE.match(path.name)
+        if m and m.group(3) == kind:
+            out.append((int(m.group(1)), m.group(2), path))
+    return out
+
+
+async def open_db(settings: Settings, *, migrate: bool = True) -> None:
+    # The global fallback lets handlers and background tasks (other contexts than the
+    # listener that initialised tortoise) use the connection; see tortoise/context.py.
+    await Tortoise.init(config=tortoise_config(settings), _enable_global_fallback=True)
+    if migrate:
+        await apply_migrations(settings)
+
+
+async def close_db() -> None:
+    await Tortoise.close_connections()
+
+
+async def current_version() -> int:
+    conn = connections.get("default")
+    await conn.execute_script(
+        'CREATE TABLE IF NOT EXISTS "schema_version" ("version" INT NOT NULL PRIMARY KEY, '
+        '"name" VARCHAR(128) NOT NULL, "applied_at" TIMESTAMP NOT NULL)')
+    rows = await conn.execute_query_dict('SELECT MAX("version") AS v FROM "schema_version"')
+    return int(rows[0]["v"] or 0)
+
+
+async def apply_migrations(settings: Settings) -> list[int]:
+    """Apply every migration newer than the database; return the versions applied."""
+    kind = dialect(settings)
+    conn = connections.get("default")
+    have = await current_version()
+    applied = []
+    for version, name, path in available_migrations(kind):
+        if version <= have:
+            continue
+        sql = path.read_text(encoding="utf-8")
+        now = datetime.now(timezone.utc).isoformat()
+        record = (f'INSERT INTO "schema_version" ("version", "name", "applied_at") '
+                  f"VALUES ({version}, '{name}', '{now}');")
+        if kind == "sqlite":
+            try:
+                await conn.execute_script(f"BEGIN IMMEDIATE;\n{sql}\n{record}\nCOMMIT;")
+            except Exception:
+                try:
+                    await conn.execute_script("ROLLBACK;")
+                except Exception:  # no transaction open: nothing to undo
+                    pass
+                raise
+        else:
+            async with conn._in_transaction() as tx:
+                await tx.execute_script(f"{sql}\n{record}")
+        log.info("applied migration %04d_%s", version, name)
+        applied.append(version)
+    return applied
+
+
+def latest_version(settings: Settings) -> int:
+    return max(v for v, _, _ in available_migrations(dialect(settings)))

@@ -1,0 +1,199 @@
+"""The durable analysis queue: the only module that writes ``jobs`` rows.
+
+States: queued -> running -> completed | failed, or cancelled (superseded by a newer run
+or the case deleted). A worker claims a job with one atomic UPDATE, holds it by a lease
+it renews (heartbeat), and finishes it in the same transaction that writes the insights
+and the case status. A job whose lease lapses (its worker died) is claimed again.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from datetime import datetime, timezone
+from typing import Any
+
+from tortoise import connections
+from tortoise.transactions import in_transaction
+
+from medmitra.db.models import Case, Job
+
+HOST = socket.gethostname()[:40]
+
+
+def new_owner() -> str:
+    """Lease owner id of one worker: host, pid and a nonce (pids are reused)."""
+    return f"{HOST}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _epoch() -> float:
+    return _now().timestamp()
+
+
+def _is_sqlite() -> bool:
+    return connections.get("default").capabilities.dialect == "sqlite"
+
+
+async def enqueue(case: Case, options: dict[str, Any], *, max_attempts: int,
+                  conn: Any = None) -> Job:
+    """Queue a fresh run for a case; any earlier unfinished run of it is cancelled."""
+    now = _now()
+    await Job.filter(case_id=case.id, state__in=("queued", "running")).using_db(conn).update(
+        state="cancelled", finished_at=now, updated_at=now, lease_owner=None,
+        error="superseded by a newer analysis request")
+    return await Job.create(case_id=case.id, state="queued", options=options,
+                            max_attempts=max_attempts, created_at=now, updated_at=now,
+                            using_db=conn)
+
+
+async def claim(owner: str, lease_s: float) -> Job | None:
+    """Atomically take the oldest runnable job (queued, or running with a lapsed lease)."""
+    now = _now()
+    epoch = now.timestamp()
+    if _is_sqlite():
+        pick = ('SELECT "id" FROM "jobs" WHERE "state"=\'queued\' OR ("state"=\'running\' '
+                'AND "lease_expires_at" < ?) ORDER BY "id" LIMIT 1')
+        sql = (f'UPDATE "jobs" SET "state"=\'running\', "lease_owner"=?, "lease_expires_at"=?, '
+               f'"attempts"="attempts"+1, "started_at"=COALESCE("started_at", ?), '
+               f'"updated_at"=?, "stage"=NULL, "progress"=0 WHERE "id" = ({pick}) '
+               f'RETURNING "id"')
+        params: list[Any] = [owner, epoch + lease_s, now.isoformat(), now.isoformat(), epoch]
+    else:
+        pick = ('SELECT "id" FROM "jobs" WHERE "state"=\'queued\' OR ("state"=\'running\' '
+                'AND "lease_expires_at" < $5) ORDER BY "id" LIMIT 1 FOR UPDATE SKIP LOCKED')
+        sql = (f'UPDATE "jobs" SET "state"=\'running\', "lease_owner"=$1, "lease_expires_at"=$2, '
+               f'"attempts"="attempts"+1, "started_at"=COALESCE("started_at", $3), '
+               f'"updated_at"=$4, "stage"=NULL, "progress"=0 WHERE "id" = ({pick}) '
+               f'RETURNING "id"')
+        params = [owner, epoch + lease_s, now, now, epoch]
+    rows = await connections.get("default").execute_query_dict(sql, params)
+    if not rows:
+        return None
+    return await Job.get_or_none(id=rows[0]["id"])
+
+
+async def heartbeat(job_id: int, owner: str, lease_s: float) -> bool:
+    """Renew the lease. False when the job is no longer ours (cancelled, deleted, taken)."""
+    n = await Job.filter(id=job_id, lease_owner=owner, state="running").update(
+        lease_expires_at=_epoch() + lease_s, updated_at=_now())
+    return n == 1
+
+
+async def set_progress(job_id: int, owner: str, stage: str, progress: float) -> bool:
+    n = await Job.filter(id=job_id, lease_owner=owner, state="running").update(
+        stage=stage, progress=max(0.0, min(1.0, progress)), updated_at=_now())
+    return n == 1
+
+
+async def still_ours(job_id: int, owner: str) -> bool:
+    return await Job.filter(id=job_id, lease_owner=owner, state="running").exists()
+
+
+async def _is_latest(job: Job, conn: Any) -> bool:
+    newest = await Job.filter(case_id=job.case_id).using_db(conn).order_by("-id").first()
+    return newest is not None and newest.id == job.id
+
+
+async def finish(job_id: int, owner: str, *, state: str, error: str | None = None,
+                 conn: Any = None) -> bool:
+    """Mark a job completed/failed inside the caller's transaction and move the case
+    status with it (only if this is the case's newest run). False if not ours."""
+    now = _now()
+    n = await Job.filter(id=job_id, lease_owner=owner, state="running").using_db(conn).update(
+        state=state, error=error, finished_at=now, updated_at=now, lease_owner=None,
+        lease_expires_at=None, progress=1.0 if state == "completed" else 0.0)
+    if n != 1:
+        return False
+    job = await Job.get(id=job_id, using_db=conn)
+    if await _is_latest(job, conn):
+        await Case.filter(id=job.case_id).using_db(conn).update(status=state, updated_at=now)
+    return True
+
+
+async def fail_attempt(job_id: int, owner: str, reason: str) -> str | None:
+    """Record a failed attempt: re-queue it, or fail it for good after max_attempts.
+    Returns the new state, or None if the job was no longer ours."""
+    async with in_transaction() as conn:
+        job = await Job.get_or_none(id=job_id, using_db=conn)
+        if job is None or job.lease_owner != owner or job.state != "running":
+            return None
+        if job.attempts >= job.max_attempts:
+            await finish(job_id, owner, state="failed",
+                         error=f"{reason} (gave up after {job.attempts} attempts)", conn=conn)
+            return "failed"
+        await Job.filter(id=job_id).using_db(conn).update(
+            state="queued", error=reason, lease_owner=None, lease_expires_at=None,
+            updated_at=_now())
+        return "queued"
+
+
+async def release(job_id: int, owner: str) -> None:
+    """Give a job back untouched (graceful shutdown): the attempt does not count."""
+    await Job.filter(id=job_id, lease_owner=owner, state="running").update(
+        state="queued", lease_owner=None, lease_expires_at=None, attempts=0,
+        stage=None, progress=0.0, updated_at=_now())
+
+
+async def recover_dead_local_owners() -> int:
+    """At start: jobs leased by a process of this host that no longer exists are re-queued
+    at once instead of waiting for their lease to lapse."""
+    rows = await Job.filter(state="running", lease_owner__startswith=f"{HOST}:").values(
+        "id", "lease_owner")
+    dead = []
+    for row in rows:
+        try:
+            pid = int(row["lease_owner"].split(":")[1])
+        except (IndexError, ValueError):
+            continue
+        if pid == os.getpid() or not _pid_alive(pid):
+            dead.append(row["id"])
+    if dead:
+        await Job.filter(id__in=dead, state="running").update(
+            state="queued", lease_owner=None, lease_expires_at=None, updated_at=_now())
+    return len(dead)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
+async def queue_depth() -> dict[str, int]:
+    queued = await Job.filter(state="queued").count()
+    running = await Job.filter(state="running").count()
+    return {"queued": queued, "running": running}
+
+
+def _iso(dt: datetime | None) -> str | None:
+    return dt.astimezone(timezone.utc).isoformat() if dt else None
+
+
+async def analysis_status(case_pk: int) -> dict[str, Any] | None:
+    job = await Job.filter(case_id=case_pk).order_by("-id").first()
+    if job is None:
+        return None
+    position = None
+    if job.state == "queued":
+        position = await Job.filter(state="queued", id__lt=job.id).count() + 1
+    return {
+        "state": job.state if job.state != "cancelled" else "failed",
+        "stage": job.stage,
+        "progress": round(float(job.progress or 0.0), 4),
+        "queue_position": position,
+        "error": job.error if job.state in ("failed", "cancelled") else None,
+        "started_at": _iso(job.started_at),
+        "finished_at": _iso(job.finished_at),
+        "attempts": job.attempts,
+    }

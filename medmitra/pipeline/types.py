@@ -1,0 +1,104 @@
+"""Plain data passed between extraction, the LLM stages and the job worker.
+
+Nothing here knows about HTTP or the database: the worker loads rows, builds a
+``CaseInput``, calls ``pipeline.stages.run_analysis`` in a thread and writes the
+``AnalysisResult`` back in one transaction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal
+
+Category = Literal["lab", "radiology"]
+LabStatus = Literal["normal", "abnormal", "critical", "unknown"]
+
+
+@dataclass
+class LabRow:
+    test: str
+    value: str
+    unit: str | None = None
+    reference_range: str | None = None
+    # Deterministic flag computed from value and reference range where both parse.
+    status: LabStatus = "unknown"
+
+
+@dataclass
+class ExtractedFile:
+    file_id: str
+    category: Category
+    file_name: str          # display name only; never a path
+    mime: str
+    text: str | None = None                 # stored in case_files.text_data
+    pages: list[str] = field(default_factory=list)
+    lab_rows: list[LabRow] = field(default_factory=list)
+    ocr_used: bool = False
+    # Normalised RGB image (PIL.Image.Image) for a vision model, EXIF removed; or None.
+    image: Any = None
+    # Non-identifying DICOM tags (modality, body part, study description, dates ...).
+    dicom_tags: dict[str, str] = field(default_factory=dict)
+    # Human-readable notes about extraction ("no text layer, OCR used", errors ...).
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class AnalysisOptions:
+    include_differential: bool = True
+    include_treatment: bool = True
+    include_lab_interpretation: bool = True
+    include_imaging: bool = True
+    confidence_threshold: float | None = None
+
+
+@dataclass
+class CaseInput:
+    case_id: str
+    patient_name: str
+    patient_age: int
+    patient_gender: str
+    doctor_notes: str | None
+    files: list[ExtractedFile]
+    options: AnalysisOptions = field(default_factory=AnalysisOptions)
+
+
+@dataclass
+class StageMetrics:
+    stage: str
+    duration_s: float
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    attempts: int = 1
+
+
+@dataclass
+class AnalysisResult:
+    # file_id -> JSON-able dict stored (as a JSON string) in case_files.ai_summary.
+    file_summaries: dict[str, dict[str, Any]]
+    # The nested ``insights`` shape of the API contract (section 3), minus generated_at.
+    insights: dict[str, Any]
+    stages: list[StageMetrics]
+    # {"name", "file", "quantization", "sha256"} of the model that made it.
+    model: dict[str, Any]
+
+
+class StageError(Exception):
+    """A stage could not produce a valid result; the job may retry."""
+
+    def __init__(self, stage: str, reason: str):
+        self.stage = stage
+        self.reason = reason
+        super().__init__(f"{stage}: {reason}")
+
+
+class Cancelled(Exception):
+    """The job was cancelled (case deleted, shutdown) between stages."""
+
+
+# progress(stage_name, fraction_done_0_to_1)
+ProgressFn = Callable[[str, float], None]
+# should_stop() -> True when the run must end (raises Cancelled at the next checkpoint)
+StopFn = Callable[[], bool]
+
+STAGES = ("extract", "lab_analysis", "radiology_analysis", "case_summary", "soap_note",
+          "diagnosis", "differential", "recommendations", "compile")
