@@ -72,6 +72,9 @@ def create_app(settings: Settings, *, start_workers: bool = True,
     app.config.TOUCHUP = False          # no source inspection at start (frozen binary)
     app.config.ACCESS_LOG = settings.server.access_log
     app.config.MOTD = False
+    # sanic-ext, when installed in the same env, would add CDN-backed /docs and
+    # /openapi.json of its own; the project serves offline ones (api/docs.py).
+    app.config.AUTO_EXTEND = False
     app.ctx.settings = settings
     app.ctx.started_at = time.time()
     app.ctx.pool = None
@@ -87,11 +90,6 @@ def create_app(settings: Settings, *, start_workers: bool = True,
         register_docs = None
     if register_docs is not None:
         register_docs(app)
-    try:
-        from medmitra.auth.supabase import register_auth_api
-    except ImportError:
-        register_auth_api = None
-
     app.error_handler.add(ApiError, handle_api_error)
     app.error_handler.add(SanicException, handle_sanic_error)
     app.error_handler.add(Exception, handle_unexpected)
@@ -131,8 +129,6 @@ def create_app(settings: Settings, *, start_workers: bool = True,
         app.ctx.jwt_secret = secret
         app.ctx.verifier = TokenVerifier.from_settings(settings, secret)
         app.ctx.links = LinkSigner(secret, settings.limits.file_url_ttl_s)
-        if register_auth_api is not None:
-            await register_auth_api(app)
         if start_workers:
             from medmitra.jobs.pool import WorkerPool
 
@@ -140,6 +136,12 @@ def create_app(settings: Settings, *, start_workers: bool = True,
             app.ctx.pool = pool
             await pool.start()
         app.ctx.ready = True
+
+    # The local Supabase Auth subset adds its routes and a start-up listener that runs after
+    # open_resources (listeners run in registration order).
+    from medmitra.auth.supabase import register_auth_api
+
+    register_auth_api(app)
 
     @app.before_server_stop
     async def stop_workers(app: Sanic) -> None:
