@@ -555,3 +555,31 @@ def test_concurrent_creator_wins_without_being_clobbered(tmp_path, monkeypatch):
     assert load_or_create_secret(tmp_path, "") == "theirs"
     assert (tmp_path / "jwt_secret").read_text(encoding="utf-8") == "theirs"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["jwt_secret"]
+
+
+def test_verified_token_is_remembered_until_it_expires(monkeypatch) -> None:
+    """The cache must never outlive the token: after exp (+ leeway) it is checked again."""
+    import time as _time
+
+    from medmitra.auth import jwt as jwt_mod
+    from medmitra.config import AuthSettings
+
+    secret = "s" * 40
+    v = jwt_mod.TokenVerifier(AuthSettings(leeway_s=0), hs256_secret=secret)
+    uid = "0b7c5a0e-7d1b-4c41-9d38-6a3f2d1e0c11"
+    now = _time.time()
+    token = jwt_mod.issue_token(secret, user_id=uid, expires_in_s=60, now=now)
+    calls = []
+    real = v._verify
+    monkeypatch.setattr(v, "_verify", lambda t: calls.append(t) or real(t))
+    assert v.verify(token).user_id == uid
+    assert v.verify(token).user_id == uid
+    assert len(calls) == 1                      # second call served from the cache
+    # Past exp the cached answer is dropped and the token is checked in full again
+    # (where PyJWT's own clock decides; expired tokens are covered by the table above).
+    monkeypatch.setattr(jwt_mod.time, "time", lambda: now + 61)
+    v.verify(token)
+    assert len(calls) == 2
+    other = jwt_mod.issue_token(secret, user_id=uid, expires_in_s=60, now=now) + "x"
+    with pytest.raises(Unauthorized):
+        v.verify(other)                         # a different string never hits the cache

@@ -37,6 +37,8 @@ MAX_TOKEN_CHARS = 8 * 1024
 MIN_RSA_KEY_BITS = 2048
 # RFC 7518 3.2: an HS256 key must be at least as long as the hash (Supabase enforces 32 too).
 MIN_HS256_SECRET_BYTES = 32
+# Verified tokens remembered (token -> principal until exp); cleared wholesale when full.
+VERIFIED_CACHE_SIZE = 10_000
 
 HS256 = "HS256"
 ES256 = "ES256"
@@ -123,6 +125,7 @@ class TokenVerifier:
         if self._secret is not None:
             _check_secret_length(self._secret)
         self._keys: dict[str, _PublicKey] = {}
+        self._verified: dict[str, tuple[Principal, float]] = {}
         if jwks is not None:
             self.add_jwks(jwks)
 
@@ -172,7 +175,24 @@ class TokenVerifier:
         self._keys = merged
 
     def verify(self, token: str) -> Principal:
-        """The token's user, or Unauthorized with a short reason."""
+        """The token's user, or Unauthorized with a short reason.
+
+        A token that verified once is remembered until it expires: every request of a
+        client carries the same token, and the signature check is the costliest part of
+        a cheap read."""
+        hit = self._verified.get(token) if isinstance(token, str) else None
+        if hit is not None:
+            principal, exp = hit
+            if time.time() <= exp + self._leeway_s:
+                return principal
+            del self._verified[token]
+        principal = self._verify(token)
+        if len(self._verified) >= VERIFIED_CACHE_SIZE:
+            self._verified.clear()
+        self._verified[token] = (principal, float(principal.claims["exp"]))
+        return principal
+
+    def _verify(self, token: str) -> Principal:
         if not isinstance(token, str) or not token:
             raise Unauthorized("Missing token")
         if len(token) > MAX_TOKEN_CHARS:
