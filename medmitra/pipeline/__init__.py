@@ -1,0 +1,1 @@
+"""Analysis pipeline: extraction of uploaded files, LLM stages, prompts and schemas."""
