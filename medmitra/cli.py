@@ -17,8 +17,12 @@ from medmitra.config import ConfigError, Settings, load_settings, resolve_model_
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="path to config.toml (default: ./config.toml if present)")
-    p.add_argument("--data-dir", help="where the database and files live")
+    # SUPPRESS: a sub-command's own default must not wipe a value given before it
+    # (`medmitra token --data-dir D create ...` and `... create --data-dir D` both work).
+    p.add_argument("--config", default=argparse.SUPPRESS,
+                   help="path to config.toml (default: ./config.toml if present)")
+    p.add_argument("--data-dir", default=argparse.SUPPRESS,
+                   help="where the database and files live")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("path")
     m = msub.add_parser("show", help="print the configured model and whether it is present")
     _common(m)
+    from medmitra.auth import admin
+
+    admin.add_commands(sub, _common)   # users add|list|disable|reset-password, keys rotate|list
     return parser
 
 
@@ -95,6 +102,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _models(settings, args)
     if cmd == "serve":
         return _serve(settings)
+    if cmd in ("users", "keys"):
+        from medmitra.auth import admin
+
+        return admin.run_command(args, settings)
     return 2
 
 
