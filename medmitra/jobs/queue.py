@@ -15,6 +15,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from tortoise import connections
+from tortoise.expressions import F
 from tortoise.transactions import in_transaction
 
 from medmitra.db.models import Case, Job
@@ -118,25 +119,28 @@ async def finish(job_id: int, owner: str, *, state: str, error: str | None = Non
 async def fail_attempt(job_id: int, owner: str, reason: str) -> str | None:
     """Record a failed attempt: re-queue it, or fail it for good after max_attempts.
     Returns the new state, or None if the job was no longer ours."""
-    async with in_transaction() as conn:
-        job = await Job.get_or_none(id=job_id, using_db=conn)
-        if job is None or job.lease_owner != owner or job.state != "running":
-            return None
-        if job.attempts >= job.max_attempts:
-            await finish(job_id, owner, state="failed",
-                         error=f"{reason} (gave up after {job.attempts} attempts)", conn=conn)
-            return "failed"
-        await Job.filter(id=job_id).using_db(conn).update(
-            state="queued", error=reason, lease_owner=None, lease_expires_at=None,
-            updated_at=_now())
+    # Conditional UPDATEs first: each takes SQLite's write lock at once, instead of a read
+    # that would have to upgrade to a write (which fails at once under contention).
+    n = await Job.filter(id=job_id, lease_owner=owner, state="running",
+                         attempts__lt=F("max_attempts")).update(
+        state="queued", error=reason, lease_owner=None, lease_expires_at=None,
+        updated_at=_now())
+    if n == 1:
         return "queued"
+    async with in_transaction() as conn:
+        if not await finish(job_id, owner, state="failed", error=reason, conn=conn):
+            return None
+        job = await Job.get(id=job_id, using_db=conn)
+        await Job.filter(id=job_id).using_db(conn).update(
+            error=f"{reason} (gave up after {job.attempts} attempts)")
+        return "failed"
 
 
 async def release(job_id: int, owner: str) -> None:
     """Give a job back untouched (graceful shutdown): the attempt does not count."""
     await Job.filter(id=job_id, lease_owner=owner, state="running").update(
-        state="queued", lease_owner=None, lease_expires_at=None, attempts=0,
-        stage=None, progress=0.0, updated_at=_now())
+        state="queued", lease_owner=None, lease_expires_at=None,
+        attempts=F("attempts") - 1, stage=None, progress=0.0, updated_at=_now())
 
 
 async def recover_dead_local_owners() -> int:

@@ -1,0 +1,353 @@
+"""The worker pool: N asyncio workers that claim jobs from the durable queue and run them.
+
+Each worker owns one model runtime (one model context is never used by two jobs at once)
+and one thread; the model is loaded and every blocking call runs in that thread, so the
+event loop only does database work. A job is held by a lease renewed by a heartbeat task;
+a heartbeat that finds the job gone (deleted, superseded, taken over after a lapse) sets
+the job's cancel flag, and the run stops at its next checkpoint without writing.
+
+Shutdown (``stop``) is graceful-then-cancel, as in procrastinate: stop claiming, let
+running jobs finish for ``server.graceful_shutdown_s``, then signal cancel and give the
+jobs back to the queue (``queue.release``) so they run again after the restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from medmitra.config import Settings, resolve_model_path
+from medmitra.db.models import Job
+from medmitra.jobs import queue, runner
+from medmitra.llm.runtime import LLMRuntime, ModelUnavailable, check_gguf
+from medmitra.storage import Storage
+
+log = logging.getLogger("medmitra.jobs")
+
+# After the graceful period and the cancel signal, how long to wait for a run to reach
+# its next checkpoint before the worker task is abandoned (a model call can't be
+# interrupted; its runtime is then left open rather than freed under a running call).
+CANCEL_WAIT_S = 5.0
+# Pause after an unexpected error in the claim loop (database busy ...), so a broken
+# database does not turn the loop into a busy spin.
+ERROR_BACKOFF_S = 1.0
+
+MODEL_STATES = ("loading", "ready", "missing", "error", "disabled")
+
+
+@dataclass
+class _Worker:
+    name: str
+    executor: ThreadPoolExecutor
+    runtime: LLMRuntime | None = None
+    task: asyncio.Task | None = None
+    state: str = "idle"
+    job_id: int | None = None
+    case_pk: int | None = None
+    owner: str | None = None
+    stage: str | None = None
+    cancel: threading.Event | None = None
+    # True while a call of ours runs in the worker thread (closing the runtime under it
+    # would free memory a native call is using).
+    thread_busy: bool = False
+    owners: set[str] = field(default_factory=set)
+    # Times the worker found the queue empty and went to sleep (shows it is polling).
+    idle_waits: int = 0
+
+    def public(self) -> dict[str, Any]:
+        return {"name": self.name, "state": self.state, "job_id": self.job_id,
+                "stage": self.stage}
+
+
+class WorkerPool:
+    def __init__(self, settings: Settings, storage: Storage, *,
+                 runtime_factory: Callable[[], LLMRuntime] | None = None):
+        self.settings = settings
+        self.storage = storage
+        self.n_workers = settings.llm.workers
+        self.threads = settings.llm.threads or max(1, (os.cpu_count() or 1)
+                                                   // max(1, self.n_workers))
+        self._factory = runtime_factory or self._load_configured_model
+        resolved = resolve_model_path(settings.llm.model_path)
+        self._model_path = str(resolved) if resolved else settings.llm.model_path
+        self._model_state = "disabled" if self.n_workers == 0 else "loading"
+        self._model_name: str | None = None
+        self._model_error: str | None = None
+        self._loaded = 0
+        self._workers: list[_Worker] = []
+        self._wake = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._started = False
+        self._stopped = False
+        self._side_tasks: set[asyncio.Task] = set()
+
+    def _load_configured_model(self) -> LLMRuntime:
+        # The file is checked first so a missing model reads "missing" even where the
+        # native library is absent; llama_cpp is imported only by a worker that loads.
+        check_gguf(resolve_model_path(self.settings.llm.model_path))
+        from medmitra.llm.llama import load_runtime
+        from medmitra.pipeline import icd10
+
+        runtime = load_runtime(self.settings.llm, threads=self.threads)
+        # The ICD-10 table takes seconds to load: pay it here, while the server is still
+        # starting up, not in the first diagnosis of a waiting case.
+        icd10.warm_up()
+        return runtime
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Recover jobs of dead local processes, then start the workers; returns at once
+        (models load in the workers' threads in the background)."""
+        if self._started:
+            return
+        self._started = True
+        recovered = await queue.recover_dead_local_owners()
+        if recovered:
+            log.info("re-queued %d job(s) left running by a stopped process", recovered)
+        for i in range(self.n_workers):
+            name = f"worker-{i}"
+            w = _Worker(name=name, executor=ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix=f"medmitra-{name}"))
+            w.task = asyncio.create_task(self._worker_main(w), name=f"medmitra-{name}")
+            self._workers.append(w)
+
+    async def stop(self) -> None:
+        """Stop claiming; let running jobs finish for graceful_shutdown_s, then cancel and
+        re-queue them; close the runtimes. No job is left 'running' with our lease."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self._stopping.set()
+        self._wake.set()
+        for w in self._workers:
+            if w.runtime is None and w.task is not None:
+                # Still loading its model: there is no job to wait for. The load itself
+                # can't be interrupted; the loader frees the runtime when it ends.
+                w.task.cancel()
+        tasks = [w.task for w in self._workers if w.task is not None]
+        if tasks:
+            _, pending = await asyncio.wait(tasks,
+                                            timeout=self.settings.server.graceful_shutdown_s)
+            if pending:
+                for w in self._workers:
+                    if w.task in pending and w.job_id is not None:
+                        log.info("%s: job %d did not finish in time; re-queued", w.name,
+                                 w.job_id)
+                        if w.cancel is not None:
+                            w.cancel.set()
+                        await queue.release(w.job_id, w.owner or "")
+                _, pending = await asyncio.wait(pending, timeout=CANCEL_WAIT_S)
+                for task in pending:
+                    task.cancel()
+                await asyncio.gather(*pending, return_exceptions=True)
+        for t in list(self._side_tasks):
+            t.cancel()
+        await asyncio.gather(*self._side_tasks, return_exceptions=True)
+        await self._release_leftovers()
+        for w in self._workers:
+            w.state = "stopped"
+            if w.runtime is not None and not w.thread_busy:
+                _close(w.runtime, w.name)
+                w.runtime = None
+            w.executor.shutdown(wait=False)
+
+    async def _release_leftovers(self) -> None:
+        # A worker task cancelled in the middle of a claim may have taken a job without
+        # seeing it; nothing of ours may stay 'running' after a clean stop.
+        owners = set().union(*(w.owners for w in self._workers)) if self._workers else set()
+        if not owners:
+            return
+        rows = await Job.filter(state="running", lease_owner__in=list(owners)).values(
+            "id", "lease_owner")
+        for row in rows:
+            await queue.release(row["id"], row["lease_owner"])
+
+    # -- signals from the API -------------------------------------------------------------
+
+    def notify(self) -> None:
+        """A job was enqueued: wake an idle worker now instead of at its next poll."""
+        self._wake.set()
+
+    def cancel_case(self, case_pk: int) -> None:
+        """The case was deleted or re-queued: its running job stops at its next checkpoint.
+
+        Only a job that is no longer ours is cancelled: after a re-queue the same case's
+        NEW job may already run here and must go on."""
+        for w in self._workers:
+            if w.case_pk == case_pk and w.job_id is not None and w.cancel is not None:
+                task = asyncio.get_running_loop().create_task(
+                    self._cancel_if_gone(w.job_id, w.owner or "", w.cancel))
+                self._side_tasks.add(task)
+                task.add_done_callback(self._side_tasks.discard)
+
+    @staticmethod
+    async def _cancel_if_gone(job_id: int, owner: str, cancel: threading.Event) -> None:
+        try:
+            ours = await queue.still_ours(job_id, owner)
+        except Exception as exc:  # database trouble: stop to be safe; the job is retried
+            log.warning("job %d: ownership check failed (%s)", job_id, type(exc).__name__)
+            ours = False
+        if not ours:
+            cancel.set()
+
+    # -- status ---------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        model = {"state": self._model_state, "name": self._model_name,
+                 "path": self._model_path, "error": self._model_error}
+        workers = [w.public() for w in self._workers]
+        if self._model_state == "disabled":
+            # An API-only node is ready by design; other nodes run the jobs.
+            ready = not self._stopped
+        else:
+            ready = self._model_state == "ready" and any(
+                w["state"] != "stopped" for w in workers)
+        return {"model": model, "workers": workers, "ready": ready}
+
+    # -- workers --------------------------------------------------------------------------
+
+    async def _in_thread(self, w: _Worker, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` in the worker's own thread. ``thread_busy`` follows the thread, not
+        this await: if the awaiting task is cancelled, the call still runs to its end."""
+        def tracked() -> Any:
+            try:
+                return fn()
+            finally:
+                w.thread_busy = False
+
+        w.thread_busy = True
+        return await asyncio.get_running_loop().run_in_executor(w.executor, tracked)
+
+    async def _load_runtime(self, w: _Worker) -> bool:
+        def load() -> LLMRuntime:
+            runtime = self._factory()
+            if self._stopped:  # stop() gave up waiting for us: free it right away
+                _close(runtime, w.name)
+            return runtime
+
+        try:
+            w.runtime = await self._in_thread(w, load)
+        except ModelUnavailable as exc:
+            self._set_model_failed("missing", str(exc))
+            log.error("%s: model unavailable: %s; jobs stay queued", w.name, exc)
+            return False
+        except Exception as exc:
+            self._set_model_failed("error", f"{type(exc).__name__}: {exc}")
+            log.error("%s: model failed to load (%s)", w.name, type(exc).__name__)
+            return False
+        if self._stopped:
+            w.runtime = None
+            return False
+        info = getattr(w.runtime, "info", None) or {}
+        self._model_name = info.get("name") or self._model_name
+        self._loaded += 1
+        if self._loaded == self.n_workers and self._model_state == "loading":
+            self._model_state = "ready"
+            log.info("model %s ready in %d worker(s), %d thread(s) each", self._model_name,
+                     self.n_workers, self.threads)
+        return True
+
+    def _set_model_failed(self, state: str, error: str) -> None:
+        if self._model_state not in ("missing", "error"):
+            self._model_state, self._model_error = state, error
+
+    async def _worker_main(self, w: _Worker) -> None:
+        try:
+            if not await self._load_runtime(w):
+                return
+            while not self._stopping.is_set():
+                try:
+                    claimed = await self._claim(w)
+                except Exception as exc:
+                    log.error("%s: claim failed (%s)", w.name, type(exc).__name__)
+                    await self._idle(ERROR_BACKOFF_S)
+                    continue
+                if claimed is None:
+                    w.idle_waits += 1
+                    await self._idle(self.settings.jobs.poll_s)
+                    continue
+                job, owner = claimed
+                if self._stopping.is_set():  # claimed while stop() began: give it back
+                    await queue.release(job.id, owner)
+                    break
+                await self._run(w, job, owner)
+        finally:
+            w.state = "stopped"
+
+    async def _claim(self, w: _Worker) -> tuple[Job, str] | None:
+        # A fresh owner per claim: a stale run of an earlier job can never pass as ours.
+        owner = queue.new_owner()
+        w.owners.add(owner)
+        job = await queue.claim(owner, self.settings.jobs.lease_s)
+        if job is None:
+            w.owners.discard(owner)
+            return None
+        return job, owner
+
+    async def _idle(self, timeout_s: float) -> None:
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._wake.wait()
+        except TimeoutError:
+            pass
+        if not self._stopping.is_set():
+            self._wake.clear()
+
+    async def _run(self, w: _Worker, job: Job, owner: str) -> None:
+        cancel = threading.Event()
+        w.state, w.job_id, w.case_pk, w.owner, w.cancel, w.stage = (
+            "busy", job.id, job.case_id, owner, cancel, None)
+        log.info("%s: job %d claimed (attempt %d)", w.name, job.id, job.attempts)
+        beat = asyncio.create_task(self._heartbeat(job.id, owner, cancel),
+                                   name=f"medmitra-heartbeat-{job.id}")
+        try:
+            assert w.runtime is not None
+            outcome = await runner.run_job(
+                job, owner=owner, runtime=w.runtime, storage=self.storage,
+                llm=self.settings.llm, cancel=cancel,
+                run_blocking=lambda fn: self._in_thread(w, fn),
+                on_stage=lambda stage: setattr(w, "stage", stage))
+            log.info("%s: job %d %s", w.name, job.id, outcome)
+        except Exception as exc:
+            # run_job records failures itself; this is a database error while recording.
+            # The lease then lapses and the job is claimed again, so it never stays stuck.
+            log.error("%s: job %d: could not record the outcome (%s)", w.name, job.id,
+                      type(exc).__name__)
+            try:
+                await queue.fail_attempt(job.id, owner, "internal error while saving the "
+                                                        "result")
+            except Exception:
+                log.debug("%s: fail_attempt failed too", w.name, exc_info=True)
+        finally:
+            beat.cancel()
+            await asyncio.gather(beat, return_exceptions=True)
+            w.owners.discard(owner)
+            w.state, w.job_id, w.case_pk, w.owner, w.cancel, w.stage = (
+                "idle", None, None, None, None, None)
+
+    async def _heartbeat(self, job_id: int, owner: str, cancel: threading.Event) -> None:
+        jobs = self.settings.jobs
+        while True:
+            await asyncio.sleep(jobs.heartbeat_s)
+            try:
+                ours = await queue.heartbeat(job_id, owner, jobs.lease_s)
+            except Exception as exc:  # database busy: try again next beat, lease permitting
+                log.warning("job %d: heartbeat failed (%s)", job_id, type(exc).__name__)
+                continue
+            if not ours:
+                log.info("job %d: no longer ours (cancelled, deleted or taken over)", job_id)
+                cancel.set()
+                return
+
+
+def _close(runtime: LLMRuntime, name: str) -> None:
+    try:
+        runtime.close()
+    except Exception as exc:
+        log.warning("%s: closing the model runtime failed (%s)", name, type(exc).__name__)
