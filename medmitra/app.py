@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 from sanic import Request, Sanic
@@ -18,6 +19,7 @@ from medmitra.auth.jwt import TokenVerifier
 from medmitra.auth.keys import load_or_create_secret
 from medmitra.config import Settings
 from medmitra.db.models import CaseFile
+from medmitra.db.reads import Reader
 from medmitra.db.setup import close_db, open_db
 from medmitra.errors import ApiError
 from medmitra.jobs import queue
@@ -46,6 +48,8 @@ async def handle_api_error(request: Request, exc: ApiError) -> HTTPResponse:
 
 async def handle_sanic_error(request: Request, exc: SanicException) -> HTTPResponse:
     status = getattr(exc, "status_code", 500) or 500
+    if status == 405 and request is not None and request.method == "OPTIONS":
+        return empty(status=204)   # CORS preflight of an existing route
     if status >= 500:
         log.error("server error on %s %s", request.method if request else "?",
                   request.path if request else "?", exc_info=exc)
@@ -94,29 +98,18 @@ def create_app(settings: Settings, *, start_workers: bool = True,
     app.error_handler.add(SanicException, handle_sanic_error)
     app.error_handler.add(Exception, handle_unexpected)
 
-    @app.on_request
-    async def cors_preflight(request: Request) -> HTTPResponse | None:
-        if request.method == "OPTIONS":
-            return empty(status=204)
-        return None
-
-    @app.on_response
-    async def cors_headers(request: Request, response: HTTPResponse) -> None:
-        origins = settings.server.cors_origins
-        if origins:
-            origin = request.headers.get("origin")
-            allowed = [o.strip() for o in origins.split(",")]
-            if "*" in allowed or (origin and origin in allowed):
-                response.headers["Access-Control-Allow-Origin"] = origin if origin and "*" not in allowed else "*"
-                response.headers["Access-Control-Allow-Headers"] = CORS_HEADERS
-                response.headers["Access-Control-Allow-Methods"] = "GET, POST, PUT, DELETE, OPTIONS"
-                response.headers["Access-Control-Max-Age"] = "600"
+    if settings.server.cors_origins:
+        _register_cors(app, [o.strip() for o in settings.server.cors_origins.split(",")])
 
     @app.before_server_start
     async def open_resources(app: Sanic) -> None:
         data = settings.data_path
         data.mkdir(parents=True, exist_ok=True)
         await open_db(settings)
+        # Hot reads use a read-only connection of their own (db/reads.py).
+        app.ctx.reader = Reader(
+            Path(settings.database_url.removeprefix("sqlite://")) if settings.is_sqlite
+            else None, settings.database.busy_timeout_ms)
         storage = Storage(data, min_free_bytes=settings.storage.min_free_bytes)
         storage.open()
         known = set(await CaseFile.all().values_list("file_id", flat=True))
@@ -151,9 +144,33 @@ def create_app(settings: Settings, *, start_workers: bool = True,
 
     @app.after_server_stop
     async def close_resources(app: Sanic) -> None:
+        reader = getattr(app.ctx, "reader", None)
+        if reader is not None:
+            reader.close()
         await close_db()
 
     return app
+
+
+def _register_cors(app: Sanic, allowed: list[str]) -> None:
+    """CORS for browser clients (the original frontend, supabase-js). One response
+    middleware only: every middleware costs two signal dispatches per request. Preflight
+    OPTIONS requests are answered by handle_sanic_error (Sanic routes them to a 405)."""
+    any_origin = "*" in allowed
+
+    @app.on_response
+    async def cors_headers(request: Request, response: HTTPResponse) -> None:
+        origin = request.headers.get("origin")
+        if not origin:
+            return   # not a browser cross-origin request: nothing to add
+        if any_origin or origin in allowed:
+            h = response.headers
+            h["Access-Control-Allow-Origin"] = "*" if any_origin else origin
+            h["Access-Control-Allow-Headers"] = CORS_HEADERS
+            h["Access-Control-Allow-Methods"] = "GET, POST, PUT, DELETE, OPTIONS"
+            h["Access-Control-Max-Age"] = "600"
+            if not any_origin:
+                h["Vary"] = "Origin"
 
 
 def _register_system_routes(app: Sanic) -> None:

@@ -11,10 +11,10 @@ from sanic import Blueprint, Request
 from sanic.response import HTTPResponse, file_stream, json as json_response
 
 from medmitra.api.auth import current_user
-from medmitra.api.multipart import Form, read_form
+from medmitra.api.multipart import Form, limit_body, read_form
+from medmitra.db import reads
 from medmitra.db.models import Case, CaseFile
 from medmitra.errors import BadRequest, NotFound, field_error
-from medmitra.jobs import queue
 from medmitra.services import cases as svc
 from medmitra.services.compat import normalise_query
 
@@ -35,14 +35,10 @@ def _base_url(request: Request) -> str:
     return f"{request.scheme}://{request.host}"
 
 
-def _file_out(request: Request, f: CaseFile, case_uuid: str) -> dict[str, Any]:
-    token = _ctx(request).links.sign(f.file_id, f.user_id)
+def _file_out(request: Request, f: CaseFile | dict[str, Any], case_uuid: str) -> dict[str, Any]:
+    fid, uid = (f["file_id"], f["user_id"]) if isinstance(f, dict) else (f.file_id, f.user_id)
+    token = _ctx(request).links.sign(fid, uid)
     return svc.file_dict(f, case_uuid, f"{_base_url(request)}/files/download/{token}")
-
-
-async def _files_out(request: Request, case: Case) -> list[dict[str, Any]]:
-    rows = await CaseFile.filter(case_id=case.id).order_by("id")
-    return [_file_out(request, f, case.case_id) for f in rows]
 
 
 def _json_body(request: Request) -> Any:
@@ -66,13 +62,15 @@ async def _read_upload_form(request: Request, file_fields: dict[str, int]) -> Fo
     settings = _ctx(request).settings
     return await read_form(request, _ctx(request).storage, file_fields=file_fields,
                            max_files=settings.limits.files_per_request,
-                           max_field_bytes=settings.limits.text_field_max_chars * 4)
+                           max_field_bytes=settings.limits.text_field_max_chars * 4,
+                           max_body_bytes=settings.server.request_max_bytes)
 
 
 @bp.post("/create_case", stream=True)
 async def create_case(request: Request) -> HTTPResponse:
     settings = _ctx(request).settings
     lim = settings.limits
+    limit_body(request, settings.server.request_max_bytes)
     # Authenticate before reading the body: an anonymous upload is not even stored.
     header_user = None
     if request.headers.get("authorization") or not settings.auth.trust_user_id:
@@ -101,7 +99,7 @@ async def all_cases(request: Request) -> HTTPResponse:
     q = normalise_query(request.args)
     user_id = await current_user(request, claimed_user_id=q.get("user_id"))
     svc.check_user_field(user_id, q.get("user_id"))
-    rows, total, page, limit = await svc.list_cases(user_id, q)
+    rows, total, page, limit = await svc.list_cases(_ctx(request).reader, user_id, q)
     return json_response({"cases": [svc.case_dict(c) for c in rows], "total": total,
                           "page": page, "limit": limit})
 
@@ -109,11 +107,13 @@ async def all_cases(request: Request) -> HTTPResponse:
 @bp.get("/cases/<case_id:str>")
 async def get_case(request: Request, case_id: str) -> HTTPResponse:
     user_id = await current_user(request)
-    case = await svc.get_case(user_id, case_id)
-    flat, nested = await svc.latest_insights(case)
-    return json_response({"case": svc.case_dict(case), "files": await _files_out(request, case),
+    view = await svc.case_view(_ctx(request).reader, user_id, case_id)
+    case_uuid = view["case"]["case_id"]
+    flat, nested = svc.render_insights(case_uuid, view["insight"])
+    return json_response({"case": svc.case_dict(view["case"]),
+                          "files": [_file_out(request, f, case_uuid) for f in view["files"]],
                           "ai_insights": flat, "insights": nested,
-                          "analysis": await queue.analysis_status(case.id)})
+                          "analysis": reads.analysis_from_row(view["job"])})
 
 
 @bp.put("/cases/<case_id:str>")
@@ -152,6 +152,7 @@ async def analyze_case(request: Request, case_id: str) -> HTTPResponse:
 async def upload(request: Request) -> HTTPResponse:
     settings = _ctx(request).settings
     lim = settings.limits
+    limit_body(request, settings.server.request_max_bytes)
     header_user = None
     if request.headers.get("authorization") or not settings.auth.trust_user_id:
         header_user = await current_user(request)
@@ -184,8 +185,9 @@ async def upload(request: Request) -> HTTPResponse:
 @bp.get("/files/<case_id:str>")
 async def case_files(request: Request, case_id: str) -> HTTPResponse:
     user_id = await current_user(request)
-    case = await svc.get_case(user_id, case_id)
-    return json_response({"files": await _files_out(request, case)})
+    view = await svc.case_view(_ctx(request).reader, user_id, case_id)
+    return json_response({"files": [_file_out(request, f, view["case"]["case_id"])
+                                    for f in view["files"]]})
 
 
 @bp.get("/file/<file_id:str>")

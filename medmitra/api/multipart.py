@@ -13,6 +13,8 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from python_multipart.multipart import MultipartParser, parse_options_header
+from sanic.exceptions import BadRequest as SanicBadRequest
+from sanic.exceptions import PayloadTooLarge as SanicPayloadTooLarge
 
 from medmitra.errors import ApiError, BadRequest, PayloadTooLarge
 from medmitra.storage import Storage, TempUpload
@@ -151,8 +153,13 @@ def _decode(raw: bytes) -> str | None:
 
 
 async def read_form(request: Any, storage: Storage, *, file_fields: dict[str, int],
-                    max_files: int, max_field_bytes: int) -> Form:
-    """Parse a streamed multipart or urlencoded body. The caller owns the temp files."""
+                    max_files: int, max_field_bytes: int, max_body_bytes: int) -> Form:
+    """Parse a streamed multipart or urlencoded body. The caller owns the temp files.
+
+    ``max_body_bytes`` caps the whole body: Sanic lifts its own request size limit for
+    streaming handlers, so without this a client could stream (or make us drain) forever.
+    """
+    limit_body(request, max_body_bytes)
     ctype_raw = request.headers.get("content-type", "")
     kind, params = parse_options_header(ctype_raw)
     if kind == b"application/x-www-form-urlencoded":
@@ -179,7 +186,14 @@ async def read_form(request: Any, storage: Storage, *, file_fields: dict[str, in
     try:
         parser = MultipartParser(boundary, callbacks)  # type: ignore[arg-type]
         while True:
-            chunk = await request.stream.read()
+            try:
+                chunk = await _read_chunk(request)
+            except ApiError:
+                # Past the body cap: an earlier, more precise error (e.g. one file over
+                # its limit) is the better answer.
+                if col.error is not None:
+                    raise col.error from None
+                raise
             if chunk is None:
                 break
             if col.error is None:
@@ -208,7 +222,7 @@ async def _read_urlencoded(request: Any, max_bytes: int) -> Form:
     body = bytearray()
     too_big = False
     while True:
-        chunk = await request.stream.read()
+        chunk = await _read_chunk(request)
         if chunk is None:
             break
         if len(body) + len(chunk) > max_bytes * 4:
@@ -230,5 +244,36 @@ async def _read_urlencoded(request: Any, max_bytes: int) -> Form:
 
 async def _drain(request: Any) -> None:
     # Read what the client is sending so it sees our answer instead of a broken pipe.
-    while await request.stream.read() is not None:
+    while await _read_chunk(request) is not None:
         pass
+
+
+def limit_body(request: Any, max_body_bytes: int) -> None:
+    """Cap a streamed request body; call it first thing in a streaming handler.
+
+    Sanic sets a streaming handler's limit to infinity; this puts the configured cap back.
+    Sanic then refuses a too-large Content-Length at the first read, counts chunked bodies
+    as they arrive, and drains at most the cap after an early answer (a 401 before the
+    body is read), so a client within the cap reads that answer on a connection that stays
+    usable. A body declared larger than the cap is never read: the answer says
+    ``Connection: close`` so the client does not expect to reuse the connection.
+    """
+    stream = getattr(request, "stream", None)
+    if stream is None:
+        return
+    stream.request_max_size = max_body_bytes
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_body_bytes:
+        stream.keep_alive = False
+
+
+async def _read_chunk(request: Any) -> bytes | None:
+    """One chunk of the body (None at its end); Sanic's own errors mapped to ApiError."""
+    try:
+        return await request.stream.read()
+    except SanicPayloadTooLarge:
+        raise PayloadTooLarge(
+            f"Request body is larger than the {request.stream.request_max_size} byte limit"
+        ) from None
+    except SanicBadRequest:
+        raise BadRequest("Malformed request body") from None

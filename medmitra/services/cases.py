@@ -14,15 +14,16 @@ import re
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Mapping
 
-from tortoise.expressions import Q
 from tortoise.transactions import in_transaction
 
 from medmitra import filetypes
 from medmitra.api.multipart import FilePart
 from medmitra.config import LimitsSettings
-from medmitra.db.models import CASE_STATUSES, Case, CaseFile, Insight
+from medmitra.db import reads
+from medmitra.db.models import CASE_STATUSES, Case, CaseFile
+from medmitra.db.reads import Reader
 from medmitra.errors import BadRequest, NotFound, PayloadTooLarge, UnsupportedMediaType, field_error
 from medmitra.jobs import queue
 from medmitra.services.compat import ANALYZE_OPTIONS, flat_insights
@@ -36,10 +37,6 @@ SORT_FIELDS = ("created_at", "updated_at", "patient_name", "patient_age")
 
 def now_utc() -> datetime:
     return datetime.now(timezone.utc)
-
-
-def iso(dt: datetime | None) -> str | None:
-    return dt.astimezone(timezone.utc).isoformat() if dt else None
 
 
 # -- identifiers -------------------------------------------------------------------------
@@ -339,79 +336,109 @@ def _date_param(q: dict[str, str], name: str, end: bool) -> datetime | None:
     return dt
 
 
-async def list_cases(user_id: str, q: dict[str, str]) -> tuple[list[Case], int, int, int]:
+async def list_cases(reader: Reader, user_id: str,
+                     q: dict[str, str]) -> tuple[list[dict[str, Any]], int, int, int]:
+    """One page of the user's cases as rows (plain SQL: the hot read path)."""
     page = _int_param(q, "page", 1, 1_000_000, 1)
     limit = _int_param(q, "limit", 1, 100, None)
-    qs = Case.filter(user_id=user_id)
+    where, params = ['"user_id" = ?'], [user_id]
+    like = "LIKE" if reader.is_sqlite else "ILIKE"   # SQLite's LIKE ignores ASCII case
     status = q.get("status")
     if status:
         if status not in CASE_STATUSES:
             raise field_error("status", f"must be one of {', '.join(CASE_STATUSES)}", "query")
-        qs = qs.filter(status=status)
+        where.append('"status" = ?')
+        params.append(status)
     search = q.get("search")
     if search:
         if len(search) > 200:
             raise field_error("search", "too long", "query")
-        qs = qs.filter(Q(patient_name__icontains=search) | Q(case_summary__icontains=search))
-    start, end = _date_param(q, "start_date", False), _date_param(q, "end_date", True)
-    if start:
-        qs = qs.filter(created_at__gte=start)
-    if end:
-        qs = qs.filter(created_at__lte=end)
-    min_age = _int_param(q, "min_age", 0, MAX_AGE, None)
-    max_age = _int_param(q, "max_age", 0, MAX_AGE, None)
-    if min_age is not None:
-        qs = qs.filter(patient_age__gte=min_age)
-    if max_age is not None:
-        qs = qs.filter(patient_age__lte=max_age)
+        # Wildcards typed by the user are taken literally.
+        pattern = "%" + re.sub(r"([\\%_])", r"\\\1", search) + "%"
+        where.append(f'("patient_name" {like} ? ESCAPE \'\\\' OR '
+                     f'"case_summary" {like} ? ESCAPE \'\\\')')
+        params += [pattern, pattern]
+    for name, end_of_day, op in (("start_date", False, ">="), ("end_date", True, "<=")):
+        dt = _date_param(q, name, end_of_day)
+        if dt is not None:
+            where.append(f'"created_at" {op} ?')
+            params.append(reads.db_timestamp(dt, reader.is_sqlite))
+    for name, op in (("min_age", ">="), ("max_age", "<=")):
+        age = _int_param(q, name, 0, MAX_AGE, None)
+        if age is not None:
+            where.append(f'"patient_age" {op} ?')
+            params.append(age)
     gender = q.get("gender")
     if gender:
-        qs = qs.filter(patient_gender__iexact=gender.strip()[:64])
+        where.append('LOWER("patient_gender") = LOWER(?)')
+        params.append(gender.strip()[:64])
     sort_by = q.get("sort_by") or "created_at"
     if sort_by not in SORT_FIELDS:
         raise field_error("sort_by", f"must be one of {', '.join(SORT_FIELDS)}", "query")
     order = (q.get("sort_order") or "desc").lower()
     if order not in ("asc", "desc"):
         raise field_error("sort_order", "must be asc or desc", "query")
-    prefix = "-" if order == "desc" else ""
-    total = await qs.count()
-    qs = qs.order_by(f"{prefix}{sort_by}", f"{prefix}id")
-    if limit is not None:
-        qs = qs.offset((page - 1) * limit).limit(limit)
-    return await qs, total, page, limit if limit is not None else total
+    # Names sort as people read them ("asha" next to "Asha"), not in byte order.
+    column = 'LOWER("patient_name")' if sort_by == "patient_name" else f'"{sort_by}"'
+    direction = order.upper()
+    rows, total = await reads.list_cases(
+        reader, where, params, f'{column} {direction}, "id" {direction}', limit,
+        (page - 1) * (limit or 0))
+    return rows, total, page, limit if limit is not None else total
 
 
 # -- rendering ---------------------------------------------------------------------------
 
-def case_dict(c: Case) -> dict[str, Any]:
+CASE_FIELDS = ("id", "case_id", "user_id", "patient_name", "patient_age", "patient_gender",
+               "case_summary", "status", "created_at", "updated_at")
+FILE_FIELDS = ("id", "file_id", "user_id", "file_name", "file_type", "file_size",
+               "file_category", "text_data", "ai_summary", "uploaded_at")
+
+
+def case_dict(c: Case | Mapping[str, Any]) -> dict[str, Any]:
+    r = c if isinstance(c, Mapping) else {k: getattr(c, k) for k in CASE_FIELDS}
     return {
-        "id": c.id, "case_id": c.case_id, "doctor_id": c.user_id, "user_id": c.user_id,
-        "patient_name": c.patient_name, "patient_age": c.patient_age,
-        "patient_gender": c.patient_gender, "case_summary": c.case_summary,
-        "status": c.status, "created_at": iso(c.created_at), "updated_at": iso(c.updated_at),
+        "id": r["id"], "case_id": r["case_id"], "doctor_id": r["user_id"],
+        "user_id": r["user_id"], "patient_name": r["patient_name"],
+        "patient_age": r["patient_age"], "patient_gender": r["patient_gender"],
+        "case_summary": r["case_summary"], "status": r["status"],
+        "created_at": reads.iso(r["created_at"]), "updated_at": reads.iso(r["updated_at"]),
     }
 
 
-def file_dict(f: CaseFile, case_uuid: str, file_url: str) -> dict[str, Any]:
-    up = iso(f.uploaded_at)
+def file_dict(f: CaseFile | Mapping[str, Any], case_uuid: str, file_url: str) -> dict[str, Any]:
+    r = f if isinstance(f, Mapping) else {k: getattr(f, k) for k in FILE_FIELDS}
+    up = reads.iso(r["uploaded_at"])
     return {
-        "id": f.id, "file_id": f.file_id, "case_id": case_uuid, "file_name": f.file_name,
-        "file_type": f.file_type, "file_size": f.file_size, "file_category": f.file_category,
-        "file_url": file_url, "upload_date": up, "uploaded_at": up,
-        "text_data": f.text_data, "ai_summary": f.ai_summary,
+        "id": r["id"], "file_id": r["file_id"], "case_id": case_uuid,
+        "file_name": r["file_name"], "file_type": r["file_type"], "file_size": r["file_size"],
+        "file_category": r["file_category"], "file_url": file_url, "upload_date": up,
+        "uploaded_at": up, "text_data": r["text_data"], "ai_summary": r["ai_summary"],
     }
 
 
-async def latest_insights(case: Case) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
-    """(flat ai_insights, nested insights) of the newest run, or (None, None)."""
-    row = await Insight.filter(case_id=case.id).order_by("-id").first()
+def render_insights(case_uuid: str, row: Mapping[str, Any] | None
+                    ) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """(flat ai_insights, nested insights) from an ai_insights row, or (None, None)."""
     if row is None:
         return None, None
-    gen, created, updated = iso(row.generated_at), iso(row.created_at), iso(row.updated_at)
-    nested = dict(row.data)
+    gen, created = reads.iso(row["generated_at"]), reads.iso(row["created_at"])
+    updated = reads.iso(row["updated_at"])
+    nested = dict(reads.from_json(row["data"]))
+    model = reads.from_json(row["model"]) or {}
     nested["generated_at"] = gen
-    nested["model"] = (row.model or {}).get("name") or (row.model or {}).get("file")
-    nested["timings"] = {s.get("stage"): s.get("duration_s") for s in (row.stages or [])}
-    flat = flat_insights(case.case_id, nested, generated_at=gen, created_at=created,
+    nested["model"] = model.get("name") or model.get("file")
+    nested["timings"] = {s.get("stage"): s.get("duration_s")
+                         for s in (reads.from_json(row["stages"]) or [])}
+    flat = flat_insights(case_uuid, nested, generated_at=gen, created_at=created,
                          updated_at=updated)
     return flat, nested
+
+
+async def case_view(reader: Reader, user_id: str, ident: str) -> dict[str, Any]:
+    view = await reads.case_view(reader, user_id, parse_ident(ident, "case"))
+    if view is None:
+        raise NotFound("Case not found")
+    return view
+
+
