@@ -1,0 +1,203 @@
+"""Case API benchmark (issue: case reads at >= 40% of a bare Sanic route).
+
+Starts, in one run and on this machine:
+  1. a bare Sanic app (one route returning a constant JSON), single process;
+  2. the MedMitra server (single process, no analysis workers) on a fresh data dir with
+     100 cases;
+then drives each with wrk (50 connections, 2 threads) and prints requests/s and latency
+percentiles, with the ratio of each case route to the bare route. Last, it measures the
+server's peak RSS growth while one 50 MiB DICOM file is uploaded (streamed to disk).
+
+Usage: .venv/bin/python bench/api_bench.py [--duration 10] [--connections 50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+BARE_APP = """
+from sanic import Sanic
+from sanic.response import json
+app = Sanic("bare")
+app.config.ACCESS_LOG = False
+@app.get("/")
+async def root(request):
+    return json({"message": "MedMitra Backend API is running!"})
+if __name__ == "__main__":
+    app.run(host="127.0.0.1", port=int(__import__("sys").argv[1]), single_process=True,
+            access_log=False, motd=False)
+"""
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_up(url: str, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=1).status_code < 500:
+                return
+        except httpx.TransportError:
+            time.sleep(0.1)
+    raise SystemExit(f"{url} did not come up")
+
+
+def wrk(url: str, duration_s: int, connections: int, token: str | None) -> dict[str, float]:
+    cmd = ["wrk", "-t2", f"-c{connections}", f"-d{duration_s}s", "--latency", url]
+    if token:
+        cmd[1:1] = ["-H", f"Authorization: Bearer {token}"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+
+    def pct(p: str) -> float:
+        m = re.search(rf"\s{p}%\s+([\d.]+)(us|ms|s)\b", out)
+        val, unit = float(m.group(1)), m.group(2)
+        return val / 1000 if unit == "us" else val * 1000 if unit == "s" else val
+
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errors = re.search(r"Socket errors: (.*)", out)
+    return {"rps": rps, "p50_ms": pct("50"), "p99_ms": pct("99"),
+            "non2xx": int(non2xx.group(1)) if non2xx else 0,
+            "socket_errors": errors.group(1) if errors else ""}
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def make_dicom(size_bytes: int, path: Path) -> None:
+    """A valid DICOM file of about size_bytes (uint16 pixel data), written without
+    holding a second copy in memory."""
+    import numpy as np
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    side = int((size_bytes / 2) ** 0.5)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.Modality, ds.Rows, ds.Columns = "CT", side, side
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelData = (np.arange(side * side, dtype=np.uint16) % 4096).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--duration", type=int, default=10)
+    ap.add_argument("--connections", type=int, default=50)
+    args = ap.parse_args()
+    if not shutil.which("wrk"):
+        raise SystemExit("wrk is needed: apt-get install wrk")
+    tmp = Path(tempfile.mkdtemp(prefix="medmitra-bench-"))
+    procs: list[subprocess.Popen] = []
+    try:
+        bare_port = free_port()
+        (tmp / "bare.py").write_text(BARE_APP)
+        procs.append(subprocess.Popen([sys.executable, str(tmp / "bare.py"), str(bare_port)],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        port = free_port()
+        env = {**os.environ, "MEDMITRA_STORAGE_DATA_DIR": str(tmp / "data"),
+               "MEDMITRA_SERVER_PORT": str(port), "MEDMITRA_LLM_WORKERS": "0",
+               "MEDMITRA_LOG_LEVEL": "WARNING",
+               "MEDMITRA_LIMITS_RADIOLOGY_MAX_BYTES": str(60 * 1024 * 1024)}
+        server = subprocess.Popen([sys.executable, "-m", "medmitra", "serve"], cwd=ROOT, env=env,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        procs.append(server)
+        bare, api = f"http://127.0.0.1:{bare_port}", f"http://127.0.0.1:{port}"
+        wait_up(bare + "/")
+        wait_up(api + "/health")
+        user = str(uuid.uuid4())
+        token = subprocess.run([sys.executable, "-m", "medmitra", "token", "create",
+                                "--user-id", user, "--data-dir", str(tmp / "data")], cwd=ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        h = {"Authorization": f"Bearer {token}"}
+        with httpx.Client(base_url=api, headers=h, timeout=30) as c:
+            first = None
+            for i in range(100):
+                r = c.post("/cases/create_case", data={"patient_name": f"Bench {i}",
+                                                       "patient_age": str(20 + i % 60),
+                                                       "patient_gender": "female"})
+                r.raise_for_status()
+                first = first or r.json()["case"]["case_id"]
+        print(f"machine: {os.cpu_count()} cores; wrk -t2 -c{args.connections} -d{args.duration}s")
+        results = {}
+        results["bare GET /"] = wrk(bare + "/", args.duration, args.connections, None)
+        results["GET /cases/cases/{id}"] = wrk(f"{api}/cases/cases/{first}", args.duration,
+                                              args.connections, token)
+        results["GET /cases/all_cases (100)"] = wrk(f"{api}/cases/all_cases", args.duration,
+                                                   args.connections, token)
+        base = results["bare GET /"]["rps"]
+        print(f"{'route':30} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'ratio':>6}  errors")
+        for name, r in results.items():
+            print(f"{name:30} {r['rps']:9.0f} {r['p50_ms']:8.2f} {r['p99_ms']:8.2f} "
+                  f"{r['rps'] / base:6.2f}  non2xx={r['non2xx']} {r['socket_errors']}")
+
+        # Peak RSS growth while streaming one 50 MiB DICOM upload.
+        dcm = tmp / "big.dcm"
+        make_dicom(50 * 1024 * 1024, dcm)
+        with httpx.Client(base_url=api, headers=h, timeout=120) as c:
+            for _ in range(3):   # warm the code path so its imports are not counted
+                c.get(f"/cases/cases/{first}")
+            idle = rss_kib(server.pid)
+            peak = idle
+            stop = threading.Event()
+
+            def sample() -> None:
+                nonlocal peak
+                while not stop.is_set():
+                    peak = max(peak, rss_kib(server.pid))
+                    time.sleep(0.005)
+
+            t = threading.Thread(target=sample)
+            t.start()
+            with dcm.open("rb") as fh:
+                r = c.post("/cases/upload", data={"case_id": first, "category": "radiology"},
+                           files={"file": ("big.dcm", fh, "application/dicom")})
+            stop.set()
+            t.join()
+            r.raise_for_status()
+        size_mib = dcm.stat().st_size / 2**20
+        print(f"upload of a {size_mib:.1f} MiB DICOM: idle RSS {idle / 1024:.1f} MiB, peak "
+              f"{peak / 1024:.1f} MiB, growth {(peak - idle) / 1024:.1f} MiB "
+              f"(goal < 20 MiB; ratio to file size {(peak - idle) / 1024 / size_mib:.2f})")
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""Settings: defaults, TOML, MEDMITRA_* env, CLI overrides, and loud failures."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+import pytest
+
+from medmitra.config import SECTIONS, ConfigError, load_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_defaults_without_file() -> None:
+    s = load_settings(None, env={})
+    assert s.server.port == 8000 and s.server.host == "127.0.0.1"
+    assert s.auth.audience == "authenticated" and s.auth.trust_user_id is False
+    assert s.limits.lab_max_bytes == 10 * 1024 * 1024
+    assert s.limits.radiology_max_bytes == 50 * 1024 * 1024
+    assert s.database_url.endswith("medmitra.sqlite3") and s.is_sqlite
+
+
+def test_shipped_config_documents_every_key_with_its_default() -> None:
+    text = (ROOT / "config.toml").read_text()
+    # The shipped file changes nothing: loading it gives the defaults.
+    assert load_settings(ROOT / "config.toml", env={}) == dataclasses.replace(
+        load_settings(None, env={}), source=str(ROOT / "config.toml"))
+    section = None
+    seen: dict[tuple[str, str], str] = {}
+    for line in text.splitlines():
+        m = re.match(r"^\[(\w+)\]", line)
+        if m:
+            section = m.group(1)
+            continue
+        m = re.match(r"^# (\w+) = (\".*?\"|\S+)", line)
+        if m and section:
+            seen[(section, m.group(1))] = m.group(2)
+    for name, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            assert (name, f.name) in seen, f"config.toml does not document {name}.{f.name}"
+            default = f.default
+            shown = seen[(name, f.name)]
+            if isinstance(default, bool):
+                assert shown == str(default).lower(), (name, f.name)
+            elif isinstance(default, str):
+                assert shown == f'"{default}"', (name, f.name)
+            else:
+                assert float(shown) == float(default), (name, f.name)
+
+
+def test_file_env_and_overrides_in_order(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[server]\nport = 9001\nhost = "0.0.0.0"\n[llm]\nworkers = 2\n')
+    s = load_settings(cfg, env={"MEDMITRA_SERVER_PORT": "9002", "MEDMITRA_AUTH_TRUST_USER_ID": "yes"},
+                      overrides={"server": {"host": "10.0.0.5"}})
+    assert s.server.port == 9002            # env beats file
+    assert s.server.host == "10.0.0.5"      # CLI beats both
+    assert s.llm.workers == 2               # file beats default
+    assert s.auth.trust_user_id is True
+
+
+@pytest.mark.parametrize("content, env, key", [
+    ("[server]\nport = \"eighty\"\n", {}, "server.port"),
+    ("[server]\nport = 70000\n", {}, "server.port"),
+    ("[limits]\nlab_max_bytes = -1\n", {}, "limits.lab_max_bytes"),
+    ("[auth]\ntrust_user_id = \"maybe\"\n", {}, "auth.trust_user_id"),
+    ("[jobs]\nlease_s = 5\nheartbeat_s = 10\n", {}, "jobs.heartbeat_s"),
+    ("[server]\nnope = 1\n", {}, "server.nope"),
+    ("[nosection]\na = 1\n", {}, "nosection"),
+    ("", {"MEDMITRA_LLM_WORKERS": "two"}, "llm.workers"),
+    ("", {"MEDMITRA_LLM_TEMPERATURE": "nan"}, "llm.temperature"),
+    ("", {"MEDMITRA_LOG_LEVEL": "LOUD"}, "log.level"),
+    ("this is not toml", {}, "not valid TOML"),
+])
+def test_bad_values_name_the_key(tmp_path: Path, content: str, env: dict, key: str) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(content)
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        load_settings(cfg, env=env)
+
+
+def test_missing_config_file_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not found"):
+        load_settings(tmp_path / "absent.toml", env={})
