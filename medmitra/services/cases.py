@@ -337,8 +337,9 @@ def _date_param(q: dict[str, str], name: str, end: bool) -> datetime | None:
 
 
 async def list_cases(reader: Reader, user_id: str,
-                     q: dict[str, str]) -> tuple[list[dict[str, Any]], int, int, int]:
-    """One page of the user's cases as rows (plain SQL: the hot read path)."""
+                     q: dict[str, str]) -> tuple[str, int, int, int]:
+    """One page of the user's cases as a JSON array text (the hot read path), with the
+    total, page and limit."""
     page = _int_param(q, "page", 1, 1_000_000, 1)
     limit = _int_param(q, "limit", 1, 100, None)
     where, params = ['"user_id" = ?'], [user_id]
@@ -381,10 +382,10 @@ async def list_cases(reader: Reader, user_id: str,
     # Names sort as people read them ("asha" next to "Asha"), not in byte order.
     column = 'LOWER("patient_name")' if sort_by == "patient_name" else f'"{sort_by}"'
     direction = order.upper()
-    rows, total = await reads.list_cases(
+    cases_json, total = await reads.list_cases_json(
         reader, where, params, f'{column} {direction}, "id" {direction}', limit,
-        (page - 1) * (limit or 0))
-    return rows, total, page, limit if limit is not None else total
+        (page - 1) * (limit or 0), case_dict)
+    return cases_json, total, page, limit if limit is not None else total
 
 
 # -- rendering ---------------------------------------------------------------------------
@@ -395,8 +396,8 @@ FILE_FIELDS = ("id", "file_id", "user_id", "file_name", "file_type", "file_size"
                "file_category", "text_data", "ai_summary", "uploaded_at")
 
 
-def case_dict(c: Case | Mapping[str, Any]) -> dict[str, Any]:
-    r = c if isinstance(c, Mapping) else {k: getattr(c, k) for k in CASE_FIELDS}
+def case_dict(c: Case | dict[str, Any]) -> dict[str, Any]:
+    r = c if isinstance(c, dict) else {k: getattr(c, k) for k in CASE_FIELDS}
     return {
         "id": r["id"], "case_id": r["case_id"], "doctor_id": r["user_id"],
         "user_id": r["user_id"], "patient_name": r["patient_name"],
@@ -406,8 +407,8 @@ def case_dict(c: Case | Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def file_dict(f: CaseFile | Mapping[str, Any], case_uuid: str, file_url: str) -> dict[str, Any]:
-    r = f if isinstance(f, Mapping) else {k: getattr(f, k) for k in FILE_FIELDS}
+def file_dict(f: CaseFile | dict[str, Any], case_uuid: str, file_url: str) -> dict[str, Any]:
+    r = f if isinstance(f, dict) else {k: getattr(f, k) for k in FILE_FIELDS}
     up = reads.iso(r["uploaded_at"])
     return {
         "id": r["id"], "file_id": r["file_id"], "case_id": case_uuid,

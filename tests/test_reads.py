@@ -1,0 +1,49 @@
+"""The plain-SQL read path renders exactly what the ORM-based renderers do."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+from conftest import make_settings
+from medmitra.db import reads
+from medmitra.db.models import Case
+from medmitra.db.setup import close_db, open_db
+from medmitra.services.cases import case_dict
+
+
+def test_sqlite_case_json_equals_python_rendering(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path)
+
+    async def run() -> tuple[list, list]:
+        await open_db(settings)
+        user = str(uuid.uuid4())
+        base = datetime(2026, 3, 4, 10, 30, 0, 123456, tzinfo=timezone.utc)
+        names = ['Zoë "Quote" O\'Brien', "Asha\\backslash", "नमस्ते", "plain"]
+        for i, name in enumerate(names):
+            await Case.create(case_id=str(uuid.uuid4()), user_id=user, patient_name=name,
+                              patient_age=i * 50, patient_gender="f",
+                              case_summary=None if i % 2 else f"note {i}\nline two",
+                              status="processing", created_at=base + timedelta(seconds=i),
+                              updated_at=base + timedelta(seconds=i, microseconds=1))
+        reader = reads.Reader(Path(settings.database_url.removeprefix("sqlite://")))
+        try:
+            text, total = await reads.list_cases_json(
+                reader, ['"user_id" = ?'], [user], '"id" ASC', None, 0, case_dict)
+            rows = (await reader.many(
+                [(f'SELECT {reads.CASE_COLS} FROM "cases" WHERE "user_id" = ? ORDER BY "id"',
+                  [user])]))[0]
+        finally:
+            reader.close()
+            await close_db()
+        assert total == len(names)
+        return json.loads(text), [case_dict(r) for r in rows]
+
+    from_sql, from_python = asyncio.run(run())
+    assert from_sql == from_python
+    assert from_sql[0]["created_at"] == "2026-03-04T10:30:00.123456+00:00"
+    assert [c["patient_name"] for c in from_sql][0] == 'Zoë "Quote" O\'Brien'
+    assert from_sql[1]["case_summary"] is None and isinstance(from_sql[0]["patient_age"], int)
