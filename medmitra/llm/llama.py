@@ -1,0 +1,201 @@
+"""llama.cpp backend (llama-cpp-python). The only module of the project that imports llama_cpp.
+
+One ``LlamaRuntime`` owns one model context; a worker uses it for one job at a time (the
+lock only guards against misuse). Calls block and release the GIL, so workers run them in
+threads and several runtimes compute in parallel.
+
+Prefix reuse: llama-cpp-python keeps the tokens of the previous evaluation and, when the
+next prompt starts with the same tokens, evaluates only the new suffix. The pipeline puts
+the same system message + case facts first in every stage prompt to profit from that;
+``Usage.cached_tokens`` reports how many prompt tokens were reused.
+"""
+
+from __future__ import annotations
+
+import atexit
+import base64
+import io
+import json
+import logging
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+# llama.cpp is built with OpenMP here; its default "active" wait makes idle threads spin.
+# On a machine shared with other work (API, OCR, other workers) that was measured 3-6x
+# slower per call at 2 threads; "passive" only adds a thread wake-up (microseconds) per
+# graph evaluation. Must be set before libgomp loads, i.e. before importing llama_cpp.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import llama_cpp  # noqa: E402
+from llama_cpp import Llama, LlamaGrammar  # noqa: E402
+
+from medmitra.config import LLMSettings, resolve_model_path  # noqa: E402
+from medmitra.llm.runtime import (LLMError, ModelUnavailable, Usage, check_gguf,  # noqa: E402
+                                  model_info)
+
+log = logging.getLogger(__name__)
+
+
+def _close_llama_devnull() -> None:
+    # llama_cpp._utils opens two /dev/null handles at import and never closes them; Python
+    # then reports a ResourceWarning at exit (noise under warnings-as-errors test runs).
+    utils = sys.modules.get("llama_cpp._utils")
+    for name in ("outnull_file", "errnull_file"):
+        handle = getattr(utils, name, None)
+        if handle is not None and not handle.closed:
+            handle.close()
+
+
+atexit.register(_close_llama_devnull)
+
+# Batch size for prompt evaluation, tokens; 512 is llama.cpp's default and fits small CPUs.
+N_BATCH_TOKENS = 512
+
+
+def _common_prefix_len(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class LlamaRuntime:
+    """``LLMRuntime`` over a local GGUF chat model, with an optional vision model."""
+
+    def __init__(self, model_path: Path, *, n_ctx: int, threads: int, seed: int,
+                 vision_model_path: Path | None = None, mmproj_path: Path | None = None):
+        model_path = check_gguf(Path(model_path))
+        want_vision = vision_model_path is not None or mmproj_path is not None
+        if want_vision:  # a misconfigured vision model fails before anything is loaded
+            if vision_model_path is None or mmproj_path is None:
+                raise ModelUnavailable("a vision model needs both llm.vision_model_path and "
+                                       "llm.mmproj_path (its projector GGUF)")
+            check_gguf(Path(vision_model_path), "vision model")
+            check_gguf(Path(mmproj_path), "mmproj projector")
+        self.info: dict[str, Any] = {**model_info(model_path), "n_ctx": n_ctx}
+        self._lock = threading.Lock()
+        self._grammars: dict[str, LlamaGrammar] = {}
+        n_threads = threads if threads > 0 else None
+        self._llm = self._load(model_path, n_ctx=n_ctx, n_threads=n_threads, seed=seed)
+        self._vision: Llama | None = None
+        if want_vision:
+            try:
+                self._vision = self._load_vision(Path(vision_model_path), Path(mmproj_path),
+                                                 n_ctx=n_ctx, n_threads=n_threads, seed=seed)
+            except ModelUnavailable:
+                self._llm.close()
+                raise
+            self.info["vision"] = model_info(Path(vision_model_path))
+
+    @staticmethod
+    def _load(path: Path, **kw: Any) -> Llama:
+        try:
+            return Llama(model_path=str(path), n_batch=N_BATCH_TOKENS, verbose=False, **kw)
+        except (ValueError, RuntimeError, OSError) as exc:
+            raise ModelUnavailable(f"model file {path} could not be loaded: {exc}") from None
+
+    @staticmethod
+    def _load_vision(vision_model_path: Path, mmproj_path: Path, **kw: Any) -> Llama:
+        from llama_cpp.llama_chat_format import MTMDChatHandler
+
+        # MTMDChatHandler formats with the vision model's own chat template, so any
+        # mtmd-supported model (Gemma 3, Qwen2.5-VL, SmolVLM, LLaVA ...) works unchanged.
+        try:
+            handler = MTMDChatHandler(clip_model_path=str(mmproj_path), verbose=False,
+                                      use_gpu=False)
+        except (ValueError, RuntimeError, OSError) as exc:
+            raise ModelUnavailable(f"mmproj file {mmproj_path} could not be loaded: {exc}") \
+                from None
+        try:
+            return Llama(model_path=str(vision_model_path), chat_handler=handler,
+                         n_batch=N_BATCH_TOKENS, verbose=False, **kw)
+        except (ValueError, RuntimeError, OSError) as exc:
+            raise ModelUnavailable(
+                f"vision model {vision_model_path} could not be loaded: {exc}") from None
+
+    def _grammar(self, schema: dict) -> LlamaGrammar:
+        key = json.dumps(schema)  # property order matters: the grammar emits keys in it
+        grammar = self._grammars.get(key)
+        if grammar is None:
+            grammar = LlamaGrammar.from_json_schema(key, verbose=False)
+            self._grammars[key] = grammar
+        return grammar
+
+    def count_tokens(self, text: str) -> int:
+        return len(self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=False))
+
+    def _chat(self, llm: Llama, messages: list[dict], schema: dict, *, max_tokens: int,
+              temperature: float, seed: int, repeat_penalty: float) -> tuple[str, Usage]:
+        with self._lock:
+            before = llm.input_ids[: llm.n_tokens].tolist()
+            try:
+                llama_cpp.llama_perf_context_reset(llm.ctx)
+            except AttributeError:  # pragma: no cover - older bindings
+                pass
+            started = time.perf_counter()
+            try:
+                resp = llm.create_chat_completion(
+                    messages=messages, grammar=self._grammar(schema), max_tokens=max_tokens,
+                    temperature=temperature, seed=seed, repeat_penalty=repeat_penalty)
+            except (ValueError, RuntimeError) as exc:  # context overflow, decode failure
+                raise LLMError(str(exc)) from None
+            wall_s = time.perf_counter() - started
+            usage = resp.get("usage") or {}
+            prompt_tokens = int(usage.get("prompt_tokens", 0))
+            try:
+                # Ground truth from llama.cpp: prompt tokens actually evaluated this call.
+                perf = llama_cpp.llama_perf_context(llm.ctx)
+                prompt_eval_s = perf.t_p_eval_ms / 1000.0
+                cached = max(0, prompt_tokens - perf.n_p_eval)
+            except AttributeError:  # pragma: no cover - bindings without perf counters
+                prompt_eval_s = wall_s
+                cached = _common_prefix_len(before, llm.input_ids[:prompt_tokens].tolist())
+        text = resp["choices"][0]["message"].get("content") or ""
+        return text, Usage(prompt_tokens=prompt_tokens,
+                           completion_tokens=int(usage.get("completion_tokens", 0)),
+                           cached_tokens=cached, prompt_eval_s=prompt_eval_s)
+
+    def complete_json(self, messages: list[dict], schema: dict, *, max_tokens: int,
+                      temperature: float, seed: int, repeat_penalty: float) -> tuple[str, Usage]:
+        return self._chat(self._llm, messages, schema, max_tokens=max_tokens,
+                          temperature=temperature, seed=seed, repeat_penalty=repeat_penalty)
+
+    def has_vision(self) -> bool:
+        return self._vision is not None
+
+    def describe_image_json(self, image: Any, prompt: str, schema: dict, *, max_tokens: int,
+                            temperature: float = 0.1, seed: int = 0,
+                            repeat_penalty: float = 1.1) -> tuple[str, Usage]:
+        if self._vision is None:
+            raise LLMError("no vision model is configured")
+        buf = io.BytesIO()
+        image.convert("RGB").save(buf, format="PNG")
+        data_uri = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+        messages = [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": data_uri}},
+            {"type": "text", "text": prompt}]}]
+        return self._chat(self._vision, messages, schema, max_tokens=max_tokens,
+                          temperature=temperature, seed=seed, repeat_penalty=repeat_penalty)
+
+    def close(self) -> None:
+        for llm in (self._llm, self._vision):
+            if llm is not None:
+                llm.close()
+        self._vision = None
+
+
+def load_runtime(llm: LLMSettings, *, threads: int) -> LlamaRuntime:
+    """The configured model(s), loaded; ``ModelUnavailable`` says what is missing."""
+    model_path = resolve_model_path(llm.model_path)
+    if model_path is None:
+        raise ModelUnavailable("llm.model_path is empty: no model is configured")
+    vision = resolve_model_path(llm.vision_model_path)
+    mmproj = resolve_model_path(llm.mmproj_path)
+    return LlamaRuntime(model_path, n_ctx=llm.n_ctx, threads=threads, seed=llm.seed,
+                        vision_model_path=vision, mmproj_path=mmproj)

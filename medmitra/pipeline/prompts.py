@@ -1,0 +1,152 @@
+"""Prompts for small local models: one task each, the schema in the prompt, case facts once.
+
+Every stage's messages are ``[system: RULES + case facts, user: stage instruction]``. The
+system message is byte-identical in all stages of a case, so llama.cpp evaluates it once
+and later stages only pay for their own short instruction (KV-cache prefix reuse).
+
+Facts are trimmed by tokens (``trim_to_tokens``) at line or word boundaries, once per case,
+so the prefix stays the same across stages. The patient's name is left out: the model
+does not need it, and it must not end up in generated text or logs.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from medmitra.pipeline.schemas import prompt_schema_text
+from medmitra.pipeline.types import CaseInput, ExtractedFile
+
+CountFn = Callable[[str], int]
+
+RULES = (
+    "You are a careful clinical documentation assistant. Use only the case facts below; "
+    "if something is not in the facts, say it is not available instead of inventing it. "
+    "Answer with one JSON object that matches the schema given in the task."
+)
+TRIM_MARK = "[... trimmed to fit]"
+
+
+def trim_to_tokens(text: str, max_tokens: int, count: CountFn) -> str:
+    """``text`` cut to at most ``max_tokens`` tokens, at a line or word boundary.
+
+    Keeps as many whole lines as fit (binary search over line counts); if not even the
+    first line fits, keeps as many whole words of it as fit. Appends TRIM_MARK when cut.
+    """
+    if max_tokens <= 0 or not text:
+        return ""
+    if count(text) <= max_tokens:
+        return text
+    budget = max_tokens - count(TRIM_MARK) - 1
+    if budget <= 0:
+        return ""
+
+    def longest(parts: list[str], sep: str) -> int:
+        lo, hi = 0, len(parts)  # invariant: parts[:lo] fits
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if count(sep.join(parts[:mid])) <= budget:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
+    lines = text.splitlines()
+    n_lines = longest(lines, "\n")
+    if n_lines > 0:
+        return "\n".join(lines[:n_lines]).rstrip() + "\n" + TRIM_MARK
+    words = lines[0].split() if lines else []
+    n_words = longest(words, " ")
+    if n_words == 0:
+        return ""
+    return " ".join(words[:n_words]) + " " + TRIM_MARK
+
+
+def lab_file_text(f: ExtractedFile) -> str:
+    """A lab file as the model sees it: parsed rows when present, else its text."""
+    if f.lab_rows:
+        rows = []
+        for r in f.lab_rows:
+            unit = f" {r.unit}" if r.unit else ""
+            ref = f" (reference {r.reference_range})" if r.reference_range else ""
+            rows.append(f"- {r.test}: {r.value}{unit}{ref} [{r.status}]")
+        return "\n".join(rows)
+    return (f.text or "").strip() or "(no readable text)"
+
+
+def radiology_file_text(f: ExtractedFile) -> str:
+    """Non-identifying DICOM tags and any OCR text of a radiology file."""
+    parts = [f"{k}: {v}" for k, v in sorted(f.dicom_tags.items()) if v]
+    if f.text and f.text.strip():
+        parts.append("Text on the image: " + f.text.strip())
+    return "\n".join(parts) or "(no tags or text)"
+
+
+def file_label(kind: str, index: int, f: ExtractedFile) -> str:
+    return f"{kind} file {index} ({f.file_name})"
+
+
+def case_facts(case: CaseInput, budget_tokens: int, count: CountFn) -> str:
+    """The case facts block shared by every stage, at most ``budget_tokens`` tokens.
+
+    The budget is shared out fairly: small documents keep their full text and what they
+    don't use goes to the larger ones.
+    """
+    header = [f"CASE FACTS\nPatient: age {case.patient_age}, gender {case.patient_gender}."]
+    docs: list[tuple[str, str]] = [("Doctor's notes", (case.doctor_notes or "").strip()
+                                    or "(none given)")]
+    labs = [f for f in case.files if f.category == "lab"]
+    rads = [f for f in case.files if f.category == "radiology"]
+    docs += [(file_label("Lab", i, f), lab_file_text(f)) for i, f in enumerate(labs, 1)]
+    docs += [(file_label("Radiology", i, f), radiology_file_text(f))
+             for i, f in enumerate(rads, 1)]
+    if not labs:
+        header.append("Lab files: none.")
+    if not rads:
+        header.append("Radiology files: none.")
+
+    fixed = "\n".join(header) + "".join(f"\n{title}:\n" for title, _ in docs)
+    remaining = max(0, budget_tokens - count(fixed))
+    bodies: dict[int, str] = {}
+    order = sorted(range(len(docs)), key=lambda i: count(docs[i][1]))
+    for pos, i in enumerate(order):
+        share = remaining // (len(order) - pos)
+        body = trim_to_tokens(docs[i][1], share, count)
+        bodies[i] = body
+        remaining -= count(body)
+    blocks = [f"{title}:\n{bodies[i] or TRIM_MARK}" for i, (title, _) in enumerate(docs)]
+    return "\n".join(header) + "\n" + "\n".join(blocks)
+
+
+def system_message(facts: str) -> dict:
+    return {"role": "system", "content": f"{RULES}\n\n{facts}"}
+
+
+def task_message(task: str, schema: dict, context: str = "") -> dict:
+    """The stage-specific part, always last so the shared prefix comes first."""
+    ctx = f"{context.strip()}\n\n" if context.strip() else ""
+    return {"role": "user",
+            "content": f"{ctx}TASK: {task}\nJSON schema: {prompt_schema_text(schema)}"}
+
+
+# One short instruction per stage.
+TASK_LAB = ("Interpret {label}. Write a short summary and list the key abnormal results. "
+            "confidence_score is a number from 0 to 1.")
+TASK_LAB_TEXT = ("Read {label}. List its test results with value, unit, reference range "
+                 "and status, write a short summary and list the key abnormal results. "
+                 "confidence_score is a number from 0 to 1.")
+TASK_RADIOLOGY_IMAGE = ("Describe this medical image: findings, impressions, a short summary "
+                        "and key abnormalities. Image details:\n{details}\n"
+                        "confidence_score is a number from 0 to 1.")
+TASK_SUMMARY = ("Write a comprehensive summary of this case and list its key findings. "
+                "confidence_score is a number from 0 to 1.")
+TASK_SOAP = "Write a SOAP note for this case. confidence_score is a number from 0 to 1."
+TASK_DIAGNOSIS = ("Give the most likely primary diagnosis with its ICD-10 code, a short "
+                  "description and the supporting evidence from the facts. "
+                  "confidence_score is a number from 0 to 1.")
+TASK_DIFFERENTIAL = ("List 3 to 5 differential diagnoses other than the primary diagnosis, "
+                     "each with a probability from 0 to 1, reasoning and distinguishing "
+                     "factors.")
+TASK_RECOMMENDATIONS = ("Recommend further investigations (urgency: urgent, routine or "
+                        "follow-up) and treatments for this case.")
+TASK_RECOMMENDATIONS_NO_TREATMENT = ("Recommend further investigations (urgency: urgent, "
+                                     "routine or follow-up) for this case.")

@@ -1,0 +1,334 @@
+"""JSON schemas of the stage outputs, and the check that turns decoded text into clean data.
+
+Every string has ``maxLength`` and every array ``maxItems``: a small model decoding under an
+unbounded grammar loops until ``max_tokens`` and the JSON is cut off. ``fit_schema``
+shrinks the string bounds so the longest answer the grammar allows fits the stage's token
+budget. llama.cpp's grammar ignores ``minimum``/``maximum``, so ``coerce`` clamps numbers
+after decoding (non-finite -> 0.0) and fills missing fields with safe defaults.
+
+Each schema's ``title`` is its stage name (the fake runtime scripts answers by it).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from typing import Any
+
+SCORE = {"type": "number", "minimum": 0, "maximum": 1}
+LAB_STATUSES = ["normal", "abnormal", "critical", "unknown"]
+URGENCIES = ["urgent", "routine", "follow-up"]
+# Upper bound of one JSON number the grammar admits (sign, 16+16 digits, exponent).
+NUMBER_MAX_CHARS = 40
+# Strings are never shrunk below this many characters by fit_schema.
+MIN_STRING_CHARS = 24
+# Conservative characters per token for the worst-case length of an answer.
+CHARS_PER_TOKEN = 3.0
+
+
+def _s(max_len: int, min_len: int = 0) -> dict:
+    out: dict[str, Any] = {"type": "string", "maxLength": max_len}
+    if min_len:
+        out["minLength"] = min_len
+    return out
+
+
+def _list(items: dict, max_items: int, min_items: int = 0) -> dict:
+    out: dict[str, Any] = {"type": "array", "items": items, "maxItems": max_items}
+    if min_items:
+        out["minItems"] = min_items
+    return out
+
+
+def _obj(title: str | None, **props: dict) -> dict:
+    out: dict[str, Any] = {"type": "object", "properties": props, "required": list(props)}
+    if title:
+        out = {"title": title, **out}
+    return out
+
+
+# A lab file whose rows were parsed deterministically: the model only interprets them.
+LAB_INTERPRETATION = _obj(
+    "lab_analysis",
+    summary=_s(300, 1),
+    key_abnormalities=_list(_s(100), 4),
+    confidence_score=SCORE,
+)
+
+# A lab file known only as text (PDF, OCR): the model also lists the values it reads.
+LAB_FROM_TEXT = _obj(
+    "lab_analysis",
+    lab_values=_list(_obj(None, test=_s(40, 1), value=_s(20, 1), unit=_s(16),
+                          reference_range=_s(24),
+                          status={"type": "string", "enum": LAB_STATUSES}), 8),
+    summary=_s(240, 1),
+    key_abnormalities=_list(_s(100), 4),
+    confidence_score=SCORE,
+)
+
+RADIOLOGY = _obj(
+    "radiology_analysis",
+    findings=_s(300, 1),
+    impressions=_s(200),
+    summary=_s(200),
+    key_abnormalities=_list(_s(100), 4),
+    confidence_score=SCORE,
+)
+
+CASE_SUMMARY = _obj(
+    "case_summary",
+    comprehensive_summary=_s(400, 1),
+    key_findings=_list(_s(100), 5),
+    confidence_score=SCORE,
+)
+
+SOAP_NOTE = _obj(
+    "soap_note",
+    subjective=_s(220, 1),
+    objective=_s(220, 1),
+    assessment=_s(220, 1),
+    plan=_s(220, 1),
+    confidence_score=SCORE,
+)
+
+DIAGNOSIS = _obj(
+    "diagnosis",
+    primary_diagnosis=_s(100, 1),
+    icd_code=_s(8),
+    description=_s(200),
+    supporting_evidence=_list(_s(100), 4),
+    confidence_score=SCORE,
+)
+
+DIFFERENTIAL = _obj(
+    "differential",
+    differential_diagnoses=_list(
+        _obj(None, condition=_s(80, 1), probability=SCORE, reasoning=_s(160),
+             distinguishing_factors=_list(_s(60), 3)),
+        5, 3),
+)
+
+_INVESTIGATION = _obj(None, investigation_type=_s(80, 1),
+                      urgency={"type": "string", "enum": URGENCIES},
+                      rationale=_s(140), expected_findings=_s(100))
+_TREATMENT = _obj(None, treatment_type=_s(80, 1), description=_s(140), dosage=_s(60),
+                  duration=_s(40), precautions=_list(_s(60), 3))
+
+RECOMMENDATIONS = _obj(
+    "recommendations",
+    investigations=_list(_INVESTIGATION, 3),
+    treatments=_list(_TREATMENT, 3),
+)
+RECOMMENDATIONS_NO_TREATMENT = _obj(
+    "recommendations",
+    investigations=_list(_INVESTIGATION, 3),
+)
+
+ALL_SCHEMAS = (LAB_INTERPRETATION, LAB_FROM_TEXT, RADIOLOGY, CASE_SUMMARY, SOAP_NOTE, DIAGNOSIS,
+               DIFFERENTIAL, RECOMMENDATIONS, RECOMMENDATIONS_NO_TREATMENT)
+
+
+# --------------------------------------------------------------------------- sizing
+
+def max_json_chars(schema: dict) -> int:
+    """Longest compact JSON text (characters) an instance of ``schema`` can have."""
+    if "enum" in schema:
+        return max(len(json.dumps(v)) for v in schema["enum"])
+    typ = schema.get("type")
+    if typ == "object":
+        props = schema.get("properties", {})
+        inner = sum(len(json.dumps(k)) + 1 + max_json_chars(v) for k, v in props.items())
+        return 2 + inner + max(0, len(props) - 1)
+    if typ == "array":
+        n = int(schema["maxItems"])
+        return 2 + n * max_json_chars(schema.get("items", {})) + max(0, n - 1)
+    if typ == "string":
+        return int(schema["maxLength"]) + 2
+    if typ in ("number", "integer"):
+        return NUMBER_MAX_CHARS
+    if typ == "boolean":
+        return 5
+    return 4  # null
+
+
+def _scale_strings(schema: dict, factor: float) -> None:
+    if schema.get("type") == "string" and "maxLength" in schema and "enum" not in schema:
+        new = max(MIN_STRING_CHARS, int(schema["maxLength"] * factor))
+        schema["maxLength"] = min(schema["maxLength"], new)
+        if schema.get("minLength", 0) > schema["maxLength"]:
+            schema["minLength"] = schema["maxLength"]
+    for sub in schema.get("properties", {}).values():
+        _scale_strings(sub, factor)
+    if isinstance(schema.get("items"), dict):
+        _scale_strings(schema["items"], factor)
+
+
+def fit_schema(schema: dict, max_tokens: int) -> dict:
+    """A copy of ``schema`` whose longest possible answer fits in ``max_tokens`` tokens.
+
+    String bounds shrink proportionally (never below MIN_STRING_CHARS), then lists lose
+    items (never below their minItems); a generous budget leaves the schema unchanged.
+    """
+    out = copy.deepcopy(schema)
+    budget_chars = int(max_tokens * CHARS_PER_TOKEN)
+    for _ in range(64):  # proportional shrink converges in a few rounds (fixed overhead)
+        total = max_json_chars(out)
+        if total <= budget_chars:
+            break
+        _scale_strings(out, max(0.1, budget_chars / total * 0.95))
+        if max_json_chars(out) == total and not _drop_one_item(out):
+            break  # strings are at their floor and lists at their minimum: best effort
+    return out
+
+
+def _drop_one_item(schema: dict) -> bool:
+    """Lower ``maxItems`` of every list above its minimum by one; False if none could."""
+    changed = False
+    if schema.get("type") == "array":
+        floor = max(1, int(schema.get("minItems", 0)))
+        if schema["maxItems"] > floor:
+            schema["maxItems"] -= 1
+            changed = True
+        if isinstance(schema.get("items"), dict):
+            changed = _drop_one_item(schema["items"]) or changed
+    for sub in schema.get("properties", {}).values():
+        changed = _drop_one_item(sub) or changed
+    return changed
+
+
+def prompt_schema_text(schema: dict) -> str:
+    """The schema as shown to the model: compact, without ``title`` and ``required``."""
+    return json.dumps(_for_prompt(schema), separators=(",", ":"))
+
+
+def _for_prompt(schema: Any) -> Any:
+    # "required" lists every key again and "title" is for routing: both only cost tokens
+    # (the grammar makes every key required anyway).
+    if isinstance(schema, dict):
+        return {k: _for_prompt(v) for k, v in schema.items() if k not in ("title", "required")}
+    return schema
+
+
+# --------------------------------------------------------------------------- checking
+
+class InvalidOutput(ValueError):
+    """The model's text is not a usable answer (empty, cut off, not a JSON object)."""
+
+
+def parse_json_object(text: str) -> dict:
+    """The first JSON object in ``text``; ``InvalidOutput`` with a readable reason if none.
+
+    ``json`` maps ``Infinity``/``NaN``/``1e999`` to non-finite floats; ``coerce`` zeroes them.
+    """
+    stripped = (text or "").strip()
+    if not stripped:
+        raise InvalidOutput("the model returned an empty answer")
+    start = stripped.find("{")
+    if start < 0:
+        raise InvalidOutput("the model's answer contains no JSON object")
+    try:
+        value, _end = json.JSONDecoder().raw_decode(stripped, start)
+    except json.JSONDecodeError as exc:
+        raise InvalidOutput(f"the model's answer is not valid JSON ({exc.msg} at "
+                            f"character {exc.pos})") from None
+    except RecursionError:
+        raise InvalidOutput("the model's answer is nested too deeply") from None
+    if not isinstance(value, dict):
+        raise InvalidOutput("the model's answer is not a JSON object")
+    return value
+
+
+def clamp_score(value: Any) -> float:
+    """A number in [0, 1]; non-numbers and non-finite numbers become 0.0."""
+    if isinstance(value, bool):
+        return 0.0
+    if isinstance(value, str):
+        try:
+            value = float(value.strip().rstrip("%")) / (100.0 if value.strip().endswith("%")
+                                                         else 1.0)
+        except ValueError:
+            return 0.0
+    if not isinstance(value, (int, float)):
+        return 0.0
+    try:
+        value = float(value)
+    except OverflowError:  # an int too large for a float
+        return 0.0
+    if not math.isfinite(value):
+        return 0.0
+    return min(1.0, max(0.0, value))
+
+
+def _default(schema: dict) -> Any:
+    if "enum" in schema:
+        return schema["enum"][-1]
+    return {"object": lambda: coerce({}, schema), "array": list, "string": str,
+            "number": float, "integer": int, "boolean": bool}.get(schema.get("type"),
+                                                                   lambda: None)()
+
+
+def coerce(value: Any, schema: dict) -> Any:
+    """``value`` made to fit ``schema``: clamped, truncated, defaults for what is missing."""
+    if "enum" in schema:
+        text = str(value).strip().lower() if isinstance(value, (str, int, float)) else ""
+        for option in schema["enum"]:
+            if text == str(option).lower():
+                return option
+        return _default(schema)
+    typ = schema.get("type")
+    if typ == "object":
+        src = value if isinstance(value, dict) else {}
+        return {k: coerce(src[k], sub) if k in src else _default(sub)
+                for k, sub in schema.get("properties", {}).items()}
+    if typ == "array":
+        item_schema = schema.get("items", {})
+        item_type = "object" if isinstance(value, dict) else "string"
+        if isinstance(value, (str, dict)) and item_schema.get("type") == item_type:
+            value = [value]  # a lone item where a list of such items was expected
+        if not isinstance(value, list):
+            return []
+        items = [coerce(v, item_schema) for v in value]
+        if item_schema.get("type") in ("string", "object"):
+            items = [v for v in items if has_content(v)]  # drop empty placeholders
+        return items[: int(schema.get("maxItems", len(items)))]
+    if typ == "string":
+        if value is None or isinstance(value, (dict, list)):
+            return ""
+        text = " ".join(str(value).split())  # collapse runs of whitespace and newlines
+        return text[: int(schema.get("maxLength", len(text)))]
+    if typ == "number":
+        if schema.get("minimum") == 0 and schema.get("maximum") == 1:
+            return clamp_score(value)
+        try:
+            number = float(value)
+        except (TypeError, ValueError, OverflowError):
+            return 0.0
+        return number if math.isfinite(number) else 0.0
+    if typ == "integer":
+        try:
+            return int(value)
+        except (TypeError, ValueError, OverflowError):
+            return 0
+    if typ == "boolean":
+        return bool(value)
+    return value
+
+
+def has_content(value: Any) -> bool:
+    """True if any string in ``value`` is non-empty (an all-empty answer is retried)."""
+    if isinstance(value, str):
+        return bool(value.strip())
+    if isinstance(value, dict):
+        return any(has_content(v) for v in value.values())
+    if isinstance(value, list):
+        return any(has_content(v) for v in value)
+    return False
+
+
+def check_output(text: str, schema: dict) -> dict:
+    """Parse, coerce and sanity-check one answer; ``InvalidOutput`` says what is wrong."""
+    data = coerce(parse_json_object(text), schema)
+    if not has_content(data):
+        raise InvalidOutput("the model's answer has no content (all fields empty)")
+    return data
