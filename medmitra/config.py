@@ -105,6 +105,13 @@ class LLMSettings:
     mmproj_path: str = ""
     # A stage that runs longer than this fails its attempt.
     stage_timeout_s: float = 300.0
+    # Remote inference instead of in-process models: the base URL of an OpenAI-compatible
+    # server (llama.cpp's llama-server or llama-cpp-python's server), e.g.
+    # "http://gpu-box:8080". Empty = load model_path in this process.
+    remote_url: str = ""
+    remote_model: str = ""
+    remote_api_key: str = ""
+    remote_timeout_s: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -233,6 +240,7 @@ _RANGES: dict[tuple[str, str], tuple[float | None, float | None]] = {
     ("llm", "temperature"): (0, 5),
     ("llm", "repeat_penalty"): (0.5, 3),
     ("llm", "stage_timeout_s"): (1, 86400),
+    ("llm", "remote_timeout_s"): (1, 86400),
     ("jobs", "max_attempts"): (1, 100),
     ("jobs", "lease_s"): (2, 86400),
     ("jobs", "heartbeat_s"): (0.2, 3600),
