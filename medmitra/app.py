@@ -22,10 +22,10 @@ from medmitra.config import Settings
 from medmitra.db.models import CaseFile
 from medmitra.db.reads import Reader
 from medmitra.db.setup import close_db, open_db
-from medmitra.errors import ApiError
+from medmitra.errors import ApiError, InsufficientStorage
 from medmitra.jobs import queue
 from medmitra.services.links import LinkSigner
-from medmitra.storage import Storage
+from medmitra.storage import Storage, is_database_full
 
 log = logging.getLogger("medmitra.app")
 
@@ -61,6 +61,12 @@ async def handle_sanic_error(request: Request, exc: SanicException) -> HTTPRespo
 
 
 async def handle_unexpected(request: Request, exc: Exception) -> HTTPResponse:
+    if is_database_full(exc):
+        # The database could not grow: like a file that does not fit, a 507 (the
+        # transaction was rolled back), on every route.
+        log.warning("%s %s: the database could not grow (disk full)",
+                    request.method if request else "?", request.path if request else "?")
+        return await handle_api_error(request, InsufficientStorage())
     log.error("unhandled error on %s %s", request.method if request else "?",
               request.path if request else "?", exc_info=exc)
     return _error_response(500, "Internal server error")

@@ -34,6 +34,27 @@ def _is_disk_full(exc: OSError) -> bool:
     return exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
+# SQLite's SQLITE_FULL (13) and PostgreSQL's disk_full SQLSTATE.
+_SQLITE_FULL = 13
+_PG_DISK_FULL = "53100"
+
+
+def is_database_full(exc: BaseException) -> bool:
+    """True if ``exc`` (or an exception it wraps) says the database could not grow because
+    the disk is full. The ORM wraps driver errors, so the whole cause chain is searched."""
+    seen = 0
+    cur: BaseException | None = exc
+    while cur is not None and seen < 10:
+        if getattr(cur, "sqlite_errorcode", None) == _SQLITE_FULL or \
+                getattr(cur, "sqlstate", None) == _PG_DISK_FULL:
+            return True
+        if "database or disk is full" in str(cur):
+            return True
+        cur = cur.__cause__ or cur.__context__
+        seen += 1
+    return False
+
+
 class TempUpload:
     """A file being received. Write chunks, then ``Storage.commit`` or ``discard``."""
 
@@ -67,16 +88,24 @@ class TempUpload:
             self._fh.flush()
             os.fsync(self._fh.fileno())
         except OSError as exc:
-            self._fh.close()
+            self._close_quietly()
             if _is_disk_full(exc):
                 raise InsufficientStorage() from None
             raise
         self._fh.close()
 
     def discard(self) -> None:
-        if not self._fh.closed:
-            self._fh.close()
+        self._close_quietly()
         self.path.unlink(missing_ok=True)
+
+    def _close_quietly(self) -> None:
+        # Closing flushes what is still buffered; on a full disk that fails again (ENOSPC)
+        # although the descriptor is closed. The bytes are being thrown away, or the first
+        # error is already being reported, so this one is dropped.
+        try:
+            self._fh.close()
+        except OSError:
+            pass
 
 
 class Storage:

@@ -25,6 +25,7 @@ _LIMITS = LimitsSettings()
 NAME_MAX_CHARS = _LIMITS.name_max_chars
 TEXT_MAX_CHARS = _LIMITS.text_field_max_chars
 PAGE_LIMIT_MAX = 100
+FILES_PER_REQUEST = _LIMITS.files_per_request
 PAGE_MAX = 1_000_000
 GENDER_MAX_CHARS = 64
 SEARCH_MAX_CHARS = 200
@@ -404,15 +405,18 @@ def _cases_paths() -> dict[str, Schema]:
         "patient_gender": PATIENT_GENDER,
         "case_summary": CASE_SUMMARY,
         "user_id": {**UUID, "description": "Compatibility field: must equal `sub`."},
-        "lab_files": {"type": "array", "items": BINARY,
-                      "description": f"Repeated field. Accepted content: {LAB_MIMES}."},
+        "lab_files": {"type": "array", "items": BINARY, "maxItems": FILES_PER_REQUEST,
+                      "description": f"Repeated field. Accepted content: {LAB_MIMES}. At most "
+                                     f"{FILES_PER_REQUEST} files per request in all."},
         "radiology_files": {"type": "array", "items": BINARY,
+                            "maxItems": FILES_PER_REQUEST,
                             "description": f"Repeated field. Accepted: {RADIOLOGY_MIMES}."},
     }, ["patient_name", "patient_age", "patient_gender"])
     upload_form = _obj({
         "case_id": {**ID_OR_UUID, "description": "The case UUID or integer id."},
         "file": {**BINARY, "description": "One file (or use `files`)."},
-        "files": {"type": "array", "items": BINARY, "description": "Repeated field."},
+        "files": {"type": "array", "items": BINARY, "minItems": 1,
+                  "maxItems": FILES_PER_REQUEST, "description": "Repeated field."},
         "category": {"type": "string", "enum": CATEGORY,
                      "description": "When absent, inferred from the content."},
     }, ["case_id"], anyOf=[{"required": ["file"]}, {"required": ["files"]}])
@@ -589,7 +593,7 @@ def _auth_paths() -> dict[str, Schema]:
         },
         "/auth/v1/logout": {"post": _op(
             "Auth", "authLogout", "Sign out (revoke refresh tokens)",
-            {"204": {"description": "Signed out"}, **token_user},
+            {"204": {"description": "Signed out"}, "400": _r("AuthBadRequest"), **token_user},
             parameters=[_query("scope", {"type": "string",
                                          "enum": ["local", "global", "others"],
                                          "default": "global"})])},

@@ -24,7 +24,8 @@ from medmitra.config import LimitsSettings
 from medmitra.db import reads
 from medmitra.db.models import CASE_STATUSES, Case, CaseFile
 from medmitra.db.reads import Reader
-from medmitra.errors import BadRequest, NotFound, PayloadTooLarge, UnsupportedMediaType, field_error
+from medmitra.errors import (BadRequest, NotFound, PayloadTooLarge, UnsupportedMediaType,
+                             field_error)
 from medmitra.jobs import queue
 from medmitra.services.compat import ANALYZE_OPTIONS, flat_insights
 from medmitra.storage import Storage
@@ -33,6 +34,8 @@ log = logging.getLogger("medmitra.cases")
 
 MAX_AGE = 150
 SORT_FIELDS = ("created_at", "updated_at", "patient_name", "patient_age")
+# Ids are tortoise IntFields: 32-bit (SERIAL) on PostgreSQL.
+MAX_ID = 2**31 - 1
 
 
 def now_utc() -> datetime:
@@ -45,7 +48,10 @@ def parse_ident(raw: str, what: str) -> dict[str, Any]:
     """``{id}`` path values: the integer id or the UUID."""
     raw = raw.strip()
     if raw.isascii() and raw.isdigit() and len(raw) <= 18:
-        return {"id": int(raw)}
+        value = int(raw)
+        if value > MAX_ID:   # names no row; PostgreSQL would refuse it as out of range
+            raise NotFound(f"{what.capitalize()} not found")
+        return {"id": value}
     try:
         return {f"{what}_id": str(uuid.UUID(raw))}
     except ValueError:
