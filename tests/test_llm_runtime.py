@@ -177,6 +177,33 @@ def test_complete_json_is_parseable_five_times_out_of_five(runtime):
 
 @pytest.mark.slow
 @needs_model
+def test_interrupt_ends_generation_between_tokens(runtime):
+    """A cancelled job or a shutdown stops the answer within a token, not at max_tokens."""
+    schema = schemas.fit_schema(schemas.DIAGNOSIS, 200)
+    messages = [{"role": "user", "content": "Describe a diagnosis as JSON: "
+                 + schemas.prompt_schema_text(schema)}]
+    checks = []
+
+    def stop_after_five() -> bool:
+        checks.append(1)
+        return len(checks) > 5
+
+    runtime.interrupt = stop_after_five
+    try:
+        text, usage = runtime.complete_json(messages, schema, max_tokens=200, temperature=0.2,
+                                            seed=1, repeat_penalty=1.1)
+    finally:
+        runtime.interrupt = None
+    assert usage.completion_tokens <= 7
+    with pytest.raises(schemas.InvalidOutput):
+        schemas.check_output(text, schema)          # cut off: the stage will see why
+    text, usage = runtime.complete_json(messages, schema, max_tokens=200, temperature=0.2,
+                                        seed=1, repeat_penalty=1.1)
+    assert usage.completion_tokens > 7              # no interrupt set: a full answer
+
+
+@pytest.mark.slow
+@needs_model
 def test_shared_prefix_is_reused_from_the_kv_cache(runtime):
     facts = "CASE FACTS\n" + "\n".join(
         f"- Visit {i}: temperature 38.{i % 10} C, cough, fatigue, crackles." for i in range(12))

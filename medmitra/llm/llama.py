@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 # llama.cpp is built with OpenMP here; its default "active" wait makes idle threads spin.
 # On a machine shared with other work (API, OCR, other workers) that was measured 3-6x
@@ -81,6 +81,9 @@ class LlamaRuntime:
         self.info: dict[str, Any] = {**model_info(model_path), "n_ctx": n_ctx}
         self._lock = threading.Lock()
         self._grammars: dict[str, LlamaGrammar] = {}
+        # Set by the job runner for the length of a job: checked between generated tokens;
+        # True ends the answer there (it is then cut off, and the stage sees why).
+        self.interrupt: Callable[[], bool] | None = None
         n_threads = threads if threads > 0 else None
         self._llm = self._load(model_path, n_ctx=n_ctx, n_threads=n_threads, seed=seed)
         self._vision: Llama | None = None
@@ -127,6 +130,10 @@ class LlamaRuntime:
             self._grammars[key] = grammar
         return grammar
 
+    def _interrupted(self, _tokens: Any, _logits: Any) -> bool:
+        check = self.interrupt
+        return bool(check is not None and check())
+
     def count_tokens(self, text: str) -> int:
         return len(self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=False))
 
@@ -139,27 +146,36 @@ class LlamaRuntime:
             except AttributeError:  # pragma: no cover - older bindings
                 pass
             started = time.perf_counter()
+            pieces: list[str] = []
+            emitted = 0
             try:
-                resp = llm.create_chat_completion(
-                    messages=messages, grammar=self._grammar(schema), max_tokens=max_tokens,
-                    temperature=temperature, seed=seed, repeat_penalty=repeat_penalty)
+                # Streamed so that an interrupt (job cancelled, stage deadline, shutdown) can
+                # end the answer between two tokens: the chat API has no stopping criteria.
+                for chunk in llm.create_chat_completion(
+                        messages=messages, grammar=self._grammar(schema),
+                        max_tokens=max_tokens, temperature=temperature, seed=seed,
+                        repeat_penalty=repeat_penalty, stream=True):
+                    delta = chunk["choices"][0].get("delta") or {}
+                    if delta.get("content"):
+                        pieces.append(delta["content"])
+                        emitted += 1
+                    if self._interrupted(None, None):
+                        break
             except (ValueError, RuntimeError) as exc:  # context overflow, decode failure
                 raise LLMError(str(exc)) from None
             wall_s = time.perf_counter() - started
-            usage = resp.get("usage") or {}
-            prompt_tokens = int(usage.get("prompt_tokens", 0))
             try:
                 # Ground truth from llama.cpp: prompt tokens actually evaluated this call.
                 perf = llama_cpp.llama_perf_context(llm.ctx)
                 prompt_eval_s = perf.t_p_eval_ms / 1000.0
+                prompt_tokens = max(0, llm.n_tokens - perf.n_eval)
                 cached = max(0, prompt_tokens - perf.n_p_eval)
             except AttributeError:  # pragma: no cover - bindings without perf counters
                 prompt_eval_s = wall_s
+                prompt_tokens = max(0, llm.n_tokens - emitted)
                 cached = _common_prefix_len(before, llm.input_ids[:prompt_tokens].tolist())
-        text = resp["choices"][0]["message"].get("content") or ""
-        return text, Usage(prompt_tokens=prompt_tokens,
-                           completion_tokens=int(usage.get("completion_tokens", 0)),
-                           cached_tokens=cached, prompt_eval_s=prompt_eval_s)
+        return "".join(pieces), Usage(prompt_tokens=prompt_tokens, completion_tokens=emitted,
+                                      cached_tokens=cached, prompt_eval_s=prompt_eval_s)
 
     def complete_json(self, messages: list[dict], schema: dict, *, max_tokens: int,
                       temperature: float, seed: int, repeat_penalty: float) -> tuple[str, Usage]:

@@ -168,6 +168,8 @@ class _Run:
                 continue
             m.prompt_tokens += usage.prompt_tokens
             m.completion_tokens += usage.completion_tokens
+            m.cached_tokens += usage.cached_tokens
+            m.prompt_eval_s += usage.prompt_eval_s
             try:
                 data = check_output(text, schema)
                 if check is not None:

@@ -69,6 +69,10 @@ class StageMetrics:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     attempts: int = 1
+    # Prompt tokens reused from the KV cache, and seconds spent reading the prompt: with
+    # duration_s they split a stage into prompt reading and generation.
+    cached_tokens: int = 0
+    prompt_eval_s: float = 0.0
 
 
 @dataclass
