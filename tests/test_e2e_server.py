@@ -23,8 +23,9 @@ def _start(cmd: list[str], data: Path, port: int, log: Path, **env: str) -> subp
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("MEDMITRA_")}
     full_env.update({"MEDMITRA_STORAGE_DATA_DIR": str(data), "MEDMITRA_SERVER_PORT": str(port),
                      "MEDMITRA_LLM_WORKERS": "1"}, **env)
-    return subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=log.open("ab"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    with log.open("ab") as out:   # the child keeps its own copy of the descriptor
+        return subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def _wait_health(url: str, proc: subprocess.Popen, timeout_s: float = 180) -> dict:
