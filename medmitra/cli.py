@@ -203,6 +203,12 @@ def _serve(settings: Settings) -> int:
 
 def _banner(settings: Settings) -> None:
     model = resolve_model_path(settings.llm.model_path)
+    if settings.llm.remote_url:
+        from medmitra.llm.remote import display_url
+
+        model_line = f"remote inference at {display_url(settings.llm.remote_url)}"
+    else:
+        model_line = f"{model} ({'found' if model and model.is_file() else 'MISSING'})"
     shown_host = "localhost" if settings.server.host in ("127.0.0.1", "0.0.0.0", "::") \
         else settings.server.host
     exe = "medmitra" if shutil.which("medmitra") or getattr(sys, "frozen", False) \
@@ -212,8 +218,7 @@ def _banner(settings: Settings) -> None:
         f"  API:      http://{shown_host}:{settings.server.port}/   (docs: /docs, /redoc)",
         f"  Data:     {settings.data_path}",
         f"  Config:   {settings.source}",
-        f"  Model:    {model} ({'found' if model and model.is_file() else 'MISSING'})"
-        f", {settings.llm.workers} worker(s)",
+        f"  Model:    {model_line}, {settings.llm.workers} worker(s)",
         f"  Token:    {exe} token create --user-id <UUID>"
         + (f" --data-dir {settings.data_path}" if settings.source == "defaults" else ""),
     ]

@@ -757,3 +757,37 @@ def test_zero_workers_is_an_api_only_node(tmp_path):
                                 "path": status["model"]["path"], "error": None},
                       "workers": [], "ready": True}
     assert called == []
+
+
+def test_worker_threads_run_at_lower_priority_than_the_event_loop() -> None:
+    """Inference threads inherit their worker's niceness: the API thread wins the CPU."""
+    import os
+    import sys
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from medmitra.jobs import pool as pool_mod
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("per-thread niceness is Linux-only")
+    main_nice = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    with ThreadPoolExecutor(max_workers=1, initializer=pool_mod._lower_thread_priority) as ex:
+        worker_nice = ex.submit(
+            lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())).result()
+        # A thread started from the worker (as llama.cpp's are) inherits it.
+        child_nice = ex.submit(lambda: _nice_of_new_thread()).result()
+    assert worker_nice == min(19, main_nice + pool_mod.WORKER_NICE)
+    assert child_nice == worker_nice
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == main_nice
+
+
+def _nice_of_new_thread() -> int:
+    import os
+    import threading
+
+    out: list[int] = []
+    t = threading.Thread(target=lambda: out.append(
+        os.getpriority(os.PRIO_PROCESS, threading.get_native_id())))
+    t.start()
+    t.join()
+    return out[0]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -73,8 +74,12 @@ class WorkerPool:
         self.threads = settings.llm.threads or max(1, (os.cpu_count() or 1)
                                                    // max(1, self.n_workers))
         self._factory = runtime_factory or self._load_configured_model
-        resolved = resolve_model_path(settings.llm.model_path)
-        self._model_path = str(resolved) if resolved else settings.llm.model_path
+        if settings.llm.remote_url:  # remote inference: no local model file is used
+            from medmitra.llm.remote import display_url
+            self._model_path = f"remote:{display_url(settings.llm.remote_url)}"
+        else:
+            resolved = resolve_model_path(settings.llm.model_path)
+            self._model_path = str(resolved) if resolved else settings.llm.model_path
         self._model_state = "disabled" if self.n_workers == 0 else "loading"
         self._model_name: str | None = None
         self._model_error: str | None = None
@@ -87,13 +92,21 @@ class WorkerPool:
         self._side_tasks: set[asyncio.Task] = set()
 
     def _load_configured_model(self) -> LLMRuntime:
-        # The file is checked first so a missing model reads "missing" even where the
-        # native library is absent; llama_cpp is imported only by a worker that loads.
-        check_gguf(resolve_model_path(self.settings.llm.model_path))
-        from medmitra.llm.llama import load_runtime
         from medmitra.pipeline import icd10
 
-        runtime = load_runtime(self.settings.llm, threads=self.threads)
+        if self.settings.llm.remote_url:
+            # Inference on another machine: no GGUF file here and no llama_cpp import; an
+            # unreachable server raises ModelUnavailable, shown as "missing" in /health.
+            from medmitra.llm.remote import load_remote_runtime
+
+            runtime: LLMRuntime = load_remote_runtime(self.settings.llm)
+        else:
+            # The file is checked first so a missing model reads "missing" even where the
+            # native library is absent; llama_cpp is imported only by a worker that loads.
+            check_gguf(resolve_model_path(self.settings.llm.model_path))
+            from medmitra.llm.llama import load_runtime
+
+            runtime = load_runtime(self.settings.llm, threads=self.threads)
         # The ICD-10 table takes seconds to load: pay it here, while the server is still
         # starting up, not in the first diagnosis of a waiting case.
         icd10.warm_up()
@@ -113,7 +126,8 @@ class WorkerPool:
         for i in range(self.n_workers):
             name = f"worker-{i}"
             w = _Worker(name=name, executor=ThreadPoolExecutor(
-                max_workers=1, thread_name_prefix=f"medmitra-{name}"))
+                max_workers=1, thread_name_prefix=f"medmitra-{name}",
+                initializer=_lower_thread_priority))
             w.task = asyncio.create_task(self._worker_main(w), name=f"medmitra-{name}")
             self._workers.append(w)
 
@@ -344,6 +358,22 @@ class WorkerPool:
                 log.info("job %d: no longer ours (cancelled, deleted or taken over)", job_id)
                 cancel.set()
                 return
+
+
+# Niceness of a worker thread (and of the inference threads it starts, which inherit it).
+WORKER_NICE = 10
+
+
+def _lower_thread_priority() -> None:
+    """Let the event loop thread win the CPU over model inference: requests stay fast
+    while analyses run, and inference still gets every cycle the API does not use.
+    Linux sets niceness per thread; elsewhere this is a no-op."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WORKER_NICE)
+    except OSError:  # not permitted in this sandbox or container: run at normal priority
+        log.debug("could not lower the worker thread's priority")
 
 
 def _close(runtime: LLMRuntime, name: str) -> None:
