@@ -697,8 +697,8 @@ def test_missing_model_leaves_jobs_queued(tmp_path):
         pool = WorkerPool(settings, storage)               # the real loader
         await pool.start()
         try:
-            await wait_until(lambda: all(w.task.done() for w in pool._workers),
-                             "the workers to give up")
+            await wait_until(lambda: pool.status()["model"]["state"] == "missing",
+                             "the workers to find the model missing")
             status = pool.status()
         finally:
             await pool.stop()
@@ -706,7 +706,7 @@ def test_missing_model_leaves_jobs_queued(tmp_path):
         assert "no-such-model.gguf" in status["model"]["error"]
         assert status["model"]["path"].endswith("no-such-model.gguf")
         assert status["ready"] is False
-        assert [w["state"] for w in status["workers"]] == ["stopped", "stopped"]
+        assert [w["state"] for w in pool.status()["workers"]] == ["stopped", "stopped"]
         row = await Job.get(id=job.id)
         assert (row.state, row.attempts) == ("queued", 0)
     run(settings, body)
@@ -726,7 +726,8 @@ def test_failing_factory_reports_missing_and_error(tmp_path):
         for factory in (missing, broken):
             pool = WorkerPool(settings, storage, runtime_factory=factory)
             await pool.start()
-            await wait_until(lambda: pool._workers[0].task.done(), "the worker to give up")
+            await wait_until(lambda: pool.status()["model"]["state"] in ("missing", "error"),
+                             "the worker to report the model")
             out.append(pool.status()["model"])
             await pool.stop()
         return out
@@ -735,6 +736,38 @@ def test_failing_factory_reports_missing_and_error(tmp_path):
     assert (missing_status["state"], missing_status["error"]) == (
         "missing", "model file not found: /models/x.gguf")
     assert broken_status["state"] == "error" and "out of memory" in broken_status["error"]
+
+
+def test_a_model_that_appears_later_is_picked_up_without_restart(tmp_path, monkeypatch):
+    """The file is copied in (or the inference server comes up) after start: the workers
+    look again, the model becomes ready and the waiting job runs."""
+    from medmitra.jobs import pool as pool_mod
+
+    monkeypatch.setattr(pool_mod, "MODEL_RETRY_S", 0.05)
+    present = threading.Event()
+    settings = make_settings(tmp_path)
+
+    def factory():
+        if not present.is_set():
+            raise ModelUnavailable("model file not found: /models/late.gguf")
+        return FakeRuntime()
+
+    async def body(storage):
+        case, job = await new_case(storage, 1)
+        pool = WorkerPool(settings, storage, runtime_factory=factory)
+        await pool.start()
+        try:
+            await wait_until(lambda: pool.status()["model"]["state"] == "missing",
+                             "the model to be missing")
+            assert await job_state(job.id) == "queued"
+            present.set()
+            await wait_until(lambda: pool.status()["model"]["state"] == "ready",
+                             "the model to become ready")
+            assert pool.status()["model"]["error"] is None
+            await wait_until(state_is(job.id, "completed"), "the waiting job to complete")
+        finally:
+            await pool.stop()
+    run(settings, body)
 
 
 def test_zero_workers_is_an_api_only_node(tmp_path):

@@ -37,6 +37,9 @@ CANCEL_WAIT_S = 5.0
 # Pause after an unexpected error in the claim loop (database busy ...), so a broken
 # database does not turn the loop into a busy spin.
 ERROR_BACKOFF_S = 1.0
+# A missing model (no file yet, inference server not up) is looked for again this often,
+# so dropping a model in place or starting the server later needs no restart.
+MODEL_RETRY_S = 15.0
 
 MODEL_STATES = ("loading", "ready", "missing", "error", "disabled")
 
@@ -261,8 +264,8 @@ class WorkerPool:
         info = getattr(w.runtime, "info", None) or {}
         self._model_name = info.get("name") or self._model_name
         self._loaded += 1
-        if self._loaded == self.n_workers and self._model_state == "loading":
-            self._model_state = "ready"
+        if self._loaded == self.n_workers and self._model_state in ("loading", "missing"):
+            self._model_state, self._model_error = "ready", None
             log.info("model %s ready in %d worker(s), %d thread(s) each", self._model_name,
                      self.n_workers, self.threads)
         return True
@@ -273,8 +276,12 @@ class WorkerPool:
 
     async def _worker_main(self, w: _Worker) -> None:
         try:
-            if not await self._load_runtime(w):
-                return
+            while not await self._load_runtime(w):
+                if self._model_state != "missing" or self._stopping.is_set():
+                    return   # a broken model does not get better by loading it again
+                await self._idle(MODEL_RETRY_S)
+                if self._stopping.is_set():
+                    return
             while not self._stopping.is_set():
                 try:
                     claimed = await self._claim(w)
