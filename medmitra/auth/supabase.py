@@ -28,6 +28,7 @@ from medmitra.auth.jwt import Principal
 from medmitra.auth.ratelimit import TokenBucketLimiter, retry_after_header
 from medmitra.auth.sessions import BANNED, REVOKED, RefreshError, SessionChecker
 from medmitra.auth.signing import KeyRing
+from medmitra import textsafe
 from medmitra.config import Settings
 from medmitra.db.auth_models import AuthSession, AuthUser
 from medmitra.errors import ApiError, Unauthorized
@@ -356,6 +357,8 @@ def _make_blueprint(limiter: TokenBucketLimiter) -> Blueprint:
 def _check_metadata(metadata: Any) -> None:
     if not isinstance(metadata, dict):
         raise _validation("data must be a JSON object")
+    if not textsafe.is_storable(metadata):
+        raise _validation("data contains characters that are not valid text")
     if len(json.dumps(metadata)) > MAX_USER_METADATA_BYTES:
         raise _validation(f"data is larger than {MAX_USER_METADATA_BYTES} bytes")
 

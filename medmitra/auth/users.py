@@ -29,7 +29,10 @@ MAX_PASSWORD_CHARS = 1024
 MAX_EMAIL_CHARS = 320
 HASH_CONCURRENCY = 2
 
-_EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+# No control characters or lone surrogates either: PostgreSQL cannot store them in text
+# (and refuses the query), SQLite cannot encode surrogates.
+_EMAIL_CHAR = r"[^@\s\x00-\x1f\x7f\ud800-\udfff]"
+_EMAIL_RE = re.compile(rf"^{_EMAIL_CHAR}+@{_EMAIL_CHAR}+\.{_EMAIL_CHAR}+$")
 ARGON2_MEMORY_KIB = 19 * 1024
 ARGON2_TIME_COST = 2
 ARGON2_LANES = 1

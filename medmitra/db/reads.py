@@ -5,7 +5,7 @@ same rows in plain SQL cost ~0.1 ms. On SQLite the reads run on a read-only conn
 their own, synchronously on the event loop: a short indexed SELECT is cheaper than a hop
 to aiosqlite's thread, and in WAL mode readers never wait for writers. Each view is read
 inside one read transaction, so it is a consistent snapshot. On PostgreSQL the same SQL
-runs through tortoise's async connection.
+runs through tortoise's async connection, in one REPEATABLE READ transaction.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 
 import orjson
 
-from tortoise import connections
+from tortoise.transactions import in_transaction
 
 CASE_COLS = ('"id", "case_id", "user_id", "patient_name", "patient_age", "patient_gender", '
              '"case_summary", "status", "created_at", "updated_at"')
@@ -89,11 +89,14 @@ class Reader:
                 return out
             finally:
                 conn.execute("COMMIT")
-        db = connections.get("default")
         out = []
-        for sql, params in queries:
-            rows = await db.execute_query_dict(_dollar(sql), list(params))
-            out.append([tuple(r.values()) for r in rows] if tuples else rows)
+        # PostgreSQL's default READ COMMITTED takes a new snapshot per statement; REPEATABLE
+        # READ holds the first one for the whole transaction.
+        async with in_transaction() as tx:
+            await tx.execute_script("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            for sql, params in queries:
+                rows = await tx.execute_query_dict(_dollar(sql), list(params))
+                out.append([tuple(r.values()) for r in rows] if tuples else rows)
         return out
 
 

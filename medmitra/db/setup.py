@@ -73,11 +73,29 @@ async def close_db() -> None:
     await Tortoise.close_connections()
 
 
+# Key of the PostgreSQL advisory lock that serialises migrations of nodes starting together
+# (an arbitrary constant; "medmitra" in ASCII).
+PG_MIGRATION_LOCK_KEY = 0x6D65646D69747261
+_VERSION_TABLE_SQL = (
+    'CREATE TABLE IF NOT EXISTS "schema_version" ("version" INT NOT NULL PRIMARY KEY, '
+    '"name" VARCHAR(128) NOT NULL, "applied_at" TIMESTAMP NOT NULL)')
+
+
+async def _pg_lock(tx: Any) -> None:
+    """Hold the migration lock until ``tx`` ends. Several nodes sharing one PostgreSQL
+    database may start at once: without it two of them run the same CREATE TABLE."""
+    await tx.execute_query(f"SELECT pg_advisory_xact_lock({PG_MIGRATION_LOCK_KEY})")
+
+
 async def current_version() -> int:
     conn = connections.get("default")
-    await conn.execute_script(
-        'CREATE TABLE IF NOT EXISTS "schema_version" ("version" INT NOT NULL PRIMARY KEY, '
-        '"name" VARCHAR(128) NOT NULL, "applied_at" TIMESTAMP NOT NULL)')
+    if conn.capabilities.dialect == "sqlite":
+        await conn.execute_script(_VERSION_TABLE_SQL)
+    else:
+        # Even CREATE TABLE IF NOT EXISTS fails when another session creates it meanwhile.
+        async with conn._in_transaction() as tx:
+            await _pg_lock(tx)
+            await tx.execute_script(_VERSION_TABLE_SQL)
     rows = await conn.execute_query_dict('SELECT MAX("version") AS v FROM "schema_version"')
     return int(rows[0]["v"] or 0)
 
@@ -106,6 +124,11 @@ async def apply_migrations(settings: Settings) -> list[int]:
                 raise
         else:
             async with conn._in_transaction() as tx:
+                await _pg_lock(tx)
+                done = await tx.execute_query_dict(
+                    'SELECT 1 FROM "schema_version" WHERE "version" = $1', [version])
+                if done:   # another node applied it while this one waited for the lock
+                    continue
                 await tx.execute_script(f"{sql}\n{record}")
         log.info("applied migration %04d_%s", version, name)
         applied.append(version)

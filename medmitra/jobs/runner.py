@@ -28,6 +28,7 @@ from typing import Any, Awaitable, Callable
 
 from tortoise.transactions import in_transaction
 
+from medmitra import textsafe
 from medmitra.config import LLMSettings
 from medmitra.db.models import Case, CaseFile, Insight, Job
 from medmitra.jobs import queue
@@ -287,15 +288,19 @@ async def _save(job: Job, owner: str, done: _Work) -> str:
             if not await queue.finish(job.id, owner, state="completed", conn=conn):
                 raise _NotOurs()
             now = _now()
+            # Model output and extracted text are scrubbed of what a database cannot store
+            # (NUL, lone surrogates): PostgreSQL would refuse the whole transaction.
             await Insight.create(case_id=job.case_id, job_id=job.id,
-                                 data=done.result.insights, model=done.result.model,
+                                 data=textsafe.scrub(done.result.insights),
+                                 model=textsafe.scrub(done.result.model),
                                  stages=_stage_dicts(done), generated_at=now, created_at=now,
                                  updated_at=now, using_db=conn)
             for f in done.files:
                 summary = summaries.get(f.file_id)
                 await CaseFile.filter(file_id=f.file_id, case_id=job.case_id).using_db(
-                    conn).update(text_data=f.text,
-                                 ai_summary=json.dumps(summary) if summary is not None else None)
+                    conn).update(text_data=textsafe.scrub(f.text),
+                                 ai_summary=json.dumps(textsafe.scrub(summary))
+                                 if summary is not None else None)
     except _NotOurs:
         log.info("job %d: finished but no longer current; result discarded", job.id)
         return "lost"

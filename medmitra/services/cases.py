@@ -18,7 +18,7 @@ from typing import Any, Mapping
 
 from tortoise.transactions import in_transaction
 
-from medmitra import filetypes
+from medmitra import filetypes, textsafe
 from medmitra.api.multipart import FilePart
 from medmitra.config import LimitsSettings
 from medmitra.db import reads
@@ -85,6 +85,8 @@ def clean_text(name: str, value: Any, *, max_chars: int, required: bool,
         return None
     if not isinstance(value, str):
         raise field_error(name, "must be a string", where)
+    if not textsafe.is_storable(value):
+        raise field_error(name, "contains characters that are not valid text", where)
     if len(value) > max_chars:
         raise field_error(name, f"too long (at most {max_chars} characters)", where)
     value = _CTRL.sub("", value).strip()
@@ -342,6 +344,13 @@ def _date_param(q: dict[str, str], name: str, end: bool) -> datetime | None:
     return dt
 
 
+def _no_nul(value: str, name: str) -> None:
+    # Stored text never holds NUL (clean_text strips it) and PostgreSQL refuses it in a
+    # text parameter outright, so it is a bad request on every backend.
+    if "\x00" in value:
+        raise field_error(name, "must not contain NUL characters", "query")
+
+
 async def list_cases(reader: Reader, user_id: str,
                      q: dict[str, str]) -> tuple[str, int, int, int]:
     """One page of the user's cases as a JSON array text (the hot read path), with the
@@ -360,6 +369,7 @@ async def list_cases(reader: Reader, user_id: str,
     if search:
         if len(search) > 200:
             raise field_error("search", "too long", "query")
+        _no_nul(search, "search")
         # Wildcards typed by the user are taken literally.
         pattern = "%" + re.sub(r"([\\%_])", r"\\\1", search) + "%"
         where.append(f'("patient_name" {like} ? ESCAPE \'\\\' OR '
@@ -377,6 +387,7 @@ async def list_cases(reader: Reader, user_id: str,
             params.append(age)
     gender = q.get("gender")
     if gender:
+        _no_nul(gender, "gender")
         where.append('LOWER("patient_gender") = LOWER(?)')
         params.append(gender.strip()[:64])
     sort_by = q.get("sort_by") or "created_at"
