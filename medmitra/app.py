@@ -16,6 +16,7 @@ from sanic.response import HTTPResponse, empty, json as json_response
 
 from medmitra import __version__
 from medmitra.api.cases import bp as cases_bp, downloads as downloads_bp
+from medmitra.api.signals import QuietSignalRouter
 from medmitra.auth.jwt import TokenVerifier
 from medmitra.auth.keys import load_or_create_secret
 from medmitra.config import Settings
@@ -75,7 +76,8 @@ async def handle_unexpected(request: Request, exc: Exception) -> HTTPResponse:
 def create_app(settings: Settings, *, start_workers: bool = True,
                runtime_factory: Any = None, name: str | None = None) -> Sanic:
     # orjson renders a 100-case list ~5x faster than the standard library.
-    app = Sanic(name or f"medmitra_{uuid.uuid4().hex[:12]}", dumps=orjson.dumps)
+    app = Sanic(name or f"medmitra_{uuid.uuid4().hex[:12]}", dumps=orjson.dumps,
+                signal_router=QuietSignalRouter())
     app.config.REQUEST_MAX_SIZE = settings.server.request_max_bytes
     app.config.REQUEST_TIMEOUT = 120
     app.config.RESPONSE_TIMEOUT = 300
