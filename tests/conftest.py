@@ -73,6 +73,12 @@ def _serve_in_thread(app: Any, port: int) -> tuple[threading.Thread, Callable[[]
             state["server"] = server
         except BaseException as exc:  # surface start-up failures to the test
             state["error"] = exc
+            # Close what start-up opened, or every later test inherits tortoise's context.
+            from medmitra.db.setup import close_db
+            try:
+                loop.run_until_complete(close_db())
+            except Exception:
+                pass
             ready.set()
             return
         ready.set()

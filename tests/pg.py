@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
+from tortoise.backends.base.executor import EXECUTOR_CACHE
 
 START_TIMEOUT_S = 60
 SUPERUSER = "postgres"
@@ -154,9 +155,14 @@ def start_or_skip() -> PgServer:
 def pg_server() -> Iterator[PgServer]:
     """A PostgreSQL server for one test module, removed (data and all) after it."""
     server = start_or_skip()
+    # tortoise caches each model's INSERT statement per connection *name* ("default"), not
+    # per dialect: after SQLite tests in the same process it would send SQLite's "?"
+    # placeholders to PostgreSQL. One process only ever uses one database outside tests.
+    EXECUTOR_CACHE.clear()
     try:
         yield server
     finally:
+        EXECUTOR_CACHE.clear()
         server.stop()
 
 
