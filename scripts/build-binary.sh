@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Build the one-file binary dist/medmitra from build.spec with the project's .venv, then
+# print its size and what it is made of. Idempotent; run scripts/setup.sh first.
+#
+#   scripts/build-binary.sh               build (reusing PyInstaller's caches under build/)
+#   scripts/build-binary.sh --clean       build from scratch
+#   scripts/build-binary.sh --fast-start  store the archive uncompressed: ~390 MB instead of
+#                                         ~150 MB, but each start unpacks in ~0.5 s, not ~2 s
+#
+# Caches kept between runs on one machine: build/pyinstaller (PyInstaller's work dir: an
+# unchanged analysis is not redone), build/stripped (native libraries without debug info),
+# build/overlay (opencv-python-headless, see build.spec), PyInstaller's own cache
+# (~/.cache/pyinstaller) and pip's. Output: dist/medmitra; build/ and dist/ are git-ignored.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYINSTALLER_VERSION="6.22.3"
+HOOKS_CONTRIB_VERSION="2026.9"
+VPY=.venv/bin/python
+CLEAN=()
+WORK=build/pyinstaller
+ZLIB_LEVEL=9   # PyInstaller's default for the one-file archive
+for arg in "$@"; do
+    case $arg in
+        --clean) CLEAN=(--clean) ;;
+        # Own work dir: PyInstaller's up-to-date check does not look at the compression level.
+        --fast-start) ZLIB_LEVEL=0; WORK=build/pyinstaller-fast ;;
+        *) echo "build-binary: unknown option $arg" >&2; exit 2 ;;
+    esac
+done
+
+if [[ ! -x $VPY ]]; then
+    echo "build-binary: no .venv here; run scripts/setup.sh first" >&2
+    exit 1
+fi
+if ! $VPY -c "import PyInstaller" 2>/dev/null; then
+    echo "==> installing pyinstaller $PYINSTALLER_VERSION into .venv"
+    $VPY -m pip install --quiet --disable-pip-version-check \
+        "pyinstaller==$PYINSTALLER_VERSION" "pyinstaller-hooks-contrib==$HOOKS_CONTRIB_VERSION"
+fi
+
+# The GUI-less OpenCV of the same version as the venv's opencv-python, for the binary only
+# (the venv keeps opencv-python, which rapidocr-onnxruntime requires by name).
+OVERLAY=build/overlay
+CV_VERSION=$($VPY -c "import importlib.metadata as m; print(m.version('opencv-python'))" \
+    2>/dev/null || true)
+if [[ -n $CV_VERSION && ! -f $OVERLAY/.opencv-headless-$CV_VERSION ]]; then
+    echo "==> fetching opencv-python-headless $CV_VERSION into $OVERLAY (once per version)"
+    rm -rf "$OVERLAY"
+    $VPY -m pip install --quiet --disable-pip-version-check --no-deps --target "$OVERLAY" \
+        "opencv-python-headless==$CV_VERSION"
+    touch "$OVERLAY/.opencv-headless-$CV_VERSION"
+fi
+
+echo "==> building dist/medmitra (PyInstaller $($VPY -c 'import PyInstaller; print(PyInstaller.__version__)'))"
+started=$(date +%s)
+MEDMITRA_BUILD_OVERLAY="$PWD/$OVERLAY" PYINSTALLER_ZLIB_COMPRESSION_LEVEL=$ZLIB_LEVEL \
+    $VPY -m PyInstaller --noconfirm "${CLEAN[@]}" --log-level WARN \
+    --distpath dist --workpath "$WORK" build.spec
+echo "==> built in $(( $(date +%s) - started )) s"
+
+$VPY bench/binary_bench.py --size-only dist/medmitra
