@@ -132,19 +132,24 @@ def create_app(settings: Settings, *, start_workers: bool = True,
         app.ctx.jwt_secret = secret
         app.ctx.verifier = TokenVerifier.from_settings(settings, secret)
         app.ctx.links = LinkSigner(secret, settings.limits.file_url_ttl_s)
-        if start_workers:
-            from medmitra.jobs.pool import WorkerPool
-
-            pool = WorkerPool(settings, storage, runtime_factory=runtime_factory)
-            app.ctx.pool = pool
-            await pool.start()
-        app.ctx.ready = True
 
     # The local Supabase Auth subset adds its routes and a start-up listener that runs after
     # open_resources (listeners run in registration order).
     from medmitra.auth.supabase import register_auth_api
 
     register_auth_api(app)
+
+    @app.after_server_start
+    async def start_workers_when_listening(app: Sanic) -> None:
+        # Last, once every start-up step has succeeded: a start that fails earlier leaves
+        # no model-loading threads behind to keep the process alive.
+        if start_workers:
+            from medmitra.jobs.pool import WorkerPool
+
+            pool = WorkerPool(settings, app.ctx.storage, runtime_factory=runtime_factory)
+            app.ctx.pool = pool
+            await pool.start()
+        app.ctx.ready = True
 
     @app.before_server_stop
     async def stop_workers(app: Sanic) -> None:

@@ -81,6 +81,19 @@ def test_model_info_reads_header_and_caches_hash(tmp_path):
     assert model_info(model)["sha256"] == hashlib.sha256(model.read_bytes()).hexdigest()
 
 
+def test_hash_cache_goes_to_the_given_folder_not_beside_the_model(tmp_path):
+    """The server passes its data dir: a read-only or shared models/ folder is left alone."""
+    import hashlib
+
+    models = tmp_path / "models"
+    models.mkdir()
+    model = _fake_gguf(models / "m.Q4_0.gguf")
+    cache = tmp_path / "data" / "cache"
+    assert model_info(model, cache)["sha256"] == hashlib.sha256(model.read_bytes()).hexdigest()
+    assert (cache / "m.Q4_0.gguf.sha256").is_file()
+    assert sorted(p.name for p in models.iterdir()) == ["m.Q4_0.gguf"]
+
+
 def test_quantization_from_file_name_when_header_lacks_it(tmp_path):
     model = _fake_gguf(tmp_path / "m-q5_k_s.gguf", file_type=999)
     assert model_info(model)["quantization"] == "Q5_K_S"

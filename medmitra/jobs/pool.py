@@ -109,7 +109,8 @@ class WorkerPool:
             check_gguf(resolve_model_path(self.settings.llm.model_path))
             from medmitra.llm.llama import load_runtime
 
-            runtime = load_runtime(self.settings.llm, threads=self.threads)
+            runtime = load_runtime(self.settings.llm, threads=self.threads,
+                                   cache_dir=self.settings.data_path / "cache")
         # The ICD-10 table takes seconds to load: pay it here, while the server is still
         # starting up, not in the first diagnosis of a waiting case.
         icd10.warm_up()

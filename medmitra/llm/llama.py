@@ -69,7 +69,8 @@ class LlamaRuntime:
     """``LLMRuntime`` over a local GGUF chat model, with an optional vision model."""
 
     def __init__(self, model_path: Path, *, n_ctx: int, threads: int, seed: int,
-                 vision_model_path: Path | None = None, mmproj_path: Path | None = None):
+                 vision_model_path: Path | None = None, mmproj_path: Path | None = None,
+                 cache_dir: Path | None = None):
         model_path = check_gguf(Path(model_path))
         want_vision = vision_model_path is not None or mmproj_path is not None
         if want_vision:  # a misconfigured vision model fails before anything is loaded
@@ -78,7 +79,7 @@ class LlamaRuntime:
                                        "llm.mmproj_path (its projector GGUF)")
             check_gguf(Path(vision_model_path), "vision model")
             check_gguf(Path(mmproj_path), "mmproj projector")
-        self.info: dict[str, Any] = {**model_info(model_path), "n_ctx": n_ctx}
+        self.info: dict[str, Any] = {**model_info(model_path, cache_dir), "n_ctx": n_ctx}
         self._lock = threading.Lock()
         self._grammars: dict[str, LlamaGrammar] = {}
         # Set by the job runner for the length of a job: checked between generated tokens;
@@ -94,7 +95,7 @@ class LlamaRuntime:
             except ModelUnavailable:
                 self._llm.close()
                 raise
-            self.info["vision"] = model_info(Path(vision_model_path))
+            self.info["vision"] = model_info(Path(vision_model_path), cache_dir)
 
     @staticmethod
     def _load(path: Path, **kw: Any) -> Llama:
@@ -206,7 +207,8 @@ class LlamaRuntime:
         self._vision = None
 
 
-def load_runtime(llm: LLMSettings, *, threads: int) -> LlamaRuntime:
+def load_runtime(llm: LLMSettings, *, threads: int,
+                 cache_dir: Path | None = None) -> LlamaRuntime:
     """The configured model(s), loaded; ``ModelUnavailable`` says what is missing."""
     model_path = resolve_model_path(llm.model_path)
     if model_path is None:
@@ -214,4 +216,4 @@ def load_runtime(llm: LLMSettings, *, threads: int) -> LlamaRuntime:
     vision = resolve_model_path(llm.vision_model_path)
     mmproj = resolve_model_path(llm.mmproj_path)
     return LlamaRuntime(model_path, n_ctx=llm.n_ctx, threads=threads, seed=llm.seed,
-                        vision_model_path=vision, mmproj_path=mmproj)
+                        vision_model_path=vision, mmproj_path=mmproj, cache_dir=cache_dir)

@@ -240,13 +240,19 @@ def quantization_of(path: Path, metadata: dict[str, Any]) -> str:
     return match.group(1).upper() if match else "unknown"
 
 
-def sha256_cached(path: Path) -> str:
-    """SHA-256 of a model file, cached in ``<model>.sha256`` keyed by size and mtime.
+def sha256_cached(path: Path, cache_dir: Path | None = None) -> str:
+    """SHA-256 of a model file, cached in ``<name>.sha256`` keyed by size and mtime: in
+    ``cache_dir`` (the server passes its data dir: it writes nowhere else), else beside
+    the model.
 
-    A 5 GB model takes tens of seconds to hash; the sidecar makes that a one-off cost.
+    A 5 GB model takes tens of seconds to hash; the cache makes that a one-off cost.
     """
     st = path.stat()
-    sidecar = path.with_name(path.name + ".sha256")
+    if cache_dir is not None:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        sidecar = cache_dir / (path.name + ".sha256")
+    else:
+        sidecar = path.with_name(path.name + ".sha256")
     try:
         cached = json.loads(sidecar.read_text(encoding="utf-8"))
         if cached.get("size") == st.st_size and cached.get("mtime_ns") == st.st_mtime_ns:
@@ -286,7 +292,7 @@ def check_gguf(path: Path | None, what: str = "model") -> Path:
     return path
 
 
-def model_info(path: Path) -> dict[str, Any]:
+def model_info(path: Path, cache_dir: Path | None = None) -> dict[str, Any]:
     """{"name", "file", "quantization", "sha256"} of a GGUF model file."""
     path = check_gguf(Path(path))
     try:
@@ -301,5 +307,5 @@ def model_info(path: Path) -> dict[str, Any]:
     if not name and isinstance(gguf_name, str):
         name = gguf_name.strip()
     return {"name": name or path.stem, "file": path.name, "quantization": quant,
-            "sha256": sha256_cached(path),
+            "sha256": sha256_cached(path, cache_dir),
             "gguf_name": gguf_name.strip() if isinstance(gguf_name, str) else None}
