@@ -124,6 +124,11 @@ class WorkerPool:
         if self._started:
             return
         self._started = True
+        if self.n_workers:
+            # llama-cpp-python samples each token in Python, so busy workers hold the GIL
+            # between native calls; at the default 5 ms switch interval a request waits up
+            # to that long per hand-over. 1 ms keeps API latency flat while models compute.
+            sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         recovered = await queue.recover_dead_local_owners()
         if recovered:
             log.info("re-queued %d job(s) left running by a stopped process", recovered)
@@ -367,6 +372,8 @@ class WorkerPool:
                 cancel.set()
                 return
 
+
+GIL_SWITCH_INTERVAL_S = 0.001
 
 # Niceness of a worker thread (and of the inference threads it starts, which inherit it).
 WORKER_NICE = 10
