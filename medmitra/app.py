@@ -16,6 +16,7 @@ from sanic.response import HTTPResponse, empty, json as json_response
 
 from medmitra import __version__
 from medmitra.api.cases import bp as cases_bp, downloads as downloads_bp
+from medmitra.api.docs import register_docs
 from medmitra.api.signals import QuietSignalRouter
 from medmitra.auth.jwt import TokenVerifier
 from medmitra.auth.keys import load_or_create_secret
@@ -98,12 +99,7 @@ def create_app(settings: Settings, *, start_workers: bool = True,
     app.blueprint(cases_bp)
     app.blueprint(downloads_bp)
     _register_system_routes(app)
-    try:
-        from medmitra.api.docs import register_docs
-    except ImportError:  # docs module not built into this copy
-        register_docs = None
-    if register_docs is not None:
-        register_docs(app)
+    register_docs(app)
     app.error_handler.add(ApiError, handle_api_error)
     app.error_handler.add(SanicException, handle_sanic_error)
     app.error_handler.add(Exception, handle_unexpected)
