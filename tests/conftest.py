@@ -155,3 +155,30 @@ def alice() -> User:
 @pytest.fixture
 def bob() -> User:
     return make_user()
+
+
+@pytest.fixture(scope="module")
+def docs_server_url() -> Iterator[str]:
+    """A real docs-only server on a free loopback port (python -m medmitra.api.docs)."""
+    import re
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "medmitra.api.docs", "--host", "127.0.0.1", "--port", "0"],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True)
+        try:
+            assert proc.stdout is not None
+            line = proc.stdout.readline()  # printed once the socket is listening
+            match = re.search(r"http://127\.0\.0\.1:\d+", line)
+            if not match:
+                log.seek(0)
+                pytest.fail(f"docs server did not start: {line!r} {log.read()[-2000:]!r}")
+            yield match.group(0)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+            if proc.stdout:
+                proc.stdout.close()

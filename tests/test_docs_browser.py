@@ -8,11 +8,8 @@ Takes a few seconds.
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
-from typing import Iterator
 from urllib.parse import urlsplit
 
 import pytest
@@ -32,31 +29,13 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu",
                  "--disable-background-networking", "--disable-component-update",
                  "--no-first-run", "--disable-sync", "--disable-quic"]
 RENDER_TIMEOUT_MS = 20_000
-SERVER_STOP_TIMEOUT_S = 20.0
 SCREENSHOT_DIR = Path(tempfile.gettempdir())
 HTTP_METHODS = {"get", "put", "post", "delete", "patch", "head", "options", "trace"}
 
 
 @pytest.fixture(scope="module")
-def base_url() -> Iterator[str]:
-    """A real docs server on a free loopback port (python -m medmitra.api.docs)."""
-    with tempfile.TemporaryFile() as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "medmitra.api.docs", "--host", "127.0.0.1", "--port", "0"],
-            cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True)
-        try:
-            assert proc.stdout is not None
-            line = proc.stdout.readline()  # printed once the socket is listening
-            match = re.search(r"http://127\.0\.0\.1:\d+", line)
-            if not match:
-                log.seek(0)
-                pytest.fail(f"docs server did not start: {line!r} {log.read()[-2000:]!r}")
-            yield match.group(0)
-        finally:
-            proc.terminate()
-            proc.wait(timeout=SERVER_STOP_TIMEOUT_S)
-            if proc.stdout:
-                proc.stdout.close()
+def base_url(docs_server_url: str) -> str:
+    return docs_server_url
 
 
 @pytest.fixture(scope="module")

@@ -15,12 +15,10 @@ of pdfium/Pillow/pydicom counts) and printed.
 from __future__ import annotations
 
 import json
-import os
 import random
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import httpx

@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
-import tempfile
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any, Iterator
@@ -26,7 +23,6 @@ from medmitra.api.openapi import build_openapi
 
 ROOT = Path(__file__).resolve().parents[1]
 STATIC = ROOT / "medmitra" / "static"
-SERVER_START_TIMEOUT_S = 20.0
 HTTP_TIMEOUT_S = 10.0
 
 DOC = build_openapi()
@@ -353,25 +349,8 @@ def test_vendored_redoc_is_offline_and_licensed() -> None:
 # ------------------------------------------------------------------- the served routes
 
 @pytest.fixture(scope="module")
-def base_url() -> Iterator[str]:
-    """A real docs server on a free loopback port (python -m medmitra.api.docs)."""
-    with tempfile.TemporaryFile() as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "medmitra.api.docs", "--host", "127.0.0.1", "--port", "0"],
-            cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True)
-        try:
-            assert proc.stdout is not None
-            line = proc.stdout.readline()  # printed once the socket is listening
-            match = re.search(r"http://127\.0\.0\.1:\d+", line)
-            if not match:
-                log.seek(0)
-                pytest.fail(f"docs server did not start: {line!r} {log.read()[-2000:]!r}")
-            yield match.group(0)
-        finally:
-            proc.terminate()
-            proc.wait(timeout=SERVER_START_TIMEOUT_S)
-            if proc.stdout:
-                proc.stdout.close()
+def base_url(docs_server_url: str) -> str:
+    return docs_server_url
 
 
 @pytest.fixture(scope="module")
