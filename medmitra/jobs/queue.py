@@ -18,6 +18,7 @@ from tortoise import connections
 from tortoise.expressions import F
 from tortoise.transactions import in_transaction
 
+from medmitra.db import reads
 from medmitra.db.models import Case, Job
 
 HOST = socket.gethostname()[:40]
@@ -180,24 +181,15 @@ async def queue_depth() -> dict[str, int]:
     return {"queued": queued, "running": running}
 
 
-def _iso(dt: datetime | None) -> str | None:
-    return dt.astimezone(timezone.utc).isoformat() if dt else None
-
-
 async def analysis_status(case_pk: int) -> dict[str, Any] | None:
+    """The case's newest run as the API's ``analysis`` object (rendered by the same
+    function as the plain-SQL read path, db/reads.py)."""
     job = await Job.filter(case_id=case_pk).order_by("-id").first()
     if job is None:
         return None
-    position = None
-    if job.state == "queued":
-        position = await Job.filter(state="queued", id__lt=job.id).count() + 1
-    return {
-        "state": job.state if job.state != "cancelled" else "failed",
-        "stage": job.stage,
-        "progress": round(float(job.progress or 0.0), 4),
-        "queue_position": position,
-        "error": job.error if job.state in ("failed", "cancelled") else None,
-        "started_at": _iso(job.started_at),
-        "finished_at": _iso(job.finished_at),
-        "attempts": job.attempts,
-    }
+    ahead = await Job.filter(state="queued", id__lt=job.id).count() \
+        if job.state == "queued" else 0
+    return reads.analysis_from_row({
+        "state": job.state, "stage": job.stage, "progress": job.progress,
+        "attempts": job.attempts, "error": job.error, "started_at": job.started_at,
+        "finished_at": job.finished_at, "ahead": ahead})
