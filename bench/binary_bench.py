@@ -51,7 +51,7 @@ COMPONENTS: list[tuple[str, tuple[str, ...]]] = [
     ("pdfium", ("pypdfium2",)),
     ("pillow", ("PIL/", "pillow.libs/")),
     ("cryptography/ssl", ("cryptography", "libcrypto", "libssl", "_cffi")),
-    ("ICD-10 table", ("simple_icd_10_cm/",)),
+    ("ICD-10 table", ("medmitra/clinical/data/",)),
     ("docs assets (Swagger UI, ReDoc)", ("swagger_ui_bundle/", "medmitra/static/")),
     ("shapely/pyclipper", ("shapely", "pyclipper")),
     ("pydantic", ("pydantic",)),

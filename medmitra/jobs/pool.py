@@ -111,8 +111,7 @@ class WorkerPool:
 
             runtime = load_runtime(self.settings.llm, threads=self.threads,
                                    cache_dir=self.settings.data_path / "cache")
-        # The ICD-10 table takes seconds to load: pay it here, while the server is still
-        # starting up, not in the first diagnosis of a waiting case.
+        # Open the ICD-10 table (a millisecond) here: a missing table shows at start-up.
         icd10.warm_up()
         return runtime
 

@@ -1,0 +1,247 @@
+"""The ICD-10-CM code table: codes, official titles, index terms, search.
+
+The table is a prebuilt SQLite file shipped inside the package (``data/icd10cm.sqlite``,
+made by ``scripts/build-icd10-table.py`` from the simple-icd-10-cm package and checked
+against it code by code in ``tests/test_icd10_table.py``). Opening it takes about a
+millisecond; nothing is parsed at start-up. It holds every diagnosis code: categories
+("E11"), subcategories ("E11.9") and 7th-character extensions ("S52.501A"). Chapters and
+blocks ("E08-E13") are not diagnosis codes and are not in it.
+
+- ``is_valid(code)``, ``title(code)``, ``info(code)``: exact lookups. A code is accepted
+  in any case, with or without its dot and surrounding blanks ("e119" is "E11.9"); nothing
+  is cut or guessed: "E11.99999" is simply not a code.
+- ``search(text, limit)``: codes whose title or one of whose index terms contains every
+  word of ``text``.
+  First the codes a title or index term *names* exactly (its essential words, without
+  the nonessential modifiers in parentheses, are the query's: "Essential hypertension"
+  and "Hypertension" find I10 "Essential (primary) hypertension", whose index terms
+  include "hypertension (arterial) (benign) ..."), then the rest ranked by SQLite FTS5's
+  BM25 (words rare in the table weigh more; short titles that are mostly the query rank
+  first). By default every word must be found: a code that shares one word ("disease")
+  with the query is not a match. ``require_all=False`` ranks codes that share any of
+  the words, for a list of candidates to choose from. 7th-character extensions are not
+  searched (their words are their parent's plus the encounter): a search names the
+  code a clinician names, and ``info`` tells whether it is billable as it is.
+
+Read-only and safe to use from any thread (one connection per thread).
+"""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+TABLE_FILE = "icd10cm.sqlite"
+_MAX_QUERY_CHARS = 300
+_MAX_QUERY_WORDS = 12
+_CODE_FORM = re.compile(r"[A-Z][0-9A-Z]{2}(?:[0-9A-Z]{1,4})?")   # "E11.9", "QA0.0101"
+_WORD = re.compile(r"[^\W_]+")
+_MODIFIER = re.compile(r"\([^()]*\)|\[[^\[\]]*\]")   # "(primary)", "[HIV]"
+# Words left out of a search: they carry no meaning of their own and match most titles.
+_FILLER = frozenset({"a", "an", "the", "of", "in", "on", "at", "to", "for", "by", "as", "or",
+                     "and", "with", "is", "are", "was", "nos", "patient"})
+# Left out of a name too: "Anemia, unspecified" is what "anemia" names.
+_NAME_FILLER = _FILLER | {"unspecified"}
+# Column weights for BM25 (title, index term): a word in the official title counts twice
+# one in an index term.
+_WEIGHTS = "bm25(code_search, 2.0, 1.0)"
+
+_local = threading.local()
+_path: Path | None = None
+_open_s: float | None = None
+_lock = threading.Lock()
+
+
+@dataclass(frozen=True, slots=True)
+class Code:
+    """One diagnosis code of the table."""
+
+    code: str                 # dotted: "E11.9", "S52.501A"
+    title: str                # the official description
+    kind: str                 # "category", "subcategory" or "extension" (7th character)
+    billable: bool            # a leaf code, valid on a claim (a category with children is not)
+    parent: str | None        # the dotted parent code; None for a category
+    terms: tuple[str, ...]    # index terms: inclusion terms and "includes" notes
+
+    @property
+    def category(self) -> str:
+        """The three-character category the code belongs to ("E11" for "E11.9")."""
+        return self.code[:3]
+
+
+def _table_path() -> Path:
+    global _path
+    if _path is None:
+        _path = Path(str(resources.files("medmitra.clinical") / "data" / TABLE_FILE))
+    return _path
+
+
+def _db() -> sqlite3.Connection:
+    db = getattr(_local, "db", None)
+    if db is None:
+        global _open_s
+        start = time.perf_counter()
+        path = _table_path()
+        if not path.is_file():
+            raise FileNotFoundError(f"ICD-10-CM table missing: {path}")
+        # immutable: the file never changes, so SQLite takes no locks and keeps no journal
+        # (it may live in a read-only install or in a one-file binary's unpack folder).
+        db = sqlite3.connect(f"{path.as_uri()}?mode=ro&immutable=1", uri=True,
+                             check_same_thread=True)
+        db.execute("SELECT 1 FROM codes LIMIT 1").fetchone()
+        _local.db = db
+        with _lock:
+            if _open_s is None:
+                _open_s = time.perf_counter() - start
+    return db
+
+
+def key(code: object) -> str | None:
+    """The undotted upper-case spelling of something shaped like a code, else None."""
+    if not isinstance(code, str) or len(code) > 12:
+        return None
+    raw = code.strip().upper()
+    if len(raw) > 3 and raw[3] == ".":
+        raw = raw[:3] + raw[4:]
+    return raw if _CODE_FORM.fullmatch(raw) else None
+
+
+def dotted(raw_key: str) -> str:
+    """``E119`` -> ``E11.9``; a category stays as it is."""
+    return raw_key if len(raw_key) <= 3 else f"{raw_key[:3]}.{raw_key[3:]}"
+
+
+_INFO_SQL = ("SELECT c.key, t.title, c.kind, c.billable, p.key, c.terms FROM codes AS c "
+             "JOIN code_titles AS t ON t.id = c.id LEFT JOIN codes AS p ON p.id = c.parent_id "
+             "WHERE c.key = ?")
+
+
+def info(code: object) -> Code | None:
+    """Everything the table says about ``code``, or None when it is not a diagnosis code."""
+    k = key(code)
+    if k is None:
+        return None
+    row = _db().execute(_INFO_SQL, (k,)).fetchone()
+    if row is None:
+        return None
+    k, title_, kind, billable, parent, terms = row
+    return Code(dotted(k), title_, kind, bool(billable), dotted(parent) if parent else None,
+                tuple(terms.split("\n")) if terms else ())
+
+
+def is_valid(code: object) -> bool:
+    """True for a diagnosis code of the table (category, subcategory or extension)."""
+    k = key(code)
+    return k is not None and _db().execute(
+        "SELECT 1 FROM codes WHERE key = ?", (k,)).fetchone() is not None
+
+
+def canonical(code: object) -> str | None:
+    """The dotted spelling of a valid code ("e119" -> "E11.9"), else None."""
+    return dotted(key(code)) if is_valid(code) else None  # type: ignore[arg-type]
+
+
+def title(code: object) -> str | None:
+    """The official description of a valid code, else None."""
+    k = key(code)
+    if k is None:
+        return None
+    row = _db().execute("SELECT title FROM code_titles WHERE key = ?", (k,)).fetchone()
+    return row[0] if row else None
+
+
+def is_billable(code: object) -> bool:
+    """True for a valid leaf code (what a claim may carry)."""
+    found = info(code)
+    return found is not None and found.billable
+
+
+def query_words(text: str) -> list[str]:
+    """The words of ``text`` a search looks for: lower-case, hyphens joined
+    ("gastro-esophageal" -> "gastroesophageal"), fillers left out, at most 12."""
+    words = _WORD.findall(str(text)[:_MAX_QUERY_CHARS].lower().replace("-", ""))
+    return list(dict.fromkeys(w for w in words if w not in _FILLER))[:_MAX_QUERY_WORDS]
+
+
+def name_key(text: str) -> str:
+    """The normal form of a name: its essential words (parenthesised and bracketed
+    modifiers, fillers and "unspecified" left out), lower-case, sorted, space-separated.
+    "Essential (primary) hypertension" and "hypertension, essential" are both
+    "essential hypertension"."""
+    text = _MODIFIER.sub(" ", str(text)[:_MAX_QUERY_CHARS].lower()).replace("-", "")
+    return " ".join(sorted({w for w in _WORD.findall(text) if w not in _NAME_FILLER}))
+
+
+_NAMED_SQL = ("SELECT c.id, c.key FROM names AS n JOIN codes AS c ON c.id = n.code_id "
+              "WHERE n.key = ? GROUP BY c.id "
+              "ORDER BY max(n.in_title) DESC, length(c.key), c.key LIMIT ?")
+# The best-ranked names first, inside the FTS table (so joins see only the few rows it
+# returns), then each code once with its best name's rank.
+_RANKED_SQL = (f"SELECT c.id, c.key, min(r.rank) FROM (SELECT rowid, {_WEIGHTS} AS rank "
+               "FROM code_search WHERE code_search MATCH ? ORDER BY rank LIMIT ?) AS r "
+               "JOIN names AS n ON n.id = r.rowid JOIN codes AS c ON c.id = n.code_id "
+               "GROUP BY c.id")
+_TITLE_SQL = "SELECT title FROM code_titles WHERE id = ?"
+
+
+def search(text: object, limit: int = 5, *,
+           require_all: bool = True) -> list[tuple[str, str, float]]:
+    """``[(code, title, score)]``, best first, for the words of ``text``.
+
+    Words are matched in the official titles and the index terms, after Porter stemming
+    ("infections" finds "infection"). With ``require_all`` (the default) a code matches
+    when its title or one of its index terms contains every word, so an unknown phrase
+    gives ``[]`` rather than a code that merely shares a common word; otherwise any word
+    will do. Codes named exactly by the words come first (see the module's docstring),
+    then the others by SQLite's BM25 relevance of their best-matching title or term;
+    equal scores go to the shorter (more general) code. ``score`` is that relevance,
+    sign-flipped so higher is better; an exactly named code gets the query's best score,
+    so scores never rise down the list. Scores compare results of one query, not of
+    different queries.
+    """
+    if not isinstance(text, str) or limit <= 0:
+        return []
+    words = query_words(text)
+    if not words:
+        return []
+    limit = min(int(limit), 100)
+    db = _db()
+    # Each word quoted: FTS5 reads it as a plain term, never as query syntax.
+    match = (" AND " if require_all else " OR ").join(f'"{w}"' for w in words)
+    # A code has a few names (title, terms): enough of them to fill the limit with codes.
+    ranked = sorted(db.execute(_RANKED_SQL, (match, 4 * limit + 20)).fetchall(),
+                    key=lambda row: (row[2], len(row[1]), row[1]))
+    if not ranked:
+        return []
+    best = -ranked[0][2]
+    # Named codes hold every word of the query in one name (the FTS condition) when the
+    # query has no word a name leaves out ("unspecified", parenthesised modifiers).
+    key_ = name_key(text)
+    named = ([(code_id, k, best) for code_id, k in
+              db.execute(_NAMED_SQL, (key_, limit)).fetchall()]
+             if require_all and sorted(words) == key_.split() else [])
+    seen = {code_id for code_id, _k, _s in named}
+    picked = named + [(code_id, k, -rank) for code_id, k, rank in ranked
+                      if code_id not in seen]
+    return [(dotted(k), db.execute(_TITLE_SQL, (code_id,)).fetchone()[0], round(score, 4))
+            for code_id, k, score in picked[:limit]]
+
+
+def warm_up() -> None:
+    """Open the table now (it takes a millisecond or two)."""
+    _db()
+
+
+def load_seconds() -> float | None:
+    """Seconds the first opening of the table took, or None before it was opened."""
+    return _open_s
+
+
+def source() -> dict[str, str]:
+    """Where the table came from (source and its version)."""
+    return dict(_db().execute("SELECT name, value FROM meta").fetchall())

@@ -1,0 +1,164 @@
+#!/usr/bin/env python3
+"""Build medmitra/clinical/data/icd10cm.sqlite, the ICD-10-CM code table the server reads.
+
+The source is the simple-icd-10-cm package (the CMS tabular list and code list it ships);
+it is needed only here and in the tests that check the table against it, never at run
+time. Re-run after upgrading that package, then run tests/test_icd10_table.py:
+
+    .venv/bin/python scripts/build-icd10-table.py
+
+What goes in (every diagnosis code: categories, subcategories and 7th-character
+extensions; chapters and blocks are not diagnosis codes and are left out):
+
+- codes(id, key, kind, parent_id, billable, title, terms): ``key`` is the code without
+  its dot, ``parent_id`` the parent's row (NULL for a category), ``billable`` 1 for a leaf
+  code, ``terms`` the index terms (inclusion terms and "includes" notes), one a line.
+  ``title`` is the official description; for a 7th-character extension (half the table)
+  only what the 7th character adds ("initial encounter for closed fracture"), since its
+  official description is always its parent's plus ", " plus that (the view code_titles
+  joins them; the build checks it).
+- names(id, code_id, in_title, term, key): one row per name of a code: its title
+  (``in_title`` 1, ``term`` NULL: the text is the code's title) and each index term. Not
+  for 7th-character extensions, whose words are their parent's plus the encounter: a
+  search names the code a clinician names. ``key`` is the name's essential words in
+  medmitra.clinical.icd10.name_key's normal form (words in parentheses are nonessential
+  modifiers, as the tabular list writes them: "Essential (primary) hypertension" is
+  "essential hypertension"); a search whose words are exactly a name ranks it first.
+- code_search: an FTS5 index over the names (Porter stemming, diacritics folded, hyphens
+  dropped: "gastro-esophageal" is "gastroesophageal"), one row per name so that every
+  word of a query must be found in one title or one term, not spread over several.
+  The view name_text is its external content, so the text is stored once. Searched with
+  SQLite's BM25.
+- meta(name, value): the source and its version.
+
+The output is deterministic for a given source: rows in the table's own order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import os
+import sqlite3
+import sys
+import time
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from medmitra.clinical.icd10 import TABLE_FILE, name_key  # noqa: E402  (one normal form)
+
+DEFAULT_OUT = ROOT / "medmitra" / "clinical" / "data" / TABLE_FILE
+
+SCHEMA = """
+CREATE TABLE codes (
+    id        INTEGER PRIMARY KEY,
+    key       TEXT NOT NULL UNIQUE,
+    kind      TEXT NOT NULL CHECK (kind IN ('category', 'subcategory', 'extension')),
+    parent_id INTEGER REFERENCES codes (id),
+    billable  INTEGER NOT NULL CHECK (billable IN (0, 1)),
+    title     TEXT NOT NULL,
+    terms     TEXT NOT NULL
+);
+CREATE VIEW code_titles (id, key, kind, parent_id, billable, title, terms) AS
+    SELECT c.id, c.key, c.kind, c.parent_id, c.billable,
+           CASE c.kind WHEN 'extension' THEN p.title || ', ' || c.title ELSE c.title END,
+           c.terms
+    FROM codes AS c LEFT JOIN codes AS p ON p.id = c.parent_id;
+CREATE TABLE names (
+    id       INTEGER PRIMARY KEY,
+    code_id  INTEGER NOT NULL REFERENCES codes (id),
+    in_title INTEGER NOT NULL CHECK (in_title IN (0, 1)),
+    term     TEXT,
+    key      TEXT NOT NULL
+);
+CREATE INDEX names_by_key ON names (key);
+CREATE VIEW name_text (id, title, term) AS
+    SELECT n.id, replace(CASE n.in_title WHEN 1 THEN c.title ELSE '' END, '-', ''),
+           replace(coalesce(n.term, ''), '-', '')
+    FROM names AS n JOIN codes AS c ON c.id = n.code_id;
+CREATE VIRTUAL TABLE code_search USING fts5(
+    title, term, content='name_text', content_rowid='id',
+    tokenize='porter unicode61 remove_diacritics 2'
+);
+CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+def _rows():
+    """(id, key, kind, parent_id, billable, title, terms) per diagnosis code, in table order."""
+    with warnings.catch_warnings():
+        # The package reads its data with importlib.resources.read_text (deprecated on 3.11).
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import simple_icd_10_cm as cm
+    ids: dict[str, int] = {}
+    for code in cm.get_all_codes(with_dots=True):
+        if code in ids or not cm.is_category_or_subcategory(code):
+            continue    # chapters, blocks; a block named like its only category comes twice
+        ids[code] = row_id = len(ids) + 1
+        title = cm.get_description(code)
+        parent = None
+        if cm.is_extended_subcategory(code):
+            kind = "extension"
+            parent = cm.get_parent(code)
+            prefix = cm.get_description(parent) + ", "
+            if not title.startswith(prefix) or cm.is_extended_subcategory(parent):
+                raise SystemExit(f"{code}: title is not its parent's plus the 7th character's")
+            title = title[len(prefix):]
+        elif cm.is_category(code):
+            kind = "category"
+        else:
+            kind = "subcategory"
+            parent = cm.get_parent(code)
+        terms = list(dict.fromkeys(t.strip() for t in
+                                   cm.get_inclusion_term(code) + cm.get_includes(code)
+                                   if t and t.strip()))
+        yield (row_id, code.replace(".", ""), kind, ids[parent] if parent else None,
+               int(cm.is_leaf(code)), title, "\n".join(terms))
+
+
+def build(out: Path) -> dict[str, int]:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    db = sqlite3.connect(tmp)
+    try:
+        db.executescript(SCHEMA)
+        db.executemany("INSERT INTO codes VALUES (?, ?, ?, ?, ?, ?, ?)", _rows())
+        names = []
+        for row_id, title, terms in db.execute(
+                "SELECT id, title, terms FROM codes WHERE kind != 'extension'").fetchall():
+            names.append((row_id, 1, None, name_key(title)))
+            names += [(row_id, 0, t, name_key(t)) for t in terms.split("\n") if t]
+        db.executemany("INSERT INTO names (code_id, in_title, term, key) VALUES (?, ?, ?, ?)",
+                       names)
+        db.execute("INSERT INTO code_search (code_search) VALUES ('rebuild')")
+        db.execute("INSERT INTO code_search (code_search) VALUES ('optimize')")
+        version = importlib.metadata.version("simple-icd-10-cm")
+        db.executemany("INSERT INTO meta VALUES (?, ?)", [
+            ("source", "ICD-10-CM tabular list and code list, as shipped by simple-icd-10-cm"),
+            ("source_version", version),
+        ])
+        db.commit()
+        counts = dict(db.execute("SELECT kind, count(*) FROM codes GROUP BY kind").fetchall())
+        db.execute("VACUUM")
+    finally:
+        db.close()
+    os.replace(tmp, out)
+    return counts
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output file")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    counts = build(args.out)
+    print(f"{args.out}: {sum(counts.values())} codes {counts}, "
+          f"{args.out.stat().st_size / 1e6:.1f} MB, built in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
