@@ -10,20 +10,21 @@ time. Re-run after upgrading that package, then run tests/test_icd10_table.py:
 What goes in (every diagnosis code: categories, subcategories and 7th-character
 extensions; chapters and blocks are not diagnosis codes and are left out):
 
-- codes(id, key, kind, parent_id, billable, title, terms): ``key`` is the code without
-  its dot, ``parent_id`` the parent's row (NULL for a category), ``billable`` 1 for a leaf
-  code, ``terms`` the index terms (inclusion terms and "includes" notes), one a line.
+- codes(id, key, kind, parent_id, billable, title): ``key`` is the code without its dot,
+  ``parent_id`` the parent's row (NULL for a category), ``billable`` 1 for a leaf code.
   ``title`` is the official description; for a 7th-character extension (half the table)
   only what the 7th character adds ("initial encounter for closed fracture"), since its
   official description is always its parent's plus ", " plus that (the view code_titles
   joins them; the build checks it).
-- names(id, code_id, in_title, term, key): one row per name of a code: its title
-  (``in_title`` 1, ``term`` NULL: the text is the code's title) and each index term. Not
-  for 7th-character extensions, whose words are their parent's plus the encounter: a
-  search names the code a clinician names. ``key`` is the name's essential words in
-  medmitra.clinical.icd10.name_key's normal form (words in parentheses are nonessential
-  modifiers, as the tabular list writes them: "Essential (primary) hypertension" is
-  "essential hypertension"); a search whose words are exactly a name ranks it first.
+- names(id, code_id, in_title, term, key_hash): one row per name of a code: its title
+  (``in_title`` 1, ``term`` NULL: the text is the code's title) and each index term
+  (inclusion terms and "includes" notes, in the source's order). Titles of 7th-character
+  extensions are not names: their words are their parent's plus the encounter, and a
+  search names the code a clinician names. ``key_hash`` is
+  medmitra.clinical.icd10.name_hash of the name's essential words (words in parentheses
+  are nonessential modifiers, as the tabular list writes them: "Essential (primary)
+  hypertension" is "essential hypertension"); a search whose words are exactly a name
+  ranks it first.
 - code_search: an FTS5 index over the names (Porter stemming, diacritics folded, hyphens
   dropped: "gastro-esophageal" is "gastroesophageal"), one row per name so that every
   word of a query must be found in one title or one term, not spread over several.
@@ -47,7 +48,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from medmitra.clinical.icd10 import TABLE_FILE, name_key  # noqa: E402  (one normal form)
+from medmitra.clinical.icd10 import TABLE_FILE, name_hash, name_key  # noqa: E402
 
 DEFAULT_OUT = ROOT / "medmitra" / "clinical" / "data" / TABLE_FILE
 
@@ -58,22 +59,21 @@ CREATE TABLE codes (
     kind      TEXT NOT NULL CHECK (kind IN ('category', 'subcategory', 'extension')),
     parent_id INTEGER REFERENCES codes (id),
     billable  INTEGER NOT NULL CHECK (billable IN (0, 1)),
-    title     TEXT NOT NULL,
-    terms     TEXT NOT NULL
+    title     TEXT NOT NULL
 );
-CREATE VIEW code_titles (id, key, kind, parent_id, billable, title, terms) AS
+CREATE VIEW code_titles (id, key, kind, parent_id, billable, title) AS
     SELECT c.id, c.key, c.kind, c.parent_id, c.billable,
-           CASE c.kind WHEN 'extension' THEN p.title || ', ' || c.title ELSE c.title END,
-           c.terms
+           CASE c.kind WHEN 'extension' THEN p.title || ', ' || c.title ELSE c.title END
     FROM codes AS c LEFT JOIN codes AS p ON p.id = c.parent_id;
 CREATE TABLE names (
     id       INTEGER PRIMARY KEY,
     code_id  INTEGER NOT NULL REFERENCES codes (id),
     in_title INTEGER NOT NULL CHECK (in_title IN (0, 1)),
     term     TEXT,
-    key      TEXT NOT NULL
+    key_hash INTEGER NOT NULL
 );
-CREATE INDEX names_by_key ON names (key);
+CREATE INDEX names_by_key ON names (key_hash);
+CREATE INDEX names_by_code ON names (code_id);
 CREATE VIEW name_text (id, title, term) AS
     SELECT n.id, replace(CASE n.in_title WHEN 1 THEN c.title ELSE '' END, '-', ''),
            replace(coalesce(n.term, ''), '-', '')
@@ -87,7 +87,8 @@ CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 
 
 def _rows():
-    """(id, key, kind, parent_id, billable, title, terms) per diagnosis code, in table order."""
+    """((id, key, kind, parent_id, billable, title), [index terms]) per diagnosis code,
+    in table order."""
     with warnings.catch_warnings():
         # The package reads its data with importlib.resources.read_text (deprecated on 3.11).
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -115,7 +116,7 @@ def _rows():
                                    cm.get_inclusion_term(code) + cm.get_includes(code)
                                    if t and t.strip()))
         yield (row_id, code.replace(".", ""), kind, ids[parent] if parent else None,
-               int(cm.is_leaf(code)), title, "\n".join(terms))
+               int(cm.is_leaf(code)), title), terms
 
 
 def build(out: Path) -> dict[str, int]:
@@ -125,14 +126,15 @@ def build(out: Path) -> dict[str, int]:
     db = sqlite3.connect(tmp)
     try:
         db.executescript(SCHEMA)
-        db.executemany("INSERT INTO codes VALUES (?, ?, ?, ?, ?, ?, ?)", _rows())
         names = []
-        for row_id, title, terms in db.execute(
-                "SELECT id, title, terms FROM codes WHERE kind != 'extension'").fetchall():
-            names.append((row_id, 1, None, name_key(title)))
-            names += [(row_id, 0, t, name_key(t)) for t in terms.split("\n") if t]
-        db.executemany("INSERT INTO names (code_id, in_title, term, key) VALUES (?, ?, ?, ?)",
-                       names)
+        for code, terms in _rows():
+            db.execute("INSERT INTO codes VALUES (?, ?, ?, ?, ?, ?)", code)
+            row_id, kind, title = code[0], code[2], code[5]
+            if kind != "extension":
+                names.append((row_id, 1, None, name_hash(name_key(title))))
+            names += [(row_id, 0, t, name_hash(name_key(t))) for t in terms]
+        db.executemany(
+            "INSERT INTO names (code_id, in_title, term, key_hash) VALUES (?, ?, ?, ?)", names)
         db.execute("INSERT INTO code_search (code_search) VALUES ('rebuild')")
         db.execute("INSERT INTO code_search (code_search) VALUES ('optimize')")
         version = importlib.metadata.version("simple-icd-10-cm")

@@ -28,6 +28,7 @@ Read-only and safe to use from any thread (one connection per thread).
 
 from __future__ import annotations
 
+import hashlib
 import re
 import sqlite3
 import threading
@@ -116,9 +117,10 @@ def dotted(raw_key: str) -> str:
     return raw_key if len(raw_key) <= 3 else f"{raw_key[:3]}.{raw_key[3:]}"
 
 
-_INFO_SQL = ("SELECT c.key, t.title, c.kind, c.billable, p.key, c.terms FROM codes AS c "
+_INFO_SQL = ("SELECT c.id, c.key, t.title, c.kind, c.billable, p.key FROM codes AS c "
              "JOIN code_titles AS t ON t.id = c.id LEFT JOIN codes AS p ON p.id = c.parent_id "
              "WHERE c.key = ?")
+_TERMS_SQL = "SELECT term FROM names WHERE code_id = ? AND in_title = 0 ORDER BY id"
 
 
 def info(code: object) -> Code | None:
@@ -126,12 +128,14 @@ def info(code: object) -> Code | None:
     k = key(code)
     if k is None:
         return None
-    row = _db().execute(_INFO_SQL, (k,)).fetchone()
+    db = _db()
+    row = db.execute(_INFO_SQL, (k,)).fetchone()
     if row is None:
         return None
-    k, title_, kind, billable, parent, terms = row
+    code_id, k, title_, kind, billable, parent = row
+    terms = tuple(t for (t,) in db.execute(_TERMS_SQL, (code_id,)).fetchall())
     return Code(dotted(k), title_, kind, bool(billable), dotted(parent) if parent else None,
-                tuple(terms.split("\n")) if terms else ())
+                terms)
 
 
 def is_valid(code: object) -> bool:
@@ -177,9 +181,14 @@ def name_key(text: str) -> str:
     return " ".join(sorted({w for w in _WORD.findall(text) if w not in _NAME_FILLER}))
 
 
-_NAMED_SQL = ("SELECT c.id, c.key FROM names AS n JOIN codes AS c ON c.id = n.code_id "
-              "WHERE n.key = ? GROUP BY c.id "
-              "ORDER BY max(n.in_title) DESC, length(c.key), c.key LIMIT ?")
+def name_hash(key_: str) -> int:
+    """The 64-bit number a name key is stored under in the table (names.key_hash)."""
+    return int.from_bytes(hashlib.blake2b(key_.encode(), digest_size=8).digest(), "big",
+                          signed=True)
+
+
+_NAMED_SQL = ("SELECT c.id, c.key, n.in_title, coalesce(n.term, c.title) FROM names AS n "
+              "JOIN codes AS c ON c.id = n.code_id WHERE n.key_hash = ?")
 # The best-ranked names first, inside the FTS table (so joins see only the few rows it
 # returns), then each code once with its best name's rank.
 _RANKED_SQL = (f"SELECT c.id, c.key, min(r.rank) FROM (SELECT rowid, {_WEIGHTS} AS rank "
@@ -222,9 +231,15 @@ def search(text: object, limit: int = 5, *,
     # Named codes hold every word of the query in one name (the FTS condition) when the
     # query has no word a name leaves out ("unspecified", parenthesised modifiers).
     key_ = name_key(text)
-    named = ([(code_id, k, best) for code_id, k in
-              db.execute(_NAMED_SQL, (key_, limit)).fetchall()]
-             if require_all and sorted(words) == key_.split() else [])
+    named: list[tuple[int, str, float]] = []
+    if require_all and sorted(words) == key_.split():
+        rows = [r for r in db.execute(_NAMED_SQL, (name_hash(key_),)).fetchall()
+                if name_key(r[3]) == key_]          # a hash is not a proof
+        rows.sort(key=lambda r: (-r[2], len(r[1]), r[1]))   # titles first, then general
+        for code_id, k, _in_title, _name in rows:
+            if code_id not in {c for c, _k, _s in named}:
+                named.append((code_id, k, best))
+        named = named[:limit]
     seen = {code_id for code_id, _k, _s in named}
     picked = named + [(code_id, k, -rank) for code_id, k, rank in ranked
                       if code_id not in seen]
