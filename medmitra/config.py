@@ -1,9 +1,25 @@
 """One frozen Settings object: embedded defaults, then config.toml, then MEDMITRA_* env.
 
-Every key lives in a section dataclass below; ``config.toml`` at the project root documents
-each one with its default. A key can be overridden by ``MEDMITRA_<SECTION>_<KEY>``
-(upper case). A value of the wrong type or out of range stops start-up with a
-``ConfigError`` that names the key.
+Every key is declared once, below, as a field of its section's dataclass::
+
+    port: int = setting(8000, "TCP port to listen on", min=0, max=65535)
+
+``setting(default, doc, min=, max=, choices=)`` carries everything about the key: its type
+(the annotation: str, int, float or bool), default, one-line documentation, and the range
+or the allowed values. Loading coerces each value to the type, and constructing a section
+checks the range and choices (a section may add cross-key checks in ``_check``), so a value
+of the wrong type or out of range stops start-up with a ``ConfigError`` that names the key.
+
+Where a key is set, later wins: the default, ``config.toml`` (``[section]`` table), the
+environment ``MEDMITRA_<SECTION>_<KEY>`` (upper case), then command-line overrides.
+
+Adding a key (one place, then one generated file):
+
+1. Add the field with ``setting(...)`` to its section below. A new section is a new
+   ``@dataclass(frozen=True)`` subclass of ``Section`` plus one field of ``Settings``.
+2. Regenerate the documented config file: ``python -m medmitra.config > config.toml``.
+   ``config.toml`` is rendered from these declarations (tests/test_config.py checks that
+   it is up to date), so the doc and default are never written twice.
 """
 
 from __future__ import annotations
@@ -14,7 +30,7 @@ import sys
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 MiB = 1024 * 1024
 
@@ -23,120 +39,178 @@ class ConfigError(Exception):
     """A config value is missing, of the wrong type or out of range."""
 
 
-@dataclass(frozen=True)
-class ServerSettings:
-    host: str = "127.0.0.1"
-    port: int = 8000
-    # Absolute base URL used in signed ``file_url`` links; empty = taken from the request.
-    public_url: str = ""
-    access_log: bool = False
-    # Request body cap for one request (all files together), bytes.
-    request_max_bytes: int = 120 * MiB
-    cors_origins: str = "*"
-    # Seconds to let running requests and jobs finish on shutdown.
-    graceful_shutdown_s: float = 15.0
+def setting(default: Any, doc: str, *, min: float | None = None, max: float | None = None,
+            choices: tuple[str, ...] | None = None) -> Any:
+    """Declare a config key: its default, one-line doc (shown in config.toml), and range
+    (``min``/``max`` for numbers, inclusive) or allowed values (``choices``, matched
+    case-insensitively and stored in the spelling given here)."""
+    return field(default=default, metadata={"doc": doc, "min": min, "max": max,
+                                            "choices": choices})
+
+
+_TYPES = {"int": int, "float": float, "bool": bool, "str": str}
 
 
 @dataclass(frozen=True)
-class StorageSettings:
-    data_dir: str = "data"
-    # Uploads are refused while free space on the data dir is below this, bytes.
-    min_free_bytes: int = 16 * MiB
+class Section:
+    """Base of the section dataclasses: validates every key when constructed."""
+
+    name: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            lo, hi = f.metadata.get("min"), f.metadata.get("max")
+            if lo is not None and value < lo or hi is not None and value > hi:
+                raise ConfigError(f"{self.name}.{f.name}: {value!r} is out of range "
+                                  f"[{lo}, {hi}]")
+            choices = f.metadata.get("choices")
+            if choices and value not in choices:
+                raise ConfigError(f"{self.name}.{f.name}: {value!r} is not one of "
+                                  f"{', '.join(choices)}")
+        self._check()
+
+    def _check(self) -> None:
+        """Checks that involve several keys of the section (override where needed)."""
+
+    @classmethod
+    def field_types(cls) -> dict[str, type]:
+        try:
+            return {f.name: _TYPES[str(f.type)] for f in dataclasses.fields(cls)}
+        except KeyError as exc:
+            raise TypeError(f"{cls.__name__}: config keys are str, int, float or bool, "
+                            f"not {exc}") from None
 
 
 @dataclass(frozen=True)
-class DatabaseSettings:
-    # Empty = SQLite file ``medmitra.sqlite3`` inside data_dir. Otherwise a tortoise URL,
-    # e.g. ``postgres://user:pass@host:5432/medmitra``.
-    url: str = ""
-    busy_timeout_ms: int = 10000
+class ServerSettings(Section):
+    host: str = setting("127.0.0.1", 'listen address; "0.0.0.0" to serve the clinic\'s LAN')
+    port: int = setting(8000, "TCP port to listen on", min=0, max=65535)
+    public_url: str = setting(
+        "", 'base of signed file links, e.g. "http://clinic-server:8000"; empty = from the '
+        "request")
+    access_log: bool = setting(False, "log one line per request")
+    request_max_bytes: int = setting(120 * MiB, "one request's body, all files together",
+                                     min=1024)
+    cors_origins: str = setting(
+        "*", "comma-separated origins allowed to call the API from a browser")
+    graceful_shutdown_s: float = setting(
+        15.0, "time running requests and analyses get to finish on stop", min=0, max=3600)
 
 
 @dataclass(frozen=True)
-class AuthSettings:
-    # HS256 secret of a Supabase project. Empty = a random local secret is created in the
-    # data dir on first start (file ``jwt_secret``, mode 0600).
-    jwt_secret: str = ""
-    # Path to a JWKS JSON file with ES256/RS256 public keys, chosen by ``kid``.
-    jwks_file: str = ""
-    audience: str = "authenticated"
-    issuer: str = ""
-    leeway_s: int = 30
-    # Trusted-LAN compatibility with the original frontend: requests without a token may
-    # name the user by a ``user_id`` field or a bare UUID as the Bearer value. Off by default.
-    trust_user_id: bool = False
-    signup_enabled: bool = False
-    access_token_ttl_s: int = 3600
-    refresh_reuse_window_s: int = 10
-    # Requests per minute per client address on the /auth/v1 endpoints.
-    rate_limit_per_min: int = 30
+class StorageSettings(Section):
+    data_dir: str = setting(
+        "data", "database and uploaded files live here (relative = working directory)")
+    min_free_bytes: int = setting(
+        16 * MiB, "uploads are refused (507) while free disk space is below this", min=0)
 
 
 @dataclass(frozen=True)
-class LimitsSettings:
-    lab_max_bytes: int = 10 * MiB
-    radiology_max_bytes: int = 50 * MiB
-    files_per_request: int = 10
-    text_field_max_chars: int = 20000
-    name_max_chars: int = 200
-    file_url_ttl_s: int = 3600
+class DatabaseSettings(Section):
+    url: str = setting("", "empty = SQLite file data_dir/medmitra.sqlite3; or "
+                           "postgres://user:pass@host:5432/db")
+    busy_timeout_ms: int = setting(10000, "SQLite: how long a writer waits for a lock",
+                                   min=0, max=600000)
 
 
 @dataclass(frozen=True)
-class LLMSettings:
-    # GGUF chat model. Relative paths are looked up in the working directory, then beside
-    # the executable / project root.
-    model_path: str = "models/SmolLM2-135M-Instruct.Q4_1.gguf"
-    n_ctx: int = 4096
-    threads: int = 0          # 0 = cores / workers
-    workers: int = 1
-    temperature: float = 0.2
-    seed: int = 42
-    repeat_penalty: float = 1.1
-    max_tokens_lab: int = 320
-    max_tokens_radiology: int = 256
-    max_tokens_summary: int = 320
-    max_tokens_soap: int = 400
-    max_tokens_diagnosis: int = 256
-    max_tokens_differential: int = 400
-    max_tokens_recommendations: int = 400
-    # Optional vision model (GGUF + its mmproj projector) for radiology images.
-    vision_model_path: str = ""
-    mmproj_path: str = ""
-    # A stage that runs longer than this fails its attempt.
-    stage_timeout_s: float = 300.0
-    # Remote inference instead of in-process models: the base URL of an OpenAI-compatible
-    # server (llama.cpp's llama-server or llama-cpp-python's server), e.g.
-    # "http://gpu-box:8080". Empty = load model_path in this process.
-    remote_url: str = ""
-    remote_model: str = ""
-    remote_api_key: str = ""
-    remote_timeout_s: float = 300.0
+class AuthSettings(Section):
+    jwt_secret: str = setting(
+        "", "HS256 secret of your Supabase project; empty = a local secret in "
+            "data_dir/jwt_secret (mode 0600)")
+    jwks_file: str = setting(
+        "", "JSON Web Key Set file with ES256/RS256 public keys (chosen by kid)")
+    audience: str = setting("authenticated", "required in the token's aud")
+    issuer: str = setting("", "when set, the token's iss must match")
+    leeway_s: int = setting(30, "clock skew allowed on exp/nbf/iat", min=0, max=3600)
+    trust_user_id: bool = setting(
+        False, "TRUSTED LAN ONLY: accept a user_id field / bare UUID instead of a token "
+               "(the original frontend's compatibility mode)")
+    signup_enabled: bool = setting(
+        False, "allow POST /auth/v1/signup; off = only an admin creates users")
+    access_token_ttl_s: int = setting(3600, "lifetime of access tokens this server issues",
+                                      min=30, max=30 * 86400)
+    refresh_reuse_window_s: int = setting(
+        10, "a used refresh token may be replayed this long (concurrent tabs)",
+        min=0, max=3600)
+    rate_limit_per_min: int = setting(
+        30, "/auth/v1 requests per minute per client address", min=1, max=100000)
 
 
 @dataclass(frozen=True)
-class JobsSettings:
-    max_attempts: int = 3
-    lease_s: float = 60.0
-    heartbeat_s: float = 10.0
-    poll_s: float = 1.0
+class LimitsSettings(Section):
+    lab_max_bytes: int = setting(10 * MiB, "one lab file", min=1)
+    radiology_max_bytes: int = setting(50 * MiB, "one radiology file", min=1)
+    files_per_request: int = setting(10, "files in one upload request", min=1, max=1000)
+    text_field_max_chars: int = setting(
+        20000, "case_summary and other free-text fields", min=1, max=10_000_000)
+    name_max_chars: int = setting(200, "patient and file names", min=1, max=10000)
+    file_url_ttl_s: int = setting(3600, "signed file_url links expire after this",
+                                  min=10, max=7 * 86400)
+
+
+def _max_tokens(default: int, doc: str = "") -> Any:
+    return setting(default, doc, min=16, max=1 << 16)
 
 
 @dataclass(frozen=True)
-class LogSettings:
-    level: str = "INFO"
+class LLMSettings(Section):
+    model_path: str = setting(
+        "models/SmolLM2-135M-Instruct.Q4_1.gguf",
+        "any GGUF chat model; relative = cwd, then beside the program")
+    n_ctx: int = setting(4096, "context window, tokens", min=256, max=1 << 20)
+    threads: int = setting(0, "CPU threads per worker; 0 = cores / workers", min=0, max=1024)
+    workers: int = setting(
+        1, "analyses run at once, each with its own model context; 0 = API only",
+        min=0, max=64)
+    temperature: float = setting(0.2, "sampling temperature", min=0, max=5)
+    seed: int = setting(42, "sampling seed (same input and seed = same text)")
+    repeat_penalty: float = setting(1.1, "penalty on repeated tokens", min=0.5, max=3)
+    max_tokens_lab: int = _max_tokens(320, "output budget per stage, tokens")
+    max_tokens_radiology: int = _max_tokens(256)
+    max_tokens_summary: int = _max_tokens(320)
+    max_tokens_soap: int = _max_tokens(400)
+    max_tokens_diagnosis: int = _max_tokens(256)
+    max_tokens_differential: int = _max_tokens(400)
+    max_tokens_recommendations: int = _max_tokens(400)
+    vision_model_path: str = setting("", "optional vision GGUF for radiology images ...")
+    mmproj_path: str = setting("", "... and its multimodal projector file")
+    stage_timeout_s: float = setting(300.0, "a stage running longer fails the attempt",
+                                     min=1, max=86400)
+    remote_url: str = setting(
+        "", 'OpenAI-compatible inference server (llama-server), e.g. "http://gpu-box:8080"; '
+            "empty = in-process model")
+    remote_model: str = setting(
+        "", "model name to ask the remote server for (empty = its default)")
+    remote_api_key: str = setting("", "sent as a Bearer token to the remote server")
+    remote_timeout_s: float = setting(300.0, "one remote completion may take this long",
+                                      min=1, max=86400)
 
 
-SECTIONS: dict[str, type] = {
-    "server": ServerSettings,
-    "storage": StorageSettings,
-    "database": DatabaseSettings,
-    "auth": AuthSettings,
-    "limits": LimitsSettings,
-    "llm": LLMSettings,
-    "jobs": JobsSettings,
-    "log": LogSettings,
-}
+@dataclass(frozen=True)
+class JobsSettings(Section):
+    max_attempts: int = setting(
+        3, "an analysis is tried this often before the case is failed", min=1, max=100)
+    lease_s: float = setting(
+        60.0, "a worker that stops renewing its lease for this long loses the job",
+        min=2, max=86400)
+    heartbeat_s: float = setting(10.0, "lease renewal interval (shorter than lease_s)",
+                                 min=0.2, max=3600)
+    poll_s: float = setting(
+        1.0, "idle workers look for new jobs this often (new jobs also wake them)",
+        min=0.05, max=600)
+
+    def _check(self) -> None:
+        if self.heartbeat_s >= self.lease_s:
+            raise ConfigError("jobs.heartbeat_s: must be shorter than jobs.lease_s")
+
+
+@dataclass(frozen=True)
+class LogSettings(Section):
+    level: str = setting(
+        "INFO", "DEBUG logs may contain clinical text; INFO and above never do",
+        choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"))
 
 
 @dataclass(frozen=True)
@@ -167,26 +241,27 @@ class Settings:
         return self.database_url.startswith("sqlite")
 
     def replace(self, section: str, **values: Any) -> "Settings":
-        """A copy with some keys of one section changed (values are validated)."""
-        cls = SECTIONS[section]
-        current = dataclasses.asdict(getattr(self, section))
-        for key, raw in values.items():
-            current[key] = _coerce(section, key, raw, _field_types(cls)[key])
-        _validate(section, current)
-        return dataclasses.replace(self, **{section: cls(**current)})
+        """A copy with some keys of one section changed (values are coerced and checked)."""
+        current = getattr(self, section)
+        merged = dataclasses.asdict(current)
+        _coerce_into(type(current), merged, values)
+        return dataclasses.replace(self, **{section: type(current)(**merged)})
 
 
-def _field_types(cls: type) -> dict[str, type]:
-    return {f.name: {"int": int, "float": float, "bool": bool, "str": str}[str(f.type)]
-            for f in dataclasses.fields(cls)}
+# section name -> its dataclass, in the order of Settings (and of config.toml).
+SECTIONS: dict[str, type[Section]] = {
+    f.name: f.default_factory for f in dataclasses.fields(Settings)  # type: ignore[misc]
+    if f.default_factory is not dataclasses.MISSING}
+for _name, _cls in SECTIONS.items():
+    _cls.name = _name
 
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
 
-def _coerce(section: str, key: str, raw: Any, typ: type) -> Any:
-    name = f"{section}.{key}"
+def _coerce(name: str, raw: Any, typ: type, choices: tuple[str, ...] | None) -> Any:
+    """``raw`` (from TOML, the environment or the command line) as a value of ``typ``."""
     if typ is bool:
         if isinstance(raw, bool):
             return raw
@@ -214,59 +289,40 @@ def _coerce(section: str, key: str, raw: Any, typ: type) -> Any:
         return value
     if not isinstance(raw, str):
         raise ConfigError(f"{name}: expected a string, got {raw!r}")
+    for choice in choices or ():
+        if raw.strip().casefold() == choice.casefold():
+            return choice
     return raw
 
 
-# (section, key) -> (min, max) for numbers; None = unbounded on that side.
-_RANGES: dict[tuple[str, str], tuple[float | None, float | None]] = {
-    ("server", "port"): (0, 65535),
-    ("server", "request_max_bytes"): (1024, None),
-    ("server", "graceful_shutdown_s"): (0, 3600),
-    ("storage", "min_free_bytes"): (0, None),
-    ("database", "busy_timeout_ms"): (0, 600000),
-    ("auth", "leeway_s"): (0, 3600),
-    ("auth", "access_token_ttl_s"): (30, 30 * 86400),
-    ("auth", "refresh_reuse_window_s"): (0, 3600),
-    ("auth", "rate_limit_per_min"): (1, 100000),
-    ("limits", "lab_max_bytes"): (1, None),
-    ("limits", "radiology_max_bytes"): (1, None),
-    ("limits", "files_per_request"): (1, 1000),
-    ("limits", "text_field_max_chars"): (1, 10_000_000),
-    ("limits", "name_max_chars"): (1, 10000),
-    ("limits", "file_url_ttl_s"): (10, 7 * 86400),
-    ("llm", "n_ctx"): (256, 1 << 20),
-    ("llm", "threads"): (0, 1024),
-    ("llm", "workers"): (0, 64),
-    ("llm", "temperature"): (0, 5),
-    ("llm", "repeat_penalty"): (0.5, 3),
-    ("llm", "stage_timeout_s"): (1, 86400),
-    ("llm", "remote_timeout_s"): (1, 86400),
-    ("jobs", "max_attempts"): (1, 100),
-    ("jobs", "lease_s"): (2, 86400),
-    ("jobs", "heartbeat_s"): (0.2, 3600),
-    ("jobs", "poll_s"): (0.05, 600),
-}
+def _coerce_into(cls: type[Section], values: dict[str, Any], updates: Mapping[str, Any],
+                 where: str = "") -> None:
+    """Coerce ``updates`` onto ``values`` (keys of ``cls``; None = keep the value)."""
+    meta = {f.name: f.metadata for f in dataclasses.fields(cls)}
+    types = cls.field_types()
+    for key, raw in updates.items():
+        if key not in types:
+            raise ConfigError(f"{cls.name}.{key}: unknown config key{where}")
+        if raw is not None:
+            values[key] = _coerce(f"{cls.name}.{key}", raw, types[key],
+                                  meta[key].get("choices"))
 
 
-def _validate(section: str, values: Mapping[str, Any]) -> None:
-    for key, value in values.items():
-        lo, hi = _RANGES.get((section, key), (None, None))
-        if key.startswith("max_tokens_"):
-            lo, hi = 16, 1 << 16
-        if lo is not None and value < lo or hi is not None and value > hi:
-            raise ConfigError(f"{section}.{key}: {value!r} is out of range [{lo}, {hi}]")
-    if section == "jobs" and values["heartbeat_s"] >= values["lease_s"]:
-        raise ConfigError("jobs.heartbeat_s: must be shorter than jobs.lease_s")
-    if section == "log" and str(values["level"]).upper() not in {
-            "DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
-        raise ConfigError(f"log.level: unknown level {values['level']!r}")
+def env_name(section: str, key: str) -> str:
+    """The environment variable that sets ``section.key``."""
+    return f"MEDMITRA_{section.upper()}_{key.upper()}"
 
 
-def default_config_path() -> Path | None:
-    """``MEDMITRA_CONFIG``, else ``config.toml`` in the working directory if present."""
-    env = os.environ.get("MEDMITRA_CONFIG")
-    if env:
-        return Path(env)
+def default_config_path(env: Mapping[str, str] | None = None) -> Path | None:
+    """The config file read when none is named: ``MEDMITRA_CONFIG``, else ``config.toml``
+    in the working directory if present. With an explicit ``env`` (tests, embedding) only
+    that mapping's ``MEDMITRA_CONFIG`` counts: nothing is taken from the process or cwd."""
+    if env is not None:
+        named = env.get("MEDMITRA_CONFIG")
+        return Path(named) if named else None
+    named = os.environ.get("MEDMITRA_CONFIG")
+    if named:
+        return Path(named)
     cwd = Path("config.toml")
     return cwd if cwd.is_file() else None
 
@@ -274,9 +330,14 @@ def default_config_path() -> Path | None:
 def load_settings(config_path: str | Path | None = None, *,
                   env: Mapping[str, str] | None = None,
                   overrides: Mapping[str, Mapping[str, Any]] | None = None) -> Settings:
-    """Build Settings from defaults, the TOML file, ``MEDMITRA_*`` env and CLI overrides."""
+    """Build Settings from defaults, the TOML file, ``MEDMITRA_*`` env and CLI overrides.
+
+    ``env=None`` means the process: ``os.environ``, and ``./config.toml`` when no file is
+    named. A given ``env`` is the whole environment: the process's variables, its
+    ``MEDMITRA_CONFIG`` and the working directory's config.toml are not read.
+    """
+    path = Path(config_path) if config_path else default_config_path(env)
     env = os.environ if env is None else env
-    path = Path(config_path) if config_path else default_config_path()
     file_data: dict[str, Any] = {}
     source = "defaults"
     if path is not None:
@@ -290,28 +351,82 @@ def load_settings(config_path: str | Path | None = None, *,
     for section in file_data:
         if section not in SECTIONS:
             raise ConfigError(f"{section}: unknown config section in {path}")
+    for section in overrides or {}:
+        if section not in SECTIONS:
+            raise ConfigError(f"{section}: unknown config section")
 
     built: dict[str, Any] = {}
     for section, cls in SECTIONS.items():
-        types = _field_types(cls)
         values = dataclasses.asdict(cls())
         sect_data = file_data.get(section, {})
         if not isinstance(sect_data, dict):
             raise ConfigError(f"{section}: expected a table")
-        for key, raw in sect_data.items():
-            if key not in types:
-                raise ConfigError(f"{section}.{key}: unknown config key")
-            values[key] = _coerce(section, key, raw, types[key])
-        for key, typ in types.items():
-            env_name = f"MEDMITRA_{section.upper()}_{key.upper()}"
-            if env_name in env:
-                values[key] = _coerce(section, key, env[env_name], typ)
-        for key, raw in (overrides or {}).get(section, {}).items():
-            if raw is not None:
-                values[key] = _coerce(section, key, raw, types[key])
-        _validate(section, values)
+        from_env = {key: env[env_name(section, key)] for key in values
+                    if env_name(section, key) in env}
+        # Each layer is coerced (a bad value is reported even if a later layer replaces
+        # it); ranges are checked once, on the result.
+        _coerce_into(cls, values, sect_data, f" in {path}")
+        _coerce_into(cls, values, from_env)
+        _coerce_into(cls, values, (overrides or {}).get(section, {}))
         built[section] = cls(**values)
     return Settings(**built, source=source)
+
+
+# -- config.toml, rendered from the declarations above -----------------------------------
+
+CONFIG_TOML_HEADER = """\
+# MedMitra Edge configuration.
+#
+# Every key is shown commented out with its built-in default: uncomment to change it.
+# Any key can also be set by an environment variable MEDMITRA_<SECTION>_<KEY>, e.g.
+# MEDMITRA_SERVER_PORT=9000 or MEDMITRA_LLM_WORKERS=2; the environment wins over this file,
+# and command-line flags (--host, --port, --data-dir) win over both.
+# This file is read from ./config.toml, from $MEDMITRA_CONFIG, or from --config PATH.
+# A value of the wrong type or out of range stops start-up with a message naming the key.
+# (Generated from medmitra/config.py by `python -m medmitra.config`: edit that file.)
+"""
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(value)
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+def _key_comment(f: dataclasses.Field, value: Any) -> str:
+    parts = [f.metadata.get("doc", "")]
+    if f.name.endswith("_bytes") and value and value % MiB == 0:
+        parts.append(f"({value // MiB} MiB)")
+    lo, hi = f.metadata.get("min"), f.metadata.get("max")
+    if lo is not None and hi is not None:
+        parts.append(f"[{_number(lo)} to {_number(hi)}]")
+    elif lo is not None:
+        parts.append(f"[at least {_number(lo)}]")
+    elif hi is not None:
+        parts.append(f"[at most {_number(hi)}]")
+    choices = f.metadata.get("choices")
+    if choices:
+        parts.append(f"[{', '.join(choices)}]")
+    return " ".join(p for p in parts if p)
+
+
+def render_config_toml() -> str:
+    """The documented config file: every key commented out with its default, its doc and
+    its range. The project's ``config.toml`` is this text."""
+    lines = [CONFIG_TOML_HEADER.rstrip("\n")]
+    for section, cls in SECTIONS.items():
+        lines += ["", f"[{section}]"]
+        for f in dataclasses.fields(cls):
+            assign = f"# {f.name} = {_toml_value(f.default)}"
+            comment = _key_comment(f, f.default)
+            lines.append(f"{assign:<31} # {comment}" if comment else assign)
+    return "\n".join(lines) + "\n"
 
 
 def app_root() -> Path:
@@ -333,3 +448,7 @@ def resolve_model_path(raw: str) -> Path | None:
         if cand.exists():
             return cand.resolve()
     return (Path.cwd() / p).resolve()
+
+
+if __name__ == "__main__":
+    sys.stdout.write(render_config_toml())

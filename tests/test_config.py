@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from medmitra.config import SECTIONS, ConfigError, load_settings
+from medmitra.config import (SECTIONS, ConfigError, JobsSettings, LLMSettings, load_settings,
+                             render_config_toml)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -50,6 +51,60 @@ def test_shipped_config_documents_every_key_with_its_default() -> None:
                 assert float(shown) == float(default), (name, f.name)
 
 
+def test_config_toml_is_rendered_from_the_declarations() -> None:
+    assert (ROOT / "config.toml").read_text(encoding="utf-8") == render_config_toml(), (
+        "config.toml is out of date: python -m medmitra.config > config.toml")
+
+
+def test_injected_env_reads_nothing_from_the_process_or_cwd(tmp_path: Path,
+                                                            monkeypatch) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[server]\nport = 70000\n")
+    (tmp_path / "config.toml").write_text('[server]\nhost = "10.9.9.9"\n')
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MEDMITRA_SERVER_PORT", "9123")
+    assert load_settings(env={}) == load_settings(None, env={"HOME": "/nowhere"})
+    s = load_settings(env={})
+    assert (s.server.host, s.server.port, s.source) == ("127.0.0.1", 8000, "defaults")
+    # Without an injected env the process's variables and ./config.toml count ...
+    s = load_settings()
+    assert (s.server.host, s.server.port) == ("10.9.9.9", 9123)
+    assert s.source == "config.toml"
+    # ... and MEDMITRA_CONFIG names the file, in the process or in the injected env.
+    monkeypatch.delenv("MEDMITRA_SERVER_PORT")
+    monkeypatch.setenv("MEDMITRA_CONFIG", str(bad))
+    with pytest.raises(ConfigError, match="server.port"):
+        load_settings()
+    assert load_settings(env={}).server.port == 8000
+    with pytest.raises(ConfigError, match="server.port"):
+        load_settings(env={"MEDMITRA_CONFIG": str(bad)})
+
+
+def test_sections_check_their_ranges_when_built_directly() -> None:
+    with pytest.raises(ConfigError, match="llm.n_ctx"):
+        LLMSettings(n_ctx=1)
+    with pytest.raises(ConfigError, match="llm.max_tokens_soap"):
+        LLMSettings(max_tokens_soap=8)
+    with pytest.raises(ConfigError, match="jobs.heartbeat_s"):
+        JobsSettings(lease_s=5, heartbeat_s=5)
+    with pytest.raises(ConfigError, match="llm.workers"):
+        load_settings(None, env={}).replace("llm", workers=65)
+    with pytest.raises(ConfigError, match="llm.nope"):
+        load_settings(None, env={}).replace("llm", nope=1)
+
+
+def test_choices_match_case_insensitively_and_keep_the_declared_spelling() -> None:
+    assert load_settings(None, env={"MEDMITRA_LOG_LEVEL": "debug"}).log.level == "DEBUG"
+
+
+def test_only_the_result_of_all_layers_is_range_checked(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[server]\nport = 70000\n")
+    assert load_settings(cfg, env={"MEDMITRA_SERVER_PORT": "8080"}).server.port == 8080
+    with pytest.raises(ConfigError, match="server.port"):
+        load_settings(cfg, env={"MEDMITRA_SERVER_PORT": "x"}, overrides={"server": {"port": 1}})
+
+
 def test_file_env_and_overrides_in_order(tmp_path: Path) -> None:
     cfg = tmp_path / "c.toml"
     cfg.write_text('[server]\nport = 9001\nhost = "0.0.0.0"\n[llm]\nworkers = 2\n')
@@ -69,6 +124,7 @@ def test_file_env_and_overrides_in_order(tmp_path: Path) -> None:
     ("[jobs]\nlease_s = 5\nheartbeat_s = 10\n", {}, "jobs.heartbeat_s"),
     ("[server]\nnope = 1\n", {}, "server.nope"),
     ("[nosection]\na = 1\n", {}, "nosection"),
+    ("[server]\nport = 8000\n", {"MEDMITRA_SERVER_PORT": "-1"}, "server.port"),
     ("", {"MEDMITRA_LLM_WORKERS": "two"}, "llm.workers"),
     ("", {"MEDMITRA_LLM_TEMPERATURE": "nan"}, "llm.temperature"),
     ("", {"MEDMITRA_LOG_LEVEL": "LOUD"}, "log.level"),
