@@ -21,6 +21,7 @@ from medmitra.api.signals import QuietSignalRouter
 from medmitra.auth.jwt import TokenVerifier
 from medmitra.auth.keys import load_or_create_secret
 from medmitra.config import Settings
+from medmitra.contract import ModelState
 from medmitra.db.models import CaseFile
 from medmitra.db.reads import Reader
 from medmitra.db.setup import close_db, open_db
@@ -212,7 +213,7 @@ def _register_system_routes(app: Sanic) -> None:
             checks["model"] = pool["model"]
             checks["workers"] = pool["workers"]
         else:
-            checks["model"] = {"state": "disabled", "name": None, "error": None}
+            checks["model"] = {"state": ModelState.DISABLED, "name": None, "error": None}
             checks["workers"] = []
         checks["status"] = "ok" if ok else "unavailable"
         return json_response(checks, status=200 if ok else 503)

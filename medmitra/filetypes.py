@@ -15,6 +15,8 @@ import unicodedata
 
 import filetype
 
+from medmitra.contract import FileCategory
+
 SNIFF_BYTES: int = 4096
 
 PDF = "application/pdf"
@@ -24,9 +26,9 @@ DICOM = "application/dicom"
 CSV = "text/csv"
 TEXT = "text/plain"
 
-_ACCEPTED: dict[str, frozenset[str]] = {
-    "lab": frozenset({PDF, CSV, TEXT, JPEG, PNG}),
-    "radiology": frozenset({JPEG, PNG, DICOM}),
+ACCEPTED: dict[FileCategory, tuple[str, ...]] = {
+    FileCategory.LAB: (PDF, CSV, TEXT, JPEG, PNG),
+    FileCategory.RADIOLOGY: (JPEG, PNG, DICOM),
 }
 
 # Adobe readers accept junk before the header, so pdfium does too; look this far.
@@ -122,19 +124,19 @@ def detect_delimiter(text: str) -> str | None:
 
 def accepts(category: str, mime: str | None) -> bool:
     """True when ``mime`` (from ``sniff``) is allowed for the upload category."""
-    return mime is not None and mime in _ACCEPTED.get(category, frozenset())
+    return mime is not None and mime in ACCEPTED.get(category, ())
 
 
-def infer_category(mime: str | None) -> str | None:
+def infer_category(mime: str | None) -> FileCategory | None:
     """Category implied by content: DICOM -> radiology; PDF/CSV/text -> lab.
 
     JPEG/PNG return None because a photo of a lab report and an X-ray look alike; the
     upload route then uses "radiology" for images.
     """
     if mime == DICOM:
-        return "radiology"
+        return FileCategory.RADIOLOGY
     if mime in (PDF, CSV, TEXT):
-        return "lab"
+        return FileCategory.LAB
     return None
 
 

@@ -13,25 +13,18 @@ import httpx
 import pytest
 
 from conftest import LiveServer, User, _serve_in_thread, free_port, make_settings, make_user
+from medmitra import contract
 from medmitra.db.models import CaseFile, Insight, Job
 from tests import docfactory as df
 
 PATIENT = {"patient_name": "  Asha Rao  ", "patient_age": " 52 ", "patient_gender": "female",
            "case_summary": "Fatigue and breathlessness for three weeks"}
 
-CASE_KEYS = {"id", "case_id", "doctor_id", "user_id", "patient_name", "patient_age",
-             "patient_gender", "case_summary", "status", "created_at", "updated_at"}
-FILE_KEYS = {"id", "file_id", "case_id", "file_name", "file_type", "file_size", "file_category",
-             "file_url", "upload_date", "uploaded_at", "text_data", "ai_summary"}
-ANALYSIS_KEYS = {"state", "stage", "progress", "queue_position", "error", "started_at",
-                 "finished_at", "attempts"}
-FLAT_INSIGHT_KEYS = {
-    "case_id", "comprehensive_summary", "key_findings", "patient_context", "doctor_notes",
-    "lab_summary", "radiology_summary", "case_summary_confidence_score", "soap_subjective",
-    "soap_objective", "soap_assessment", "soap_plan", "soap_confidence_score",
-    "primary_diagnosis", "icd_code", "diagnosis_description", "diagnosis_confidence_score",
-    "supporting_evidence", "overall_confidence_score", "generated_at", "created_at",
-    "updated_at"}
+# The output shapes are declared once, in the contract; these tests hold the server to it.
+CASE_KEYS = set(contract.CASE_FIELDS)
+FILE_KEYS = set(contract.FILE_FIELDS)
+ANALYSIS_KEYS = set(contract.ANALYSIS_FIELDS)
+FLAT_INSIGHT_KEYS = set(contract.FLAT_INSIGHT_FIELDS)
 
 
 # -- helpers -----------------------------------------------------------------------------

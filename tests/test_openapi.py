@@ -19,6 +19,7 @@ import pytest
 from openapi_schema_validator import OAS31Validator
 from openapi_spec_validator import validate as validate_spec
 
+from medmitra import contract
 from medmitra.api.openapi import build_openapi
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,26 +43,12 @@ REQUIRED_OPERATIONS = {
     ("get", "/auth/v1/health"), ("get", "/auth/v1/.well-known/jwks.json"),
 }
 
-FLAT_INSIGHT_FIELDS = {
-    "case_id", "comprehensive_summary", "key_findings", "patient_context", "doctor_notes",
-    "lab_summary", "radiology_summary", "case_summary_confidence_score", "soap_subjective",
-    "soap_objective", "soap_assessment", "soap_plan", "soap_confidence_score",
-    "primary_diagnosis", "icd_code", "diagnosis_description", "diagnosis_confidence_score",
-    "supporting_evidence", "overall_confidence_score", "generated_at", "created_at",
-    "updated_at",
-}
 COMPONENT_FIELDS = {
-    "Case": {"id", "case_id", "doctor_id", "user_id", "patient_name", "patient_age",
-             "patient_gender", "case_summary", "status", "created_at", "updated_at"},
-    "CaseFile": {"id", "file_id", "case_id", "file_name", "file_type", "file_size",
-                 "file_category", "file_url", "upload_date", "uploaded_at", "text_data",
-                 "ai_summary"},
-    "AiInsightsFlat": FLAT_INSIGHT_FIELDS,
-    "Insights": {"case_summary", "soap_note", "primary_diagnosis", "differential_diagnoses",
-                 "investigation_recommendations", "treatment_recommendations",
-                 "overall_confidence_score", "generated_at", "model"},
-    "Analysis": {"state", "stage", "progress", "queue_position", "error", "started_at",
-                 "finished_at", "attempts"},
+    "Case": set(contract.CASE_FIELDS),
+    "CaseFile": set(contract.FILE_FIELDS),
+    "AiInsightsFlat": set(contract.FLAT_INSIGHT_FIELDS),
+    "Insights": set(contract.INSIGHT_FIELDS),
+    "Analysis": set(contract.ANALYSIS_FIELDS),
     "Error": {"detail", "error"},
 }
 

@@ -32,7 +32,7 @@ def test_sqlite_case_json_equals_python_rendering(tmp_path: Path) -> None:
         reader = reads.Reader(Path(settings.database_url.removeprefix("sqlite://")))
         try:
             text, total = await reads.list_cases_json(
-                reader, ['"user_id" = ?'], [user], '"id" ASC', None, 0, case_dict)
+                reader, reads.CaseQuery(user_id=user, descending=False), case_dict)
             rows = (await reader.many(
                 [(f'SELECT {reads.CASE_COLS} FROM "cases" WHERE "user_id" = ? ORDER BY "id"',
                   [user])]))[0]

@@ -10,6 +10,7 @@ from urllib.parse import quote
 from sanic import Blueprint, Request
 from sanic.response import HTTPResponse, file_stream, json as json_response, raw
 
+from medmitra import contract
 from medmitra.api.auth import current_user
 from medmitra.api.multipart import Form, limit_body, read_form
 from medmitra.db import reads
@@ -20,8 +21,6 @@ from medmitra.services.compat import normalise_query
 
 bp = Blueprint("cases", url_prefix="/cases")
 downloads = Blueprint("downloads")
-
-CATEGORIES = ("lab", "radiology")
 
 
 def _ctx(request: Request) -> Any:
@@ -75,14 +74,14 @@ async def create_case(request: Request) -> HTTPResponse:
     header_user = None
     if request.headers.get("authorization") or not settings.auth.trust_user_id:
         header_user = await current_user(request)
-    form = await _read_upload_form(request, {"lab_files": lim.lab_max_bytes,
-                                             "radiology_files": lim.radiology_max_bytes})
+    form = await _read_upload_form(request, {
+        name: lim.lab_max_bytes if category == contract.FileCategory.LAB
+        else lim.radiology_max_bytes for name, category in contract.CREATE_FILE_FIELDS.items()})
     try:
         user_id = header_user or await current_user(request, claimed_user_id=form.get("user_id"))
         svc.check_user_field(user_id, form.get("user_id"))
-        parts = [(f, "lab" if f.field == "lab_files" else "radiology") for f in form.files]
-        fields = {k: form.get(k) for k in ("patient_name", "patient_age", "patient_gender",
-                                           "case_summary")}
+        parts = [(f, contract.CREATE_FILE_FIELDS[f.field]) for f in form.files]
+        fields = {k: form.get(k) for k in contract.CASE_CREATE_FIELDS}
         case, rows = await svc.create_case(_ctx(request).storage, lim,
                                            settings.jobs.max_attempts, user_id=user_id,
                                            fields=fields, files=parts)
@@ -158,7 +157,7 @@ async def upload(request: Request) -> HTTPResponse:
     if request.headers.get("authorization") or not settings.auth.trust_user_id:
         header_user = await current_user(request)
     biggest = max(lim.lab_max_bytes, lim.radiology_max_bytes)
-    form = await _read_upload_form(request, {"file": biggest, "files": biggest})
+    form = await _read_upload_form(request, dict.fromkeys(contract.UPLOAD_FILE_FIELDS, biggest))
     try:
         user_id = header_user or await current_user(request, claimed_user_id=form.get("user_id"))
         svc.check_user_field(user_id, form.get("user_id"))
@@ -168,8 +167,9 @@ async def upload(request: Request) -> HTTPResponse:
         category = form.get("category")
         if category is not None and category.strip() == "":
             category = None
-        if category is not None and category not in CATEGORIES:
-            raise field_error("category", "must be 'lab' or 'radiology'")
+        if category is not None and category not in tuple(contract.FileCategory):
+            raise field_error("category", "must be " + " or ".join(
+                repr(str(c)) for c in contract.FileCategory))
         if not form.files:
             raise field_error("file", "no file in the request")
         case = await svc.get_case(user_id, raw_case)

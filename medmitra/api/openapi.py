@@ -15,8 +15,9 @@ import copy
 import functools
 from typing import Any
 
-from medmitra import __version__
+from medmitra import __version__, contract, filetypes
 from medmitra.config import LimitsSettings
+from medmitra.contract import CaseStatus, FileCategory
 
 OPENAPI_VERSION = "3.1.0"
 TITLE = "MedMitra Edge API"
@@ -24,19 +25,13 @@ TITLE = "MedMitra Edge API"
 _LIMITS = LimitsSettings()
 NAME_MAX_CHARS = _LIMITS.name_max_chars
 TEXT_MAX_CHARS = _LIMITS.text_field_max_chars
-PAGE_LIMIT_MAX = 100
 FILES_PER_REQUEST = _LIMITS.files_per_request
-PAGE_MAX = 1_000_000
-GENDER_MAX_CHARS = 64
-SEARCH_MAX_CHARS = 200
-AGE_MAX_YEARS = 150
 
-SORT_BY = ["created_at", "updated_at", "patient_name", "patient_age"]
-CASE_STATUS = ["processing", "completed", "failed"]
-CATEGORY = ["lab", "radiology"]
-ANALYSIS_STATE = ["queued", "running", "completed", "failed"]
-LAB_MIMES = "application/pdf, text/csv, text/plain, image/jpeg, image/png"
-RADIOLOGY_MIMES = "image/jpeg, image/png, application/dicom"
+CASE_STATUS = [s.value for s in CaseStatus]
+CATEGORY = [c.value for c in FileCategory]
+ANALYSIS_STATE = [s.value for s in contract.ANALYSIS_STATES]
+LAB_MIMES = ", ".join(filetypes.ACCEPTED[FileCategory.LAB])
+RADIOLOGY_MIMES = ", ".join(filetypes.ACCEPTED[FileCategory.RADIOLOGY])
 
 Schema = dict[str, Any]
 
@@ -62,6 +57,14 @@ def _obj(props: dict[str, Schema], required: list[str] | None = None, **extra: A
     return out
 
 
+def _shape(fields: tuple[str, ...], props: dict[str, Schema], **extra: Any) -> Schema:
+    """An output object of the contract: exactly ``fields`` (medmitra.contract), in that
+    order, all required (nullable ones say so in their schema)."""
+    if set(props) != set(fields):
+        raise ValueError(f"schema and contract disagree on {sorted(set(props) ^ set(fields))}")
+    return _obj({name: props[name] for name in fields}, list(fields), **extra)
+
+
 STR: Schema = {"type": "string"}
 UUID: Schema = {"type": "string", "format": "uuid"}
 DATETIME: Schema = {"type": "string", "format": "date-time"}
@@ -72,9 +75,10 @@ BINARY: Schema = {"type": "string", "format": "binary"}
 ID_OR_UUID: Schema = {"anyOf": [{"type": "integer", "minimum": 1}, UUID]}
 PATIENT_NAME: Schema = {"type": "string", "minLength": 1, "maxLength": NAME_MAX_CHARS,
                         "pattern": r"\S", "description": "Trimmed; must not be blank."}
-PATIENT_AGE: Schema = {"type": "integer", "minimum": 0, "maximum": AGE_MAX_YEARS}
-PATIENT_GENDER: Schema = {"type": "string", "minLength": 1, "maxLength": GENDER_MAX_CHARS,
-                          "pattern": r"\S"}
+PATIENT_AGE: Schema = {"type": "integer", "minimum": contract.AGE_MIN_YEARS,
+                       "maximum": contract.AGE_MAX_YEARS}
+PATIENT_GENDER: Schema = {"type": "string", "minLength": 1,
+                          "maxLength": contract.GENDER_MAX_CHARS, "pattern": r"\S"}
 CASE_SUMMARY: Schema = {"type": "string", "maxLength": TEXT_MAX_CHARS,
                         "description": "Doctor's notes; optional, analysis works without."}
 
@@ -82,7 +86,7 @@ CASE_SUMMARY: Schema = {"type": "string", "maxLength": TEXT_MAX_CHARS,
 # ---------------------------------------------------------------- components
 
 def _schemas() -> dict[str, Schema]:
-    case = _obj({
+    case = _shape(contract.CASE_FIELDS, {
         "id": {"type": "integer", "description": "Integer id (accepted in paths too)."},
         "case_id": UUID,
         "doctor_id": {**UUID, "description": "The owner (token `sub`)."},
@@ -94,10 +98,9 @@ def _schemas() -> dict[str, Schema]:
         "status": {"type": "string", "enum": CASE_STATUS},
         "created_at": DATETIME,
         "updated_at": {**DATETIME, "description": "Moves on every change."},
-    }, ["id", "case_id", "doctor_id", "user_id", "patient_name", "patient_age",
-        "patient_gender", "case_summary", "status", "created_at", "updated_at"])
+    })
 
-    case_file = _obj({
+    case_file = _shape(contract.FILE_FIELDS, {
         "id": {"type": "integer"},
         "file_id": UUID,
         "case_id": {**UUID, "description": "The case's UUID."},
@@ -118,8 +121,7 @@ def _schemas() -> dict[str, Schema]:
                            "confidence_score}`; lab: `{lab_values, summary, "
                            "key_abnormalities, confidence_score}`.",
         }),
-    }, ["id", "file_id", "case_id", "file_name", "file_type", "file_size", "file_category",
-        "file_url", "upload_date", "uploaded_at", "text_data", "ai_summary"])
+    })
 
     flat_props: dict[str, Schema] = {
         "case_id": UUID,
@@ -145,8 +147,8 @@ def _schemas() -> dict[str, Schema]:
         "created_at": DATETIME,
         "updated_at": DATETIME,
     }
-    ai_insights_flat = _obj(flat_props, list(flat_props),
-                            description="Flat insights, as the original frontend reads them.")
+    ai_insights_flat = _shape(contract.FLAT_INSIGHT_FIELDS, flat_props,
+                              description="Flat insights, as the original frontend reads them.")
 
     differential = _obj({
         "condition": STR, "probability": SCORE, "reasoning": _nullable(STR),
@@ -161,7 +163,7 @@ def _schemas() -> dict[str, Schema]:
         "treatment_type": STR, "description": _nullable(STR), "dosage": _nullable(STR),
         "duration": _nullable(STR), "precautions": STR_LIST,
     }, ["treatment_type", "description", "dosage", "duration", "precautions"])
-    insights = _obj({
+    insights = _shape(contract.INSIGHT_FIELDS, {
         "case_summary": _obj({
             "comprehensive_summary": _nullable(STR), "key_findings": STR_LIST,
             "patient_context": {"type": "object"}, "doctor_notes": _nullable(STR),
@@ -189,12 +191,9 @@ def _schemas() -> dict[str, Schema]:
                            "file name, quantisation and hash).",
             "anyOf": [STR, {"type": "object"}, {"type": "null"}],
         },
-    }, ["case_summary", "soap_note", "primary_diagnosis", "differential_diagnoses",
-        "investigation_recommendations", "treatment_recommendations",
-        "overall_confidence_score", "generated_at", "model"],
-        description="Nested insights, as the API docs describe them.")
+    }, description="Nested insights, as the API docs describe them.")
 
-    analysis = _obj({
+    analysis = _shape(contract.ANALYSIS_FIELDS, {
         "state": {"type": "string", "enum": ANALYSIS_STATE},
         "stage": _nullable({"type": "string", "description":
                             "Current stage: extract, lab_analysis, radiology_analysis, "
@@ -206,8 +205,7 @@ def _schemas() -> dict[str, Schema]:
         "started_at": _nullable(DATETIME),
         "finished_at": _nullable(DATETIME),
         "attempts": {"type": "integer", "minimum": 0},
-    }, ["state", "stage", "progress", "queue_position", "error", "started_at",
-        "finished_at", "attempts"])
+    })
 
     error = _obj({
         "detail": STR,
@@ -357,23 +355,26 @@ def _protected(ok: dict[str, Schema], *extra: str) -> dict[str, Schema]:
 
 def _list_params() -> list[Schema]:
     date = {"type": "string", "anyOf": [{"format": "date"}, {"format": "date-time"}]}
-    age = {"type": "integer", "minimum": 0, "maximum": AGE_MAX_YEARS}
+    age = PATIENT_AGE
     params = [
         USER_ID_QUERY,
-        _query("page", {"type": "integer", "minimum": 1, "maximum": PAGE_MAX, "default": 1},
+        _query("page", {"type": "integer", "minimum": 1, "maximum": contract.PAGE_MAX,
+                        "default": 1},
                "Page number."),
-        _query("limit", {"type": "integer", "minimum": 1, "maximum": PAGE_LIMIT_MAX},
+        _query("limit", {"type": "integer", "minimum": 1, "maximum": contract.PAGE_LIMIT_MAX},
                "Page size; without it all matching cases are returned."),
         _query("status", {"type": "string", "enum": CASE_STATUS}),
-        _query("search", {"type": "string", "maxLength": SEARCH_MAX_CHARS},
+        _query("search", {"type": "string", "maxLength": contract.SEARCH_MAX_CHARS},
                "Case-insensitive match on patient name or case summary."),
         _query("start_date", date, "created_at on or after (ISO 8601 date or date-time)."),
         _query("end_date", date, "created_at on or before (ISO 8601 date or date-time)."),
         _query("min_age", age),
         _query("max_age", age),
         _query("gender", {"type": "string"}, "Exact match, case-insensitive."),
-        _query("sort_by", {"type": "string", "enum": SORT_BY, "default": "created_at"}),
-        _query("sort_order", {"type": "string", "enum": ["asc", "desc"], "default": "desc"}),
+        _query("sort_by", {"type": "string", "enum": list(contract.SORT_KEYS),
+                           "default": contract.DEFAULT_SORT_KEY}),
+        _query("sort_order", {"type": "string", "enum": list(contract.SORT_ORDERS),
+                              "default": contract.DEFAULT_SORT_ORDER}),
     ]
     by_name = {p["name"]: p for p in params}
     # camelCase spellings sent by the original frontend: same schema, documented as aliases.
@@ -421,11 +422,9 @@ def _cases_paths() -> dict[str, Schema]:
                      "description": "When absent, inferred from the content."},
     }, ["case_id"], anyOf=[{"required": ["file"]}, {"required": ["files"]}])
     analyze_body = _obj({
-        "includeDifferentialDiagnosis": {"type": "boolean", "default": True},
-        "includeTreatmentSuggestions": {"type": "boolean", "default": True},
-        "includeLabInterpretation": {"type": "boolean", "default": True},
-        "includeImagingAnalysis": {"type": "boolean", "default": True},
-        "confidenceThreshold": {"type": "number", "minimum": 0, "maximum": 1},
+        **{name: {"type": "boolean", "default": True} for name in contract.ANALYZE_OPTIONS},
+        contract.ANALYZE_THRESHOLD[0]: {"type": "number", "minimum": contract.CONFIDENCE_MIN,
+                                        "maximum": contract.CONFIDENCE_MAX},
     })
     file_list = _obj({"files": {"type": "array", "items": _ref("CaseFile")}}, ["files"])
     enc_lab = {"contentType": LAB_MIMES}

@@ -6,8 +6,7 @@ from __future__ import annotations
 from tortoise import fields
 from tortoise.models import Model
 
-CASE_STATUSES = ("processing", "completed", "failed")
-JOB_STATES = ("queued", "running", "completed", "failed", "cancelled")
+from medmitra.contract import CaseStatus, JobState
 
 
 class Case(Model):
@@ -18,7 +17,7 @@ class Case(Model):
     patient_age = fields.IntField()
     patient_gender = fields.CharField(max_length=64)
     case_summary = fields.TextField(null=True)
-    status = fields.CharField(max_length=16, default="processing")
+    status = fields.CharField(max_length=16, default=CaseStatus.PROCESSING.value)
     created_at = fields.DatetimeField()
     updated_at = fields.DatetimeField()
 
@@ -70,7 +69,7 @@ class Job(Model):
     id = fields.IntField(primary_key=True)
     case: fields.ForeignKeyRelation[Case] = fields.ForeignKeyField(
         "models.Case", related_name="jobs", on_delete=fields.CASCADE)
-    state = fields.CharField(max_length=16, default="queued", db_index=True)
+    state = fields.CharField(max_length=16, default=JobState.QUEUED.value, db_index=True)
     stage = fields.CharField(max_length=32, null=True)
     progress = fields.FloatField(default=0.0)
     attempts = fields.IntField(default=0)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 import sqlite3
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -21,10 +22,16 @@ import orjson
 
 from tortoise.transactions import in_transaction
 
-CASE_COLS = ('"id", "case_id", "user_id", "patient_name", "patient_age", "patient_gender", '
-             '"case_summary", "status", "created_at", "updated_at"')
-FILE_COLS = ('"id", "file_id", "user_id", "file_name", "file_type", "file_size", '
-             '"file_category", "text_data", "ai_summary", "uploaded_at"')
+from medmitra import contract
+from medmitra.contract import JobState
+
+
+def _columns(names: Sequence[str]) -> str:
+    return ", ".join(f'"{n}"' for n in names)
+
+
+CASE_COLS = _columns(contract.CASE_COLUMNS)
+FILE_COLS = _columns(contract.FILE_COLUMNS)
 
 
 def iso(value: Any) -> str | None:
@@ -119,8 +126,9 @@ async def case_view(reader: Reader, user_id: str, ident: dict[str, Any]) -> dict
     ins_sql = (f'SELECT "data", "model", "stages", "generated_at", "created_at", "updated_at" '
                f'FROM "ai_insights" WHERE "case_id" = {sub} ORDER BY "id" DESC LIMIT 1')
     job_sql = (f'SELECT "id", "state", "stage", "progress", "attempts", "error", "started_at", '
-               f'"finished_at", (SELECT COUNT(*) FROM "jobs" AS q WHERE q."state" = \'queued\' '
-               f'AND q."id" < "jobs"."id") AS "ahead" FROM "jobs" WHERE "case_id" = {sub} '
+               f'"finished_at", (SELECT COUNT(*) FROM "jobs" AS q '
+               f'WHERE q."state" = \'{JobState.QUEUED}\' AND q."id" < "jobs"."id") AS "ahead" '
+               f'FROM "jobs" WHERE "case_id" = {sub} '
                f'ORDER BY "id" DESC LIMIT 1')
     p = (value, user_id)
     cases, files, insights, jobs = await reader.many(
@@ -134,35 +142,93 @@ async def case_view(reader: Reader, user_id: str, ident: dict[str, Any]) -> dict
 def analysis_from_row(job: dict[str, Any] | None) -> dict[str, Any] | None:
     if job is None:
         return None
-    state = job["state"]
+    state = JobState(job["state"])
     return {
-        "state": state if state != "cancelled" else "failed",
+        "state": contract.analysis_state(state),
         "stage": job["stage"],
         "progress": round(float(job["progress"] or 0.0), 4),
-        "queue_position": int(job["ahead"]) + 1 if state == "queued" else None,
-        "error": job["error"] if state in ("failed", "cancelled") else None,
+        "queue_position": int(job["ahead"]) + 1 if state is JobState.QUEUED else None,
+        "error": job["error"] if state in (JobState.FAILED, JobState.CANCELLED) else None,
         "started_at": iso(job["started_at"]),
         "finished_at": iso(job["finished_at"]),
         "attempts": job["attempts"],
     }
 
 
-# The JSON of one case as SQLite renders it: the same object as services.cases.case_dict
-# (a test holds the two equal). Rendering in SQL spares a Python dict per row.
-CASE_JSON_SQLITE = (
-    "json_object('id', \"id\", 'case_id', \"case_id\", 'doctor_id', \"user_id\", "
-    "'user_id', \"user_id\", 'patient_name', \"patient_name\", 'patient_age', \"patient_age\", "
-    "'patient_gender', \"patient_gender\", 'case_summary', \"case_summary\", "
-    "'status', \"status\", 'created_at', replace(\"created_at\", ' ', 'T'), "
-    "'updated_at', replace(\"updated_at\", ' ', 'T'))")
+def _case_json_sqlite() -> str:
+    """The JSON of one case as SQLite renders it: the same object as
+    services.cases.case_dict, both derived from ``contract.CASE_FIELDS`` (a test holds the
+    two equal). Rendering in SQL spares a Python dict per row."""
+    parts = []
+    for name in contract.CASE_FIELDS:
+        column = f'"{contract.CASE_FIELD_SOURCES.get(name, name)}"'
+        if name in contract.CASE_TIMESTAMPS:
+            column = f"replace({column}, ' ', 'T')"
+        parts.append(f"'{name}', {column}")
+    return f"json_object({', '.join(parts)})"
 
 
-async def list_cases_json(reader: Reader, where: list[str], params: list[Any], order: str,
-                          limit: int | None, offset: int,
+CASE_JSON_SQLITE = _case_json_sqlite()
+
+
+@dataclass(frozen=True)
+class CaseQuery:
+    """One page of a user's cases: validated filters (services/cases.py) and the order."""
+    user_id: str
+    status: str | None = None
+    search: str | None = None          # matched literally in patient name or summary
+    created_from: datetime | None = None
+    created_to: datetime | None = None
+    min_age: int | None = None
+    max_age: int | None = None
+    gender: str | None = None          # exact match, case-insensitive
+    sort_key: str = contract.DEFAULT_SORT_KEY
+    descending: bool = True
+    limit: int | None = None
+    offset: int = 0
+
+
+def _case_where(q: CaseQuery, sqlite: bool) -> tuple[str, list[Any]]:
+    where, params = ['"user_id" = ?'], [q.user_id]
+    like = "LIKE" if sqlite else "ILIKE"   # SQLite's LIKE ignores ASCII case
+    if q.status is not None:
+        where.append('"status" = ?')
+        params.append(q.status)
+    if q.search is not None:
+        # Wildcards typed by the user are taken literally.
+        pattern = "%" + re.sub(r"([\\%_])", r"\\\1", q.search) + "%"
+        where.append(f'("patient_name" {like} ? ESCAPE \'\\\' OR '
+                     f'"case_summary" {like} ? ESCAPE \'\\\')')
+        params += [pattern, pattern]
+    for value, op in ((q.created_from, ">="), (q.created_to, "<=")):
+        if value is not None:
+            where.append(f'"created_at" {op} ?')
+            params.append(db_timestamp(value, sqlite))
+    for age, op in ((q.min_age, ">="), (q.max_age, "<=")):
+        if age is not None:
+            where.append(f'"patient_age" {op} ?')
+            params.append(age)
+    if q.gender is not None:
+        where.append('LOWER("patient_gender") = LOWER(?)')
+        params.append(q.gender)
+    return " AND ".join(where), params
+
+
+def _case_order(q: CaseQuery) -> str:
+    if q.sort_key not in contract.SORT_KEYS:   # validated before; never a raw column name
+        raise ValueError(f"unknown sort key {q.sort_key!r}")
+    # Names sort as people read them ("asha" next to "Asha"), not in byte order.
+    column = 'LOWER("patient_name")' if q.sort_key == "patient_name" else f'"{q.sort_key}"'
+    direction = "DESC" if q.descending else "ASC"
+    return f'{column} {direction}, "id" {direction}'
+
+
+async def list_cases_json(reader: Reader, q: CaseQuery,
                           render: Callable[[dict[str, Any]], dict[str, Any]]) -> tuple[str, int]:
     """A page of cases as a JSON array text, and the total count."""
-    cond = " AND ".join(where)
-    page = f" LIMIT {int(limit)} OFFSET {int(offset)}" if limit is not None else ""
+    cond, params = _case_where(q, reader.is_sqlite)
+    order = _case_order(q)
+    page = f" LIMIT {int(q.limit)} OFFSET {int(q.offset)}" if q.limit is not None else ""
     if reader.is_sqlite:
         count_sql = (f'SELECT COUNT(*) FROM "cases" WHERE {cond}', params)
         rows, count = await reader.many([

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from medmitra.config import Settings, resolve_model_path
+from medmitra.contract import JobState, ModelState, WorkerState
 from medmitra.db.models import Job
 from medmitra.jobs import queue, runner
 from medmitra.llm.runtime import LLMRuntime, ModelUnavailable, check_gguf
@@ -41,16 +42,13 @@ ERROR_BACKOFF_S = 1.0
 # so dropping a model in place or starting the server later needs no restart.
 MODEL_RETRY_S = 15.0
 
-MODEL_STATES = ("loading", "ready", "missing", "error", "disabled")
-
-
 @dataclass
 class _Worker:
     name: str
     executor: ThreadPoolExecutor
     runtime: LLMRuntime | None = None
     task: asyncio.Task | None = None
-    state: str = "idle"
+    state: WorkerState = WorkerState.IDLE
     job_id: int | None = None
     case_pk: int | None = None
     owner: str | None = None
@@ -83,7 +81,7 @@ class WorkerPool:
         else:
             resolved = resolve_model_path(settings.llm.model_path)
             self._model_path = str(resolved) if resolved else settings.llm.model_path
-        self._model_state = "disabled" if self.n_workers == 0 else "loading"
+        self._model_state = ModelState.DISABLED if self.n_workers == 0 else ModelState.LOADING
         self._model_name: str | None = None
         self._model_error: str | None = None
         self._loaded = 0
@@ -173,7 +171,7 @@ class WorkerPool:
         await asyncio.gather(*self._side_tasks, return_exceptions=True)
         await self._release_leftovers()
         for w in self._workers:
-            w.state = "stopped"
+            w.state = WorkerState.STOPPED
             if w.runtime is not None and not w.thread_busy:
                 _close(w.runtime, w.name)
                 w.runtime = None
@@ -185,7 +183,7 @@ class WorkerPool:
         owners = set().union(*(w.owners for w in self._workers)) if self._workers else set()
         if not owners:
             return
-        rows = await Job.filter(state="running", lease_owner__in=list(owners)).values(
+        rows = await Job.filter(state=JobState.RUNNING, lease_owner__in=list(owners)).values(
             "id", "lease_owner")
         for row in rows:
             await queue.release(row["id"], row["lease_owner"])
@@ -224,12 +222,12 @@ class WorkerPool:
         model = {"state": self._model_state, "name": self._model_name,
                  "path": self._model_path, "error": self._model_error}
         workers = [w.public() for w in self._workers]
-        if self._model_state == "disabled":
+        if self._model_state is ModelState.DISABLED:
             # An API-only node is ready by design; other nodes run the jobs.
             ready = not self._stopped
         else:
-            ready = self._model_state == "ready" and any(
-                w["state"] != "stopped" for w in workers)
+            ready = self._model_state is ModelState.READY and any(
+                w["state"] != WorkerState.STOPPED for w in workers)
         return {"model": model, "workers": workers, "ready": ready}
 
     # -- workers --------------------------------------------------------------------------
@@ -256,11 +254,11 @@ class WorkerPool:
         try:
             w.runtime = await self._in_thread(w, load)
         except ModelUnavailable as exc:
-            self._set_model_failed("missing", str(exc))
+            self._set_model_failed(ModelState.MISSING, str(exc))
             log.error("%s: model unavailable: %s; jobs stay queued", w.name, exc)
             return False
         except Exception as exc:
-            self._set_model_failed("error", f"{type(exc).__name__}: {exc}")
+            self._set_model_failed(ModelState.ERROR, f"{type(exc).__name__}: {exc}")
             log.error("%s: model failed to load (%s)", w.name, type(exc).__name__)
             return False
         if self._stopped:
@@ -269,20 +267,21 @@ class WorkerPool:
         info = getattr(w.runtime, "info", None) or {}
         self._model_name = info.get("name") or self._model_name
         self._loaded += 1
-        if self._loaded == self.n_workers and self._model_state in ("loading", "missing"):
-            self._model_state, self._model_error = "ready", None
+        if self._loaded == self.n_workers and \
+                self._model_state in (ModelState.LOADING, ModelState.MISSING):
+            self._model_state, self._model_error = ModelState.READY, None
             log.info("model %s ready in %d worker(s), %d thread(s) each", self._model_name,
                      self.n_workers, self.threads)
         return True
 
-    def _set_model_failed(self, state: str, error: str) -> None:
-        if self._model_state not in ("missing", "error"):
+    def _set_model_failed(self, state: ModelState, error: str) -> None:
+        if self._model_state not in (ModelState.MISSING, ModelState.ERROR):
             self._model_state, self._model_error = state, error
 
     async def _worker_main(self, w: _Worker) -> None:
         try:
             while not await self._load_runtime(w):
-                if self._model_state != "missing" or self._stopping.is_set():
+                if self._model_state is not ModelState.MISSING or self._stopping.is_set():
                     return   # a broken model does not get better by loading it again
                 await self._idle(MODEL_RETRY_S)
                 if self._stopping.is_set():
@@ -304,7 +303,7 @@ class WorkerPool:
                     break
                 await self._run(w, job, owner)
         finally:
-            w.state = "stopped"
+            w.state = WorkerState.STOPPED
 
     async def _claim(self, w: _Worker) -> tuple[Job, str] | None:
         # A fresh owner per claim: a stale run of an earlier job can never pass as ours.
@@ -328,7 +327,7 @@ class WorkerPool:
     async def _run(self, w: _Worker, job: Job, owner: str) -> None:
         cancel = threading.Event()
         w.state, w.job_id, w.case_pk, w.owner, w.cancel, w.stage = (
-            "busy", job.id, job.case_id, owner, cancel, None)
+            WorkerState.BUSY, job.id, job.case_id, owner, cancel, None)
         log.info("%s: job %d claimed (attempt %d)", w.name, job.id, job.attempts)
         beat = asyncio.create_task(self._heartbeat(job.id, owner, cancel),
                                    name=f"medmitra-heartbeat-{job.id}")
@@ -355,7 +354,7 @@ class WorkerPool:
             await asyncio.gather(beat, return_exceptions=True)
             w.owners.discard(owner)
             w.state, w.job_id, w.case_pk, w.owner, w.cancel, w.stage = (
-                "idle", None, None, None, None, None)
+                WorkerState.IDLE, None, None, None, None, None)
 
     async def _heartbeat(self, job_id: int, owner: str, cancel: threading.Event) -> None:
         jobs = self.settings.jobs

@@ -18,6 +18,7 @@ from tortoise import connections
 from tortoise.expressions import F
 from tortoise.transactions import in_transaction
 
+from medmitra.contract import JOB_ACTIVE_STATES, CaseStatus, JobState
 from medmitra.db import reads
 from medmitra.db.models import Case, Job
 
@@ -45,10 +46,10 @@ async def enqueue(case: Case, options: dict[str, Any], *, max_attempts: int,
                   conn: Any = None) -> Job:
     """Queue a fresh run for a case; any earlier unfinished run of it is cancelled."""
     now = _now()
-    await Job.filter(case_id=case.id, state__in=("queued", "running")).using_db(conn).update(
-        state="cancelled", finished_at=now, updated_at=now, lease_owner=None,
+    await Job.filter(case_id=case.id, state__in=JOB_ACTIVE_STATES).using_db(conn).update(
+        state=JobState.CANCELLED, finished_at=now, updated_at=now, lease_owner=None,
         error="superseded by a newer analysis request")
-    return await Job.create(case_id=case.id, state="queued", options=options,
+    return await Job.create(case_id=case.id, state=JobState.QUEUED, options=options,
                             max_attempts=max_attempts, created_at=now, updated_at=now,
                             using_db=conn)
 
@@ -57,18 +58,19 @@ async def claim(owner: str, lease_s: float) -> Job | None:
     """Atomically take the oldest runnable job (queued, or running with a lapsed lease)."""
     now = _now()
     epoch = now.timestamp()
+    Q, R = JobState.QUEUED, JobState.RUNNING
     if _is_sqlite():
-        pick = ('SELECT "id" FROM "jobs" WHERE "state"=\'queued\' OR ("state"=\'running\' '
-                'AND "lease_expires_at" < ?) ORDER BY "id" LIMIT 1')
-        sql = (f'UPDATE "jobs" SET "state"=\'running\', "lease_owner"=?, "lease_expires_at"=?, '
+        pick = (f'SELECT "id" FROM "jobs" WHERE "state"=\'{Q}\' OR ("state"=\'{R}\' '
+                f'AND "lease_expires_at" < ?) ORDER BY "id" LIMIT 1')
+        sql = (f'UPDATE "jobs" SET "state"=\'{R}\', "lease_owner"=?, "lease_expires_at"=?, '
                f'"attempts"="attempts"+1, "started_at"=COALESCE("started_at", ?), '
                f'"updated_at"=?, "stage"=NULL, "progress"=0 WHERE "id" = ({pick}) '
                f'RETURNING "id"')
         params: list[Any] = [owner, epoch + lease_s, now.isoformat(), now.isoformat(), epoch]
     else:
-        pick = ('SELECT "id" FROM "jobs" WHERE "state"=\'queued\' OR ("state"=\'running\' '
-                'AND "lease_expires_at" < $5) ORDER BY "id" LIMIT 1 FOR UPDATE SKIP LOCKED')
-        sql = (f'UPDATE "jobs" SET "state"=\'running\', "lease_owner"=$1, "lease_expires_at"=$2, '
+        pick = (f'SELECT "id" FROM "jobs" WHERE "state"=\'{Q}\' OR ("state"=\'{R}\' '
+                f'AND "lease_expires_at" < $5) ORDER BY "id" LIMIT 1 FOR UPDATE SKIP LOCKED')
+        sql = (f'UPDATE "jobs" SET "state"=\'{R}\', "lease_owner"=$1, "lease_expires_at"=$2, '
                f'"attempts"="attempts"+1, "started_at"=COALESCE("started_at", $3), '
                f'"updated_at"=$4, "stage"=NULL, "progress"=0 WHERE "id" = ({pick}) '
                f'RETURNING "id"')
@@ -81,19 +83,19 @@ async def claim(owner: str, lease_s: float) -> Job | None:
 
 async def heartbeat(job_id: int, owner: str, lease_s: float) -> bool:
     """Renew the lease. False when the job is no longer ours (cancelled, deleted, taken)."""
-    n = await Job.filter(id=job_id, lease_owner=owner, state="running").update(
+    n = await Job.filter(id=job_id, lease_owner=owner, state=JobState.RUNNING).update(
         lease_expires_at=_epoch() + lease_s, updated_at=_now())
     return n == 1
 
 
 async def set_progress(job_id: int, owner: str, stage: str, progress: float) -> bool:
-    n = await Job.filter(id=job_id, lease_owner=owner, state="running").update(
+    n = await Job.filter(id=job_id, lease_owner=owner, state=JobState.RUNNING).update(
         stage=stage, progress=max(0.0, min(1.0, progress)), updated_at=_now())
     return n == 1
 
 
 async def still_ours(job_id: int, owner: str) -> bool:
-    return await Job.filter(id=job_id, lease_owner=owner, state="running").exists()
+    return await Job.filter(id=job_id, lease_owner=owner, state=JobState.RUNNING).exists()
 
 
 async def _is_latest(job: Job, conn: Any) -> bool:
@@ -101,53 +103,56 @@ async def _is_latest(job: Job, conn: Any) -> bool:
     return newest is not None and newest.id == job.id
 
 
-async def finish(job_id: int, owner: str, *, state: str, error: str | None = None,
+async def finish(job_id: int, owner: str, *, state: JobState, error: str | None = None,
                  conn: Any = None) -> bool:
     """Mark a job completed/failed inside the caller's transaction and move the case
     status with it (only if this is the case's newest run). False if not ours."""
     now = _now()
-    n = await Job.filter(id=job_id, lease_owner=owner, state="running").using_db(conn).update(
+    case_status = CaseStatus(state)   # a finished run's state names the case's status
+    n = await Job.filter(id=job_id, lease_owner=owner,
+                         state=JobState.RUNNING).using_db(conn).update(
         state=state, error=error, finished_at=now, updated_at=now, lease_owner=None,
-        lease_expires_at=None, progress=1.0 if state == "completed" else 0.0)
+        lease_expires_at=None, progress=1.0 if state == JobState.COMPLETED else 0.0)
     if n != 1:
         return False
     job = await Job.get(id=job_id, using_db=conn)
     if await _is_latest(job, conn):
-        await Case.filter(id=job.case_id).using_db(conn).update(status=state, updated_at=now)
+        await Case.filter(id=job.case_id).using_db(conn).update(status=case_status,
+                                                                 updated_at=now)
     return True
 
 
-async def fail_attempt(job_id: int, owner: str, reason: str) -> str | None:
+async def fail_attempt(job_id: int, owner: str, reason: str) -> JobState | None:
     """Record a failed attempt: re-queue it, or fail it for good after max_attempts.
     Returns the new state, or None if the job was no longer ours."""
     # Conditional UPDATEs first: each takes SQLite's write lock at once, instead of a read
     # that would have to upgrade to a write (which fails at once under contention).
-    n = await Job.filter(id=job_id, lease_owner=owner, state="running",
+    n = await Job.filter(id=job_id, lease_owner=owner, state=JobState.RUNNING,
                          attempts__lt=F("max_attempts")).update(
-        state="queued", error=reason, lease_owner=None, lease_expires_at=None,
+        state=JobState.QUEUED, error=reason, lease_owner=None, lease_expires_at=None,
         updated_at=_now())
     if n == 1:
-        return "queued"
+        return JobState.QUEUED
     async with in_transaction() as conn:
-        if not await finish(job_id, owner, state="failed", error=reason, conn=conn):
+        if not await finish(job_id, owner, state=JobState.FAILED, error=reason, conn=conn):
             return None
         job = await Job.get(id=job_id, using_db=conn)
         await Job.filter(id=job_id).using_db(conn).update(
             error=f"{reason} (gave up after {job.attempts} attempts)")
-        return "failed"
+        return JobState.FAILED
 
 
 async def release(job_id: int, owner: str) -> None:
     """Give a job back untouched (graceful shutdown): the attempt does not count."""
-    await Job.filter(id=job_id, lease_owner=owner, state="running").update(
-        state="queued", lease_owner=None, lease_expires_at=None,
+    await Job.filter(id=job_id, lease_owner=owner, state=JobState.RUNNING).update(
+        state=JobState.QUEUED, lease_owner=None, lease_expires_at=None,
         attempts=F("attempts") - 1, stage=None, progress=0.0, updated_at=_now())
 
 
 async def recover_dead_local_owners() -> int:
     """At start: jobs leased by a process of this host that no longer exists are re-queued
     at once instead of waiting for their lease to lapse."""
-    rows = await Job.filter(state="running", lease_owner__startswith=f"{HOST}:").values(
+    rows = await Job.filter(state=JobState.RUNNING, lease_owner__startswith=f"{HOST}:").values(
         "id", "lease_owner")
     dead = []
     for row in rows:
@@ -158,8 +163,8 @@ async def recover_dead_local_owners() -> int:
         if pid == os.getpid() or not _pid_alive(pid):
             dead.append(row["id"])
     if dead:
-        await Job.filter(id__in=dead, state="running").update(
-            state="queued", lease_owner=None, lease_expires_at=None, updated_at=_now())
+        await Job.filter(id__in=dead, state=JobState.RUNNING).update(
+            state=JobState.QUEUED, lease_owner=None, lease_expires_at=None, updated_at=_now())
     return len(dead)
 
 
@@ -176,8 +181,8 @@ def _pid_alive(pid: int) -> bool:
 
 
 async def queue_depth() -> dict[str, int]:
-    queued = await Job.filter(state="queued").count()
-    running = await Job.filter(state="running").count()
+    queued = await Job.filter(state=JobState.QUEUED).count()
+    running = await Job.filter(state=JobState.RUNNING).count()
     return {"queued": queued, "running": running}
 
 
@@ -187,8 +192,8 @@ async def analysis_status(case_pk: int) -> dict[str, Any] | None:
     job = await Job.filter(case_id=case_pk).order_by("-id").first()
     if job is None:
         return None
-    ahead = await Job.filter(state="queued", id__lt=job.id).count() \
-        if job.state == "queued" else 0
+    ahead = await Job.filter(state=JobState.QUEUED, id__lt=job.id).count() \
+        if job.state == JobState.QUEUED else 0
     return reads.analysis_from_row({
         "state": job.state, "stage": job.stage, "progress": job.progress,
         "attempts": job.attempts, "error": job.error, "started_at": job.started_at,

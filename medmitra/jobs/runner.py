@@ -30,6 +30,7 @@ from tortoise.transactions import in_transaction
 
 from medmitra import textsafe
 from medmitra.config import LLMSettings
+from medmitra.contract import JobState
 from medmitra.db.models import Case, CaseFile, Insight, Job
 from medmitra.jobs import queue
 from medmitra.llm.runtime import LLMError, LLMRuntime
@@ -189,7 +190,7 @@ async def run_job(job: Job, *, owner: str, runtime: LLMRuntime, storage: Storage
         run_blocking = asyncio.to_thread
     case = await Case.get_or_none(id=job.case_id)
     if case is None:  # deleted after the claim; its job rows went with it
-        return "cancelled"
+        return JobState.CANCELLED
     files = await CaseFile.filter(case_id=case.id).order_by("id").values(
         "file_id", "file_category", "file_type", "file_name")
     options = options_from(job.options)
@@ -238,7 +239,7 @@ async def run_job(job: Job, *, owner: str, runtime: LLMRuntime, storage: Storage
             # Still ours (e.g. cancel_case raced with a re-queue of this very job, or
             # shutdown): hand it back untouched instead of leaving it 'running'.
             await queue.release(job.id, owner)
-            return "cancelled"
+            return JobState.CANCELLED
         return await _fail(job, owner, f"stage {clock.stage} took longer than the limit of "
                                        f"{llm.stage_timeout_s:g} s")
     except StageError as exc:
@@ -264,7 +265,7 @@ async def _fail(job: Job, owner: str, reason: str) -> str:
     if state is None:
         return "lost"
     log.warning("job %d: attempt %d failed (%s)", job.id, job.attempts,
-                "re-queued" if state == "queued" else "gave up")
+                "re-queued" if state == JobState.QUEUED else "gave up")
     log.debug("job %d: reason: %s", job.id, reason)
     return state
 
@@ -285,7 +286,7 @@ async def _save(job: Job, owner: str, done: _Work) -> str:
         async with in_transaction() as conn:
             # finish first: it takes SQLite's write lock at once (no read->write upgrade),
             # and a deleted case is detected before the insert hits its foreign key.
-            if not await queue.finish(job.id, owner, state="completed", conn=conn):
+            if not await queue.finish(job.id, owner, state=JobState.COMPLETED, conn=conn):
                 raise _NotOurs()
             now = _now()
             # Model output and extracted text are scrubbed of what a database cannot store
@@ -304,4 +305,4 @@ async def _save(job: Job, owner: str, done: _Work) -> str:
     except _NotOurs:
         log.info("job %d: finished but no longer current; result discarded", job.id)
         return "lost"
-    return "completed"
+    return JobState.COMPLETED

@@ -18,24 +18,23 @@ from typing import Any, Mapping
 
 from tortoise.transactions import in_transaction
 
-from medmitra import filetypes, textsafe
+from medmitra import contract, filetypes, textsafe
 from medmitra.api.multipart import FilePart
 from medmitra.config import LimitsSettings
+from medmitra.contract import CaseStatus, FileCategory
 from medmitra.db import reads
-from medmitra.db.models import CASE_STATUSES, Case, CaseFile
+from medmitra.db.models import Case, CaseFile
 from medmitra.db.reads import Reader
 from medmitra.errors import (BadRequest, NotFound, PayloadTooLarge, UnsupportedMediaType,
                              field_error)
 from medmitra.jobs import queue
-from medmitra.services.compat import ANALYZE_OPTIONS, flat_insights
+from medmitra.services.compat import flat_insights
 from medmitra.storage import Storage
 
 log = logging.getLogger("medmitra.cases")
 
-MAX_AGE = 150
-SORT_FIELDS = ("created_at", "updated_at", "patient_name", "patient_age")
-# Ids are tortoise IntFields: 32-bit (SERIAL) on PostgreSQL.
-MAX_ID = 2**31 - 1
+_AGE_RULE = (f"must be an integer from {contract.AGE_MIN_YEARS} to "
+             f"{contract.AGE_MAX_YEARS}")
 
 
 def now_utc() -> datetime:
@@ -49,7 +48,7 @@ def parse_ident(raw: str, what: str) -> dict[str, Any]:
     raw = raw.strip()
     if raw.isascii() and raw.isdigit() and len(raw) <= 18:
         value = int(raw)
-        if value > MAX_ID:   # names no row; PostgreSQL would refuse it as out of range
+        if value > contract.MAX_ID:   # names no row; PostgreSQL would refuse it as out of range
             raise NotFound(f"{what.capitalize()} not found")
         return {"id": value}
     try:
@@ -99,16 +98,17 @@ def clean_age(value: Any, where: str = "form") -> int:
     if value is None:
         raise field_error("patient_age", "field required", where)
     if isinstance(value, bool):
-        raise field_error("patient_age", "must be an integer from 0 to 150", where)
+        raise field_error("patient_age", _AGE_RULE, where)
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     if isinstance(value, str):
         s = value.strip()
         if not (s.isascii() and s.isdigit() and len(s) <= 3):
-            raise field_error("patient_age", "must be an integer from 0 to 150", where)
+            raise field_error("patient_age", _AGE_RULE, where)
         value = int(s)
-    if not isinstance(value, int) or not 0 <= value <= MAX_AGE:
-        raise field_error("patient_age", "must be an integer from 0 to 150", where)
+    if not isinstance(value, int) or \
+            not contract.AGE_MIN_YEARS <= value <= contract.AGE_MAX_YEARS:
+        raise field_error("patient_age", _AGE_RULE, where)
     return value
 
 
@@ -149,12 +149,13 @@ def vet_files(parts: list[tuple[FilePart, str | None]], limits: LimitsSettings) 
         mime = filetypes.sniff(up.head)
         if category is None:
             category = (filetypes.infer_category(mime) if mime else None) or (
-                "radiology" if mime in ("image/png", "image/jpeg") else None)
+                FileCategory.RADIOLOGY if mime in (filetypes.PNG, filetypes.JPEG) else None)
         if mime is None or category is None or not filetypes.accepts(category, mime):
             raise UnsupportedMediaType(
                 f"File '{label}' is not an accepted {category or 'lab or radiology'} file "
                 f"(content looks like {mime or 'an unknown type'})")
-        limit = limits.lab_max_bytes if category == "lab" else limits.radiology_max_bytes
+        limit = (limits.lab_max_bytes if category == FileCategory.LAB
+                 else limits.radiology_max_bytes)
         if up.size > limit:
             raise PayloadTooLarge(f"File '{label}' is larger than the {limit} byte limit")
         out.append(AcceptedFile(part, category, mime, label, str(uuid.uuid4())))
@@ -191,8 +192,8 @@ async def create_case(storage: Storage, limits: LimitsSettings, max_attempts: in
     name = clean_text("patient_name", fields.get("patient_name"),
                       max_chars=limits.name_max_chars, required=True)
     age = clean_age(fields.get("patient_age"))
-    gender = clean_text("patient_gender", fields.get("patient_gender"), max_chars=64,
-                        required=True)
+    gender = clean_text("patient_gender", fields.get("patient_gender"),
+                        max_chars=contract.GENDER_MAX_CHARS, required=True)
     summary = clean_text("case_summary", fields.get("case_summary"),
                          max_chars=limits.text_field_max_chars, required=False) or None
     accepted = vet_files(files, limits)
@@ -201,7 +202,7 @@ async def create_case(storage: Storage, limits: LimitsSettings, max_attempts: in
     async def write(conn: Any) -> tuple[Case, list[CaseFile]]:
         case = await Case.create(case_id=str(uuid.uuid4()), user_id=user_id, patient_name=name,
                                  patient_age=age, patient_gender=gender, case_summary=summary,
-                                 status="processing", created_at=now, updated_at=now,
+                                 status=CaseStatus.PROCESSING, created_at=now, updated_at=now,
                                  using_db=conn)
         rows = [_file_row(a, case, now) for a in accepted]
         for row in rows:
@@ -226,12 +227,13 @@ async def add_files(storage: Storage, limits: LimitsSettings, max_attempts: int,
         rows = [_file_row(a, case, now) for a in accepted]
         for row in rows:
             await row.save(using_db=conn)
-        await Case.filter(id=case.id).using_db(conn).update(status="processing", updated_at=now)
+        await Case.filter(id=case.id).using_db(conn).update(status=CaseStatus.PROCESSING,
+                                                            updated_at=now)
         await queue.enqueue(case, {}, max_attempts=max_attempts, conn=conn)
         return rows
 
     rows = await _store_and_commit(storage, accepted, write)
-    case.status, case.updated_at = "processing", now
+    case.status, case.updated_at = CaseStatus.PROCESSING, now
     log.info("case %s: %d file(s) added", case.case_id, len(rows))
     return rows
 
@@ -239,8 +241,7 @@ async def add_files(storage: Storage, limits: LimitsSettings, max_attempts: int,
 async def update_case(case: Case, body: Any, limits: LimitsSettings) -> Case:
     if not isinstance(body, dict):
         raise BadRequest("Body must be a JSON object")
-    allowed = {"patient_name", "patient_age", "patient_gender", "case_summary", "status"}
-    data = {k: v for k, v in body.items() if k in allowed}
+    data = {k: v for k, v in body.items() if k in contract.CASE_UPDATE_FIELDS}
     if not data:
         raise BadRequest("No data provided for update")
     changes: dict[str, Any] = {}
@@ -252,15 +253,14 @@ async def update_case(case: Case, body: Any, limits: LimitsSettings) -> Case:
         changes["patient_age"] = clean_age(data["patient_age"], where="body")
     if "patient_gender" in data:
         changes["patient_gender"] = clean_text("patient_gender", data["patient_gender"],
-                                               max_chars=64, required=True, where="body")
+                                               max_chars=contract.GENDER_MAX_CHARS,
+                                               required=True, where="body")
     if "case_summary" in data:
         changes["case_summary"] = clean_text("case_summary", data["case_summary"],
                                              max_chars=limits.text_field_max_chars,
                                              required=False, where="body") or None
     if "status" in data:
-        if data["status"] not in CASE_STATUSES:
-            raise field_error("status", f"must be one of {', '.join(CASE_STATUSES)}", "body")
-        changes["status"] = data["status"]
+        changes["status"] = _one_of("status", data["status"], tuple(CaseStatus), "body")
     changes["updated_at"] = now_utc()
     await Case.filter(id=case.id).update(**changes)
     for k, v in changes.items():
@@ -291,29 +291,39 @@ def parse_analyze_options(body: Any) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise BadRequest("Body must be a JSON object")
     opts: dict[str, Any] = {}
+    threshold_key, threshold_option = contract.ANALYZE_THRESHOLD
     for key, value in body.items():
-        if key in ANALYZE_OPTIONS:
+        if key in contract.ANALYZE_OPTIONS:
             if not isinstance(value, bool):
                 raise field_error(key, "must be true or false", "body")
-            opts[ANALYZE_OPTIONS[key]] = value
-        elif key == "confidenceThreshold":
+            opts[contract.ANALYZE_OPTIONS[key]] = value
+        elif key == threshold_key:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or \
-                    not math.isfinite(value) or not 0 <= value <= 1:
-                raise field_error(key, "must be a number from 0 to 1", "body")
-            opts["confidence_threshold"] = float(value)
+                    not math.isfinite(value) or \
+                    not contract.CONFIDENCE_MIN <= value <= contract.CONFIDENCE_MAX:
+                raise field_error(key, f"must be a number from {contract.CONFIDENCE_MIN:g} "
+                                       f"to {contract.CONFIDENCE_MAX:g}", "body")
+            opts[threshold_option] = float(value)
     return opts
 
 
 async def analyze(case: Case, options: dict[str, Any], max_attempts: int) -> Case:
     now = now_utc()
     async with in_transaction() as conn:
-        await Case.filter(id=case.id).using_db(conn).update(status="processing", updated_at=now)
+        await Case.filter(id=case.id).using_db(conn).update(status=CaseStatus.PROCESSING,
+                                                            updated_at=now)
         await queue.enqueue(case, options, max_attempts=max_attempts, conn=conn)
-    case.status, case.updated_at = "processing", now
+    case.status, case.updated_at = CaseStatus.PROCESSING, now
     return case
 
 
 # -- listing -----------------------------------------------------------------------------
+
+def _one_of(name: str, value: Any, choices: tuple[str, ...], where: str) -> str:
+    if value not in choices:
+        raise field_error(name, f"must be one of {', '.join(choices)}", where)
+    return value
+
 
 def _int_param(q: dict[str, str], name: str, lo: int, hi: int | None, default: int | None):
     raw = q.get(name)
@@ -351,88 +361,68 @@ def _no_nul(value: str, name: str) -> None:
         raise field_error(name, "must not contain NUL characters", "query")
 
 
+def parse_list_query(user_id: str, q: dict[str, str]) -> tuple[reads.CaseQuery, int]:
+    """The list filters of ``GET /cases/all_cases``, validated; and the page number."""
+    page = _int_param(q, "page", 1, contract.PAGE_MAX, 1)
+    limit = _int_param(q, "limit", 1, contract.PAGE_LIMIT_MAX, None)
+    status = q.get("status") or None
+    if status is not None:
+        _one_of("status", status, tuple(CaseStatus), "query")
+    search = q.get("search") or None
+    if search is not None:
+        if len(search) > contract.SEARCH_MAX_CHARS:
+            raise field_error("search", "too long", "query")
+        _no_nul(search, "search")
+    created_from = _date_param(q, "start_date", False)
+    created_to = _date_param(q, "end_date", True)
+    min_age, max_age = (_int_param(q, name, contract.AGE_MIN_YEARS, contract.AGE_MAX_YEARS,
+                                   None) for name in ("min_age", "max_age"))
+    gender = q.get("gender") or None
+    if gender is not None:
+        _no_nul(gender, "gender")
+        gender = gender.strip()[:contract.GENDER_MAX_CHARS]
+    sort_key = _one_of("sort_by", q.get("sort_by") or contract.DEFAULT_SORT_KEY,
+                       contract.SORT_KEYS, "query")
+    order = (q.get("sort_order") or contract.DEFAULT_SORT_ORDER).lower()
+    if order not in contract.SORT_ORDERS:
+        raise field_error("sort_order", f"must be {' or '.join(contract.SORT_ORDERS)}",
+                          "query")
+    query = reads.CaseQuery(
+        user_id=user_id, status=status, search=search, created_from=created_from,
+        created_to=created_to, min_age=min_age, max_age=max_age, gender=gender,
+        sort_key=sort_key, descending=order == "desc", limit=limit,
+        offset=(page - 1) * (limit or 0))
+    return query, page
+
+
 async def list_cases(reader: Reader, user_id: str,
                      q: dict[str, str]) -> tuple[str, int, int, int]:
     """One page of the user's cases as a JSON array text (the hot read path), with the
     total, page and limit."""
-    page = _int_param(q, "page", 1, 1_000_000, 1)
-    limit = _int_param(q, "limit", 1, 100, None)
-    where, params = ['"user_id" = ?'], [user_id]
-    like = "LIKE" if reader.is_sqlite else "ILIKE"   # SQLite's LIKE ignores ASCII case
-    status = q.get("status")
-    if status:
-        if status not in CASE_STATUSES:
-            raise field_error("status", f"must be one of {', '.join(CASE_STATUSES)}", "query")
-        where.append('"status" = ?')
-        params.append(status)
-    search = q.get("search")
-    if search:
-        if len(search) > 200:
-            raise field_error("search", "too long", "query")
-        _no_nul(search, "search")
-        # Wildcards typed by the user are taken literally.
-        pattern = "%" + re.sub(r"([\\%_])", r"\\\1", search) + "%"
-        where.append(f'("patient_name" {like} ? ESCAPE \'\\\' OR '
-                     f'"case_summary" {like} ? ESCAPE \'\\\')')
-        params += [pattern, pattern]
-    for name, end_of_day, op in (("start_date", False, ">="), ("end_date", True, "<=")):
-        dt = _date_param(q, name, end_of_day)
-        if dt is not None:
-            where.append(f'"created_at" {op} ?')
-            params.append(reads.db_timestamp(dt, reader.is_sqlite))
-    for name, op in (("min_age", ">="), ("max_age", "<=")):
-        age = _int_param(q, name, 0, MAX_AGE, None)
-        if age is not None:
-            where.append(f'"patient_age" {op} ?')
-            params.append(age)
-    gender = q.get("gender")
-    if gender:
-        _no_nul(gender, "gender")
-        where.append('LOWER("patient_gender") = LOWER(?)')
-        params.append(gender.strip()[:64])
-    sort_by = q.get("sort_by") or "created_at"
-    if sort_by not in SORT_FIELDS:
-        raise field_error("sort_by", f"must be one of {', '.join(SORT_FIELDS)}", "query")
-    order = (q.get("sort_order") or "desc").lower()
-    if order not in ("asc", "desc"):
-        raise field_error("sort_order", "must be asc or desc", "query")
-    # Names sort as people read them ("asha" next to "Asha"), not in byte order.
-    column = 'LOWER("patient_name")' if sort_by == "patient_name" else f'"{sort_by}"'
-    direction = order.upper()
-    cases_json, total = await reads.list_cases_json(
-        reader, where, params, f'{column} {direction}, "id" {direction}', limit,
-        (page - 1) * (limit or 0), case_dict)
-    return cases_json, total, page, limit if limit is not None else total
+    query, page = parse_list_query(user_id, q)
+    cases_json, total = await reads.list_cases_json(reader, query, case_dict)
+    return cases_json, total, page, query.limit if query.limit is not None else total
 
 
 # -- rendering ---------------------------------------------------------------------------
 
-CASE_FIELDS = ("id", "case_id", "user_id", "patient_name", "patient_age", "patient_gender",
-               "case_summary", "status", "created_at", "updated_at")
-FILE_FIELDS = ("id", "file_id", "user_id", "file_name", "file_type", "file_size",
-               "file_category", "text_data", "ai_summary", "uploaded_at")
-
-
 def case_dict(c: Case | dict[str, Any]) -> dict[str, Any]:
-    r = c if isinstance(c, dict) else {k: getattr(c, k) for k in CASE_FIELDS}
-    return {
-        "id": r["id"], "case_id": r["case_id"], "doctor_id": r["user_id"],
-        "user_id": r["user_id"], "patient_name": r["patient_name"],
-        "patient_age": r["patient_age"], "patient_gender": r["patient_gender"],
-        "case_summary": r["case_summary"], "status": r["status"],
-        "created_at": reads.iso(r["created_at"]), "updated_at": reads.iso(r["updated_at"]),
-    }
+    """The contract's case object (``contract.CASE_FIELDS``) from a row or a model."""
+    r = c if isinstance(c, dict) else {k: getattr(c, k) for k in contract.CASE_COLUMNS}
+    out = {}
+    for name in contract.CASE_FIELDS:
+        value = r[contract.CASE_FIELD_SOURCES.get(name, name)]
+        out[name] = reads.iso(value) if name in contract.CASE_TIMESTAMPS else value
+    return out
 
 
 def file_dict(f: CaseFile | dict[str, Any], case_uuid: str, file_url: str) -> dict[str, Any]:
-    r = f if isinstance(f, dict) else {k: getattr(f, k) for k in FILE_FIELDS}
-    up = reads.iso(r["uploaded_at"])
-    return {
-        "id": r["id"], "file_id": r["file_id"], "case_id": case_uuid,
-        "file_name": r["file_name"], "file_type": r["file_type"], "file_size": r["file_size"],
-        "file_category": r["file_category"], "file_url": file_url, "upload_date": up,
-        "uploaded_at": up, "text_data": r["text_data"], "ai_summary": r["ai_summary"],
-    }
+    """The contract's file object (``contract.FILE_FIELDS``) from a row or a model."""
+    r = f if isinstance(f, dict) else {k: getattr(f, k) for k in contract.FILE_COLUMNS}
+    uploaded = reads.iso(r["uploaded_at"])
+    values = {**r, "case_id": case_uuid, "file_url": file_url, "upload_date": uploaded,
+              "uploaded_at": uploaded}
+    return {name: values[name] for name in contract.FILE_FIELDS}
 
 
 def render_insights(case_uuid: str, row: Mapping[str, Any] | None

@@ -22,15 +22,6 @@ QUERY_ALIASES = {
     "pageSize": "limit",
 }
 
-# analyze options (original camelCase JSON body) -> pipeline option names
-ANALYZE_OPTIONS = {
-    "includeDifferentialDiagnosis": "include_differential",
-    "includeTreatmentSuggestions": "include_treatment",
-    "includeLabInterpretation": "include_lab_interpretation",
-    "includeImagingAnalysis": "include_imaging",
-}
-
-
 def normalise_query(args: Mapping[str, list[str]]) -> dict[str, str]:
     """Last value of each parameter, camelCase spellings mapped to snake_case."""
     out: dict[str, str] = {}
