@@ -6,13 +6,13 @@ import argparse
 import asyncio
 import hashlib
 import logging
-import os
 import shutil
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
 from medmitra import __version__
+from medmitra.atomicfile import atomic_file
 from medmitra.config import ConfigError, Settings, load_settings, resolve_model_path
 
 
@@ -166,15 +166,11 @@ def _models(settings: Settings, args: argparse.Namespace) -> int:
     dest_dir.mkdir(exist_ok=True)
     dest = dest_dir / src.name
     if dest.resolve() != src.resolve():
-        tmp = dest.with_suffix(".part")
         digest = hashlib.sha256()
-        with open(src, "rb") as fin, open(tmp, "wb") as fout:
+        with open(src, "rb") as fin, atomic_file(dest) as fout:
             for block in iter(lambda: fin.read(1 << 20), b""):
                 digest.update(block)
                 fout.write(block)
-            fout.flush()
-            os.fsync(fout.fileno())
-        os.replace(tmp, dest)
         print(f"copied {src} -> {dest} (sha256 {digest.hexdigest()})")
     print("To use it, set in config.toml:\n\n[llm]\n"
           f'model_path = "models/{dest.name}"\n\n'

@@ -18,6 +18,7 @@ import uuid
 from pathlib import Path
 from typing import Iterable
 
+from medmitra.atomicfile import publish
 from medmitra.errors import InsufficientStorage
 
 log = logging.getLogger("medmitra.storage")
@@ -141,8 +142,7 @@ class Storage:
         dest = self.path_for(file_id)
         try:
             dest.parent.mkdir(exist_ok=True)
-            os.replace(upload.path, dest)
-            _fsync_dir(dest.parent)
+            publish(upload.path, dest)
         except OSError as exc:
             upload.discard()
             if _is_disk_full(exc):
@@ -189,14 +189,3 @@ class Storage:
                 p.unlink(missing_ok=True)
                 orphans += 1
         return temps, orphans
-
-
-def _fsync_dir(path: Path) -> None:
-    # Makes the rename itself durable (POSIX); not possible on Windows, where it is a no-op.
-    if os.name != "posix":
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

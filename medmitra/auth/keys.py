@@ -7,14 +7,13 @@ logged.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import secrets
 import stat
-import tempfile
 from pathlib import Path
 
+from medmitra.atomicfile import write_atomic
 from medmitra.config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -63,39 +62,10 @@ def _read_secret(path: Path) -> str | None:
 
 
 def _write_new(path: Path, secret: str) -> bool:
-    """Atomically create ``path`` holding ``secret``; False if it already exists.
-
-    Temp file in the same dir + fsync, then publish it. ``os.link`` publishes without
-    clobbering a file a concurrent process just created; where hard links are unsupported
-    we fall back to ``os.replace`` (still atomic, last writer wins).
-    """
-    fd, tmp_name = tempfile.mkstemp(prefix=".jwt_secret.", dir=path.parent)
-    tmp = Path(tmp_name)
+    """Atomically create ``path`` holding ``secret`` (mode 0600 from the first byte);
+    False if it already exists (a concurrent process created it first)."""
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            os.chmod(tmp, SECRET_FILE_MODE)  # mkstemp already uses 0600; be explicit
-            fh.write(secret)
-            fh.flush()
-            os.fsync(fh.fileno())
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            return False
-        except OSError:
-            os.replace(tmp, path)
-        _fsync_dir(path.parent)
-        return True
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-
-
-def _fsync_dir(directory: Path) -> None:
-    # Makes the new directory entry durable on POSIX; directories cannot be opened on Windows.
-    if os.name != "posix":
-        return
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        write_atomic(path, secret, mode=SECRET_FILE_MODE, exclusive=True)
+    except FileExistsError:
+        return False
+    return True

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol, runtime_checkable
 
+from medmitra.atomicfile import write_atomic
+
 log = logging.getLogger(__name__)
 
 HASH_CHUNK_BYTES = 1 << 20
@@ -267,10 +269,8 @@ def sha256_cached(path: Path, cache_dir: Path | None = None) -> str:
             h.update(chunk)
     digest = h.hexdigest()
     record = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
-    tmp = sidecar.with_name(sidecar.name + ".tmp")
     try:
-        tmp.write_text(json.dumps(record), encoding="utf-8")
-        os.replace(tmp, sidecar)
+        write_atomic(sidecar, json.dumps(record))
     except OSError as exc:  # read-only model folder: hash again next time
         log.debug("cannot write %s: %s", sidecar, exc)
     return digest
