@@ -25,7 +25,7 @@ from typing import Any, Callable
 from medmitra.config import Settings, resolve_model_path
 from medmitra.contract import JobState, ModelState, WorkerState
 from medmitra.db.models import Job
-from medmitra.jobs import queue, runner
+from medmitra.jobs import queue
 from medmitra.llm.runtime import LLMRuntime, ModelUnavailable, check_gguf
 from medmitra.storage import Storage
 
@@ -246,6 +246,10 @@ class WorkerPool:
 
     async def _load_runtime(self, w: _Worker) -> bool:
         def load() -> LLMRuntime:
+            # The job runner and the pipeline it imports (numpy, Pillow, the extractors)
+            # are imported here, in the worker's thread, not before the server answers.
+            import medmitra.jobs.runner  # noqa: F401
+
             runtime = self._factory()
             if self._stopped:  # stop() gave up waiting for us: free it right away
                 _close(runtime, w.name)
@@ -333,6 +337,8 @@ class WorkerPool:
                                    name=f"medmitra-heartbeat-{job.id}")
         try:
             assert w.runtime is not None
+            from medmitra.jobs import runner   # imported by the worker thread already
+
             outcome = await runner.run_job(
                 job, owner=owner, runtime=w.runtime, storage=self.storage,
                 llm=self.settings.llm, cancel=cancel,
