@@ -4,11 +4,13 @@ Starts, in one run and on this machine:
   1. a bare Sanic app (one route returning a constant JSON), single process;
   2. the MedMitra server (single process, no analysis workers) on a fresh data dir with
      100 cases;
-then drives each with wrk (50 connections, 2 threads) and prints requests/s and latency
-percentiles, with the ratio of each case route to the bare route. Last, it measures the
+then drives each with wrk (50 connections, 2 threads), the three routes in turn for several
+rounds, and prints requests/s and latency percentiles (medians over the rounds), with the
+ratio of each case route to the bare route: the median and each round's (their spread
+shows how much the machine's other load moved the figures). Last, it measures the
 server's peak RSS growth while one 50 MiB DICOM file is uploaded (streamed to disk).
 
-Usage: .venv/bin/python bench/api_bench.py [--duration 10] [--connections 50]
+Usage: .venv/bin/python bench/api_bench.py [--duration 5] [--rounds 3] [--connections 50]
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import os
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -82,6 +85,45 @@ def wrk(url: str, duration_s: int, connections: int, token: str | None) -> dict[
             "socket_errors": errors.group(1) if errors else ""}
 
 
+def profile(pid: int, name: str, load, top: int) -> None:
+    """Sample the server with py-spy while ``load()`` runs; print the functions with the
+    most samples, by own time (the frame on top) and by inclusive time (anywhere on the
+    stack). Idle samples (the event loop waiting in select/epoll) are counted apart."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    with tempfile.NamedTemporaryFile(suffix=".txt") as out:
+        rec = subprocess.Popen([spy, "record", "--pid", str(pid), "--rate", "250",
+                                "--format", "raw", "--output", out.name, "--nonblocking"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(1.0)   # py-spy attaches
+        load()
+        rec.send_signal(signal.SIGINT)
+        rec.wait(30)
+        own: dict[str, int] = {}
+        incl: dict[str, int] = {}
+        total = idle = 0
+        for line in Path(out.name).read_text().splitlines():
+            stack, _, count = line.rpartition(" ")
+            if not stack:
+                continue
+            n = int(count)
+            # "func (file.py:123)" -> "func (file.py)": one entry per function, not per line
+            frames = [re.sub(r":\d+\)$", ")", f) for f in stack.split(";")]
+            total += n
+            if frames[-1].startswith(("select (", "poll (", "_run_once (", "run_once (")):
+                idle += n
+                continue
+            own[frames[-1]] = own.get(frames[-1], 0) + n
+            for f in set(frames):
+                incl[f] = incl.get(f, 0) + n
+    busy = max(total - idle, 1)
+    print(f"\nprofile of {name}: {total} samples, {100 * idle / max(total, 1):.0f}% idle "
+          f"(event loop waiting); shares below are of the {busy} busy samples")
+    for title, table in (("own time", own), ("inclusive", incl)):
+        print(f"  top {top} by {title}:")
+        for frame, n in sorted(table.items(), key=lambda kv: -kv[1])[:top]:
+            print(f"    {100 * n / busy:5.1f}%  {frame}")
+
+
 def rss_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -111,7 +153,11 @@ def make_dicom(size_bytes: int, path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--duration", type=int, default=10)
+    ap.add_argument("--duration", type=int, default=5, help="seconds per wrk run")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of (bare, case, list)")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="then profile the server with py-spy during one more run of each "
+                         "case route and print the N top functions (pip install py-spy)")
     ap.add_argument("--connections", type=int, default=50)
     args = ap.parse_args()
     if not shutil.which("wrk"):
@@ -147,18 +193,33 @@ def main() -> None:
                                                        "patient_gender": "female"})
                 r.raise_for_status()
                 first = first or r.json()["case"]["case_id"]
-        print(f"machine: {os.cpu_count()} cores; wrk -t2 -c{args.connections} -d{args.duration}s")
-        results = {}
-        results["bare GET /"] = wrk(bare + "/", args.duration, args.connections, None)
-        results["GET /cases/cases/{id}"] = wrk(f"{api}/cases/cases/{first}", args.duration,
-                                              args.connections, token)
-        results["GET /cases/all_cases (100)"] = wrk(f"{api}/cases/all_cases", args.duration,
-                                                   args.connections, token)
-        base = results["bare GET /"]["rps"]
-        print(f"{'route':30} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'ratio':>6}  errors")
-        for name, r in results.items():
-            print(f"{name:30} {r['rps']:9.0f} {r['p50_ms']:8.2f} {r['p99_ms']:8.2f} "
-                  f"{r['rps'] / base:6.2f}  non2xx={r['non2xx']} {r['socket_errors']}")
+        print(f"machine: {os.cpu_count()} cores; wrk -t2 -c{args.connections} -d{args.duration}s, "
+              f"{args.rounds} rounds (bare, case, list in turn, so each ratio compares runs "
+              f"seconds apart under the same machine load)")
+        routes = {"bare GET /": (bare + "/", None),
+                  "GET /cases/cases/{id}": (f"{api}/cases/cases/{first}", token),
+                  "GET /cases/all_cases (100)": (f"{api}/cases/all_cases", token)}
+        runs: dict[str, list[dict[str, float]]] = {name: [] for name in routes}
+        for _ in range(args.rounds):
+            for name, (url, tok) in routes.items():
+                runs[name].append(wrk(url, args.duration, args.connections, tok))
+        print(f"{'route':30} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'ratio':>6} "
+              f"{'ratio per round':>22}  errors")
+        bare_runs = runs["bare GET /"]
+        for name, rs in runs.items():
+            ratios = [r["rps"] / b["rps"] for r, b in zip(rs, bare_runs)]
+            med = statistics.median
+            print(f"{name:30} {med(r['rps'] for r in rs):9.0f} "
+                  f"{med(r['p50_ms'] for r in rs):8.2f} {med(r['p99_ms'] for r in rs):8.2f} "
+                  f"{med(ratios):6.2f} {' '.join(f'{x:.2f}' for x in ratios):>22}  "
+                  f"non2xx={sum(r['non2xx'] for r in rs)} "
+                  f"{'; '.join(str(r['socket_errors']) for r in rs if r['socket_errors'])}")
+
+        if args.profile:
+            for name, (url, tok) in routes.items():
+                if name != "bare GET /":
+                    profile(server.pid, name, lambda u=url, t=tok: wrk(
+                        u, args.duration, args.connections, t), args.profile)
 
         # Peak RSS growth while streaming one 50 MiB DICOM upload.
         dcm = tmp / "big.dcm"
