@@ -135,6 +135,10 @@ def create_app(settings: Settings, *, start_workers: bool = True,
     from medmitra.auth.supabase import register_auth_api
 
     register_auth_api(app)
+    # After open_resources: audit trail, metrics, request ids, FHIR route, backups.
+    from medmitra.ops.server import install as install_ops
+
+    install_ops(app, settings)
 
     @app.after_server_start
     async def start_workers_when_listening(app: Sanic) -> None:

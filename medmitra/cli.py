@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     from medmitra.auth import admin
 
     admin.add_commands(sub, _common)   # users add|list|disable|reset-password, keys rotate|list
+    from medmitra.ops import cli as ops_cli
+
+    ops_cli.register(sub)              # backup [verify], restore, audit, export
     return parser
 
 
@@ -91,6 +94,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"medmitra: configuration error: {exc}", file=sys.stderr)
         return 2
     cmd = args.command
+    if getattr(args, "handler", None) is not None:
+        return args.handler(args, settings)
     if cmd == "version":
         print(f"medmitra {__version__}")
         return 0

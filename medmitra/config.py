@@ -214,6 +214,15 @@ class LogSettings(Section):
 
 
 @dataclass(frozen=True)
+class BackupSettings(Section):
+    every_h: float = setting(
+        0.0, "the server makes a backup every this many hours; 0 = off", min=0, max=24 * 366)
+    keep: int = setting(7, "scheduled backups kept (oldest deleted first); 0 = keep all",
+                        min=0, max=100000)
+    dir: str = setting("", "backup folder; empty = data_dir/backups (better: another disk)")
+
+
+@dataclass(frozen=True)
 class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
     storage: StorageSettings = field(default_factory=StorageSettings)
@@ -223,6 +232,7 @@ class Settings:
     llm: LLMSettings = field(default_factory=LLMSettings)
     jobs: JobsSettings = field(default_factory=JobsSettings)
     log: LogSettings = field(default_factory=LogSettings)
+    backup: BackupSettings = field(default_factory=BackupSettings)
     # Where the settings came from (for the start-up banner); not a config key.
     source: str = "defaults"
 

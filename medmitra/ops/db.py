@@ -1,0 +1,23 @@
+"""The database for the ops commands, in a tortoise context of their own: a command may run
+in a process that also serves (tests call the CLI in-process beside a live server), and
+tortoise allows one global context only."""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+from typing import AsyncIterator
+
+from tortoise.context import TortoiseContext
+
+from medmitra.config import Settings
+
+
+@asynccontextmanager
+async def ops_db(settings: Settings, *, migrate: bool = True) -> AsyncIterator[None]:
+    from medmitra.db.setup import apply_migrations, tortoise_config
+
+    async with TortoiseContext() as ctx:
+        await ctx.init(config=tortoise_config(settings))
+        if migrate:
+            await apply_migrations(settings)
+        yield
