@@ -349,12 +349,9 @@ def test_backup_during_writes_restores_every_acknowledged_case(start_server, tmp
     assert written_during > 0, "no case was written while the backup ran"
     assert running_at_backup >= 1
 
-    assert subprocess.run([sys.executable, "-m", "medmitra", "backup", "verify", str(dest)],
-                          cwd=ROOT, capture_output=True, timeout=120).returncode == 0
+    assert verify_backup(dest)[1] == []
     target = tmp_path / "restored"
-    r = subprocess.run([sys.executable, "-m", "medmitra", "restore", str(dest), "--data-dir",
-                        str(target)], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
+    assert main(["restore", str(dest), "--data-dir", str(target), "--quiet"]) == 0
 
     state = _data_dir_state(target)
     # No orphan: every row has its file, every stored file its row.
