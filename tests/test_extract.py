@@ -42,7 +42,8 @@ def test_text_pdf_pages_and_lab_rows(tmp_path: Path) -> None:
     assert out.text == "\n\f\n".join(out.pages)
     assert out.text.count("\f") == 2
     hb = [r for r in out.lab_rows if r.test == "Hemoglobin"]
-    assert len(hb) == 3 and all(r.status == "abnormal" and r.unit == "g/dL" for r in hb)
+    assert len(hb) == 3 and all(r.flag == "low" and r.unit == "g/dL" for r in hb)
+    assert [r.page for r in hb] == [1, 2, 3]
     assert {r.test for r in out.lab_rows} == {"Hemoglobin", "WBC", "Platelets"}
     assert out.notes == []
 
@@ -58,8 +59,9 @@ def test_scanned_pdf_is_ocrd(tmp_path: Path) -> None:
     assert "citydiagnosticslab" in squash(out.text)
     assert "hemoglobin9.1g/dl13.5-17.5" in squash(out.text)
     rows = {r.test: r for r in out.lab_rows}
-    assert rows["Hemoglobin"].value == "9.1" and rows["Hemoglobin"].status == "abnormal"
-    assert rows["Platelets"].status == "normal"
+    assert rows["Hemoglobin"].value == "9.1" and rows["Hemoglobin"].flag == "low"
+    assert rows["Platelets"].flag == "normal"
+    assert rows["Hemoglobin"].page == 1
     assert any("OCR" in n for n in out.notes)
 
 
@@ -98,10 +100,11 @@ def test_lab_csv(tmp_path: Path) -> None:
     assert out.mime == "text/csv"
     rows = {r.test: r for r in out.lab_rows}
     assert len(rows) == len(df.LAB_CSV_ROWS)
-    assert (rows["Hemoglobin"].value, rows["Hemoglobin"].status) == ("9.1", "abnormal")
-    assert rows["Glucose (fasting)"].status == "critical"
-    assert rows["Platelets"].status == "normal"
-    assert "Hemoglobin: 9.1 g/dL (ref 13.5-17.5) [abnormal]" in out.text.splitlines()
+    assert (rows["Hemoglobin"].value, rows["Hemoglobin"].flag) == ("9.1", "low")
+    assert (rows["Glucose (fasting)"].flag, rows["Glucose (fasting)"].critical) == ("high", False)
+    assert rows["Platelets"].flag == "normal"
+    assert ("Hemoglobin: 9.1 g/dL (reference 13.5-17.5) [low; report marker L]"
+            in out.text.splitlines())
     assert not out.text.startswith("\ufeff")
 
 
@@ -145,7 +148,7 @@ def test_report_photo_is_ocrd(tmp_path: Path) -> None:
     assert "hemoglobin" in squash(out.text) and "platelets" in squash(out.text)
     rows = {r.test: r for r in out.lab_rows}
     assert (rows["Hemoglobin"].value, rows["Hemoglobin"].unit) == ("9.1", "g/dL")
-    assert rows["Hemoglobin"].status == "abnormal"
+    assert rows["Hemoglobin"].flag == "low"
     assert out.image is not None and out.image.mode == "RGB"
 
 

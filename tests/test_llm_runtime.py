@@ -262,8 +262,8 @@ def test_full_analysis_with_the_real_model(runtime):
         doctor_notes="Three days of productive cough and fever. Crackles right base.",
         files=[
             ExtractedFile(file_id="lab-1", category="lab", file_name="cbc.csv", mime="text/csv",
-                          lab_rows=[LabRow("WBC", "14.2", "10^9/L", "4-11", "abnormal"),
-                                    LabRow("CRP", "48", "mg/L", "<5", "abnormal"),
+                          lab_rows=[LabRow("WBC", "14.2", "10^9/L", "4-11", "high"),
+                                    LabRow("CRP", "48", "mg/L", "<5", "high"),
                                     LabRow("Hb", "13.9", "g/dL", "13-17", "normal")]),
             ExtractedFile(file_id="rad-1", category="radiology", file_name="chest.dcm",
                           mime="application/dicom",

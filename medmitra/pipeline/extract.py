@@ -18,7 +18,8 @@ import time
 from pathlib import Path
 
 from medmitra import filetypes
-from medmitra.pipeline import images, labs
+from medmitra.clinical import labs
+from medmitra.pipeline import images
 from medmitra.pipeline.types import ExtractedFile, LabRow
 
 log = logging.getLogger(__name__)
@@ -114,7 +115,7 @@ def _extract_pdf(path: Path, out: ExtractedFile) -> None:
         return
     out.text = PAGE_SEPARATOR.join(out.pages)
     if out.category == "lab":
-        out.lab_rows = labs.parse_text_lines(out.text)
+        out.lab_rows = labs.parse_pages(out.pages)
 
 
 def _read_page(pdf, index: int, *, render: bool, out: ExtractedFile):
@@ -208,15 +209,7 @@ def _extract_text(path: Path, out: ExtractedFile) -> None:
 
 
 def _render_rows(rows: list[LabRow]) -> str:
-    lines = []
-    for r in rows:
-        line = f"{r.test}: {r.value}"
-        if r.unit:
-            line += f" {r.unit}"
-        if r.reference_range:
-            line += f" (ref {r.reference_range})"
-        lines.append(f"{line} [{r.status}]")
-    return "\n".join(lines)
+    return "\n".join(labs.render_row(r) for r in rows)
 
 
 def _render_table(table: list[list[str]]) -> str:
@@ -246,7 +239,7 @@ def _extract_image(path: Path, out: ExtractedFile) -> None:
         return
     out.text = text[:MAX_TEXT_CHARS]
     out.pages = [out.text]
-    out.lab_rows = labs.parse_text_lines(out.text)
+    out.lab_rows = labs.parse_pages(out.pages)
 
 
 # -------------------------------------------------------------------------- DICOM

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+from medmitra.clinical import labs
 from medmitra.pipeline.schemas import prompt_schema_text
 from medmitra.pipeline.types import CaseInput, ExtractedFile
 
@@ -64,12 +65,7 @@ def trim_to_tokens(text: str, max_tokens: int, count: CountFn) -> str:
 def lab_file_text(f: ExtractedFile) -> str:
     """A lab file as the model sees it: parsed rows when present, else its text."""
     if f.lab_rows:
-        rows = []
-        for r in f.lab_rows:
-            unit = f" {r.unit}" if r.unit else ""
-            ref = f" (reference {r.reference_range})" if r.reference_range else ""
-            rows.append(f"- {r.test}: {r.value}{unit}{ref} [{r.status}]")
-        return "\n".join(rows)
+        return "\n".join(f"- {labs.render_row(r)}" for r in f.lab_rows)
     return (f.text or "").strip() or "(no readable text)"
 
 

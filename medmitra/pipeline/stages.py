@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import importlib
 import logging
-import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from medmitra.clinical import labs
 from medmitra.config import LLMSettings
 from medmitra.llm.runtime import LLMError, LLMRuntime, Usage
 from medmitra.pipeline import prompts, schemas
@@ -42,38 +42,6 @@ NO_IMAGE_MODEL = "No image model is configured; the image was not read."
 IMAGING_NOT_REQUESTED = "Imaging analysis was not requested; the image was not read."
 IMAGE_UNREADABLE = "The image could not be decoded; it was not read."
 LAB_NOT_REQUESTED = "Lab interpretation was not requested."
-
-
-# --------------------------------------------------------------------------- lab flags
-
-_NUM = r"[-+]?\d+(?:\.\d+)?"
-_RANGE_BETWEEN = re.compile(rf"^\s*({_NUM})\s*(?:-|–|—|to)\s*({_NUM})\s*$", re.IGNORECASE)
-_RANGE_BELOW = re.compile(rf"^\s*(?:<=?|≤|up to|below|less than)\s*({_NUM})\s*$", re.IGNORECASE)
-_RANGE_ABOVE = re.compile(rf"^\s*(?:>=?|≥|above|over|more than)\s*({_NUM})\s*$", re.IGNORECASE)
-_PLAIN_NUMBER = re.compile(rf"^\s*({_NUM})\s*$")
-
-
-def lab_status(value: str | None, reference_range: str | None) -> str:
-    """normal/abnormal from a plain numeric value and a parseable range, else unknown."""
-    if not value or not reference_range:
-        return "unknown"
-    m = _PLAIN_NUMBER.match(value.replace(",", ""))
-    if not m:
-        return "unknown"
-    x = float(m.group(1))
-    ref = reference_range.replace(",", "")
-    if mb := _RANGE_BETWEEN.match(ref):
-        lo, hi = sorted((float(mb.group(1)), float(mb.group(2))))
-        return "normal" if lo <= x <= hi else "abnormal"
-    if mb := _RANGE_BELOW.match(ref):
-        limit = float(mb.group(1))
-        strict = ref.strip().startswith("<") and not ref.strip().startswith("<=")
-        return "normal" if (x < limit if strict else x <= limit) else "abnormal"
-    if mb := _RANGE_ABOVE.match(ref):
-        limit = float(mb.group(1))
-        strict = ref.strip().startswith(">") and not ref.strip().startswith(">=")
-        return "normal" if (x > limit if strict else x >= limit) else "abnormal"
-    return "unknown"
 
 
 # --------------------------------------------------------------------------- ICD-10
@@ -211,9 +179,10 @@ def _lab_file(run: _Run, f: ExtractedFile, label: str, m: StageMetrics) -> dict:
         key = _unique_key(lab_values, r.test)
         lab_values[key] = {"value": r.value, "unit": r.unit or "",
                            "reference_range": r.reference_range or "", "status": r.status}
-        if r.status in ("abnormal", "critical"):
+        if r.abnormal:
+            word = r.flag if r.flag in ("low", "high") else r.status
             rows_abnormal.append(f"{r.test} {r.value}{' ' + r.unit if r.unit else ''} "
-                                 f"({r.status})")
+                                 f"({word})")
     if not run.case.options.include_lab_interpretation:
         return {"lab_values": lab_values, "summary": LAB_NOT_REQUESTED,
                 "key_abnormalities": rows_abnormal[:KEY_ABNORMALITIES_MAX_ITEMS],
@@ -227,9 +196,10 @@ def _lab_file(run: _Run, f: ExtractedFile, label: str, m: StageMetrics) -> dict:
         for item in data["lab_values"]:
             if not item["test"]:
                 continue
-            computed = lab_status(item["value"], item["reference_range"])
+            row = labs.make_row(item["test"], item["value"], item["unit"] or None,
+                                item["reference_range"] or None)
             # The computed flag wins whenever value and range parse.
-            status = computed if computed != "unknown" else item["status"]
+            status = row.status if row.status != "unknown" else item["status"]
             lab_values[_unique_key(lab_values, item["test"])] = {
                 "value": item["value"], "unit": item["unit"],
                 "reference_range": item["reference_range"], "status": status}

@@ -10,18 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
+from medmitra.clinical.labs import LabRow, LabStatus  # noqa: F401  (re-exported)
+
 Category = Literal["lab", "radiology"]
-LabStatus = Literal["normal", "abnormal", "critical", "unknown"]
-
-
-@dataclass
-class LabRow:
-    test: str
-    value: str
-    unit: str | None = None
-    reference_range: str | None = None
-    # Deterministic flag computed from value and reference range where both parse.
-    status: LabStatus = "unknown"
 
 
 @dataclass

@@ -1,13 +1,8 @@
-"""Lab values: reference ranges, deterministic flags, and rows parsed from CSV or text.
+"""Lab rows parsed deterministically from CSV exports and report text (PDF, OCR).
 
-Flag rule (``flag``), with bounds inclusive:
-  - "normal"   low <= value <= high (a one-sided range checks its one bound);
-  - "critical" value > 2 x high (high > 0) or value < 0.5 x low (low > 0);
-  - "abnormal" any other value outside the range;
-  - "unknown"  the value or the range does not parse (qualitative results such as
-    "Negative", values written "<0.1", free-text ranges).
-The critical margin is deliberately coarse: it marks values far outside the range for the
-reader's attention; it is not a substitute for a laboratory's own critical limits.
+Every row is judged by the one reference-range check, ``medmitra.clinical.ranges.judge``:
+its direction (``low``/``normal``/``high``/``unknown``) and the report's own marker are kept
+side by side. ``critical`` is never inferred from a multiple of the range.
 
 Everything here is pure and deterministic; inputs are bounded (rows, columns, line
 length) so hostile files cost bounded time and memory.
@@ -18,10 +13,12 @@ from __future__ import annotations
 import csv
 import io
 import re
-from typing import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Literal
 
+from medmitra.clinical import ranges
+from medmitra.clinical.ranges import Direction, parse_range, to_number
 from medmitra.filetypes import detect_delimiter
-from medmitra.pipeline.types import LabRow, LabStatus
 
 MAX_ROWS = 2000
 MAX_COLUMNS = 64
@@ -30,100 +27,46 @@ MAX_LINE_CHARS = 16_384
 # Longest text line considered by the free-text parser (lab lines are short).
 MAX_TEXT_LINE_CHARS = 300
 MAX_CELL_CHARS = 200
-CRITICAL_HIGH_FACTOR = 2.0
-CRITICAL_LOW_FACTOR = 0.5
 
-_NUM = r"[-+]?\d+(?:[.,]\d+)?"
-_DASHES = "\u2010\u2011\u2012\u2013\u2014\u2212"  # hyphen, en/em dash, minus sign
-_RANGE_RE = re.compile(rf"^\s*({_NUM})\s*(?:-|to|\.\.)\s*({_NUM})(?:\s*[^\d\s].*)?\s*$",
-                       re.IGNORECASE)
-_UPPER_RE = re.compile(rf"^\s*(?:<=?|≤|=<|up\s*to|upto|below|less\s+than|under|max\.?)\s*({_NUM})"
-                       r"(?:\s*[^\d\s].*)?\s*$", re.IGNORECASE)
-_LOWER_RE = re.compile(rf"^\s*(?:>=?|≥|=>|above|over|more\s+than|greater\s+than|min\.?)\s*"
-                       rf"({_NUM})(?:\s*[^\d\s].*)?\s*$", re.IGNORECASE)
-_VALUE_RE = re.compile(rf"^\s*({_NUM})\s*$")
+# The legacy per-file status of ``ai_summary.lab_values`` (pipeline spec, stage 2).
+LabStatus = Literal["normal", "abnormal", "critical", "unknown"]
 
 
-def to_number(text: str | None) -> float | None:
-    """A plain number ("10.2", "1,200", "10,2") as float; anything else None."""
-    if text is None:
-        return None
-    s = str(text)
-    m = _VALUE_RE.match(s) if len(s) < 40 else None
-    if not m:
-        return None
-    raw = m.group(1)
-    if "," in raw:
-        head, _, tail = raw.partition(",")
-        # "1,200" is thousands; "10,2" is a decimal comma.
-        raw = head + tail if len(tail) == 3 else head + "." + tail
-    try:
-        return float(raw)
-    except ValueError:
-        return None
+@dataclass
+class LabRow:
+    test: str
+    value: str                          # as printed
+    unit: str | None = None
+    reference_range: str | None = None
+    flag: Direction = "unknown"         # direction from ranges.judge
+    lab_flag: str | None = None         # the report's own marker, as printed
+    numeric: float | None = None
+    critical: bool = False              # only from documented limits or the lab's marker
+    page: int | None = None             # 1-based page of a PDF/OCR report
+    marker_abnormal: bool = False       # the report marks it abnormal without a direction
+
+    @property
+    def abnormal(self) -> bool:
+        return self.flag in ("low", "high") or self.critical or self.marker_abnormal
+
+    @property
+    def status(self) -> LabStatus:
+        """normal | abnormal | critical | unknown, as ``ai_summary.lab_values`` shows it."""
+        if self.critical:
+            return "critical"
+        if self.abnormal:
+            return "abnormal"
+        return "normal" if self.flag == "normal" else "unknown"
 
 
-def parse_range(text: str | None) -> tuple[float | None, float | None] | None:
-    """(low, high) of a reference range; one side may be None; None if unparseable.
-
-    Handles "13.5-17.5", "13.5 - 17.5", "13.5 to 17.5", "(13.5-17.5)", "<5", "> 40",
-    "≤ 200", "up to 5"; a trailing unit ("13.5-17.5 g/dL") is ignored.
-    """
-    if text is None:
-        return None
-    s = str(text).strip()
-    if not s or len(s) > 80:
-        return None
-    for d in _DASHES:
-        s = s.replace(d, "-")
-    s = s.strip("()[]{} ")
-    m = _RANGE_RE.match(s)
-    if m:
-        low, high = to_number(m.group(1)), to_number(m.group(2))
-        if low is None or high is None or low > high:
-            return None
-        return low, high
-    m = _UPPER_RE.match(s)
-    if m:
-        high = to_number(m.group(1))
-        return None if high is None else (None, high)
-    m = _LOWER_RE.match(s)
-    if m:
-        low = to_number(m.group(1))
-        return None if low is None else (low, None)
-    return None
-
-
-def flag(value: str | None, reference_range: str | None) -> LabStatus:
-    """Deterministic status of ``value`` against ``reference_range`` (rule in module doc)."""
-    v = to_number(value)
-    rng = parse_range(reference_range)
-    if v is None or rng is None:
-        return "unknown"
-    low, high = rng
-    if high is not None and v > high:
-        return "critical" if high > 0 and v > CRITICAL_HIGH_FACTOR * high else "abnormal"
-    if low is not None and v < low:
-        return "critical" if low > 0 and v < CRITICAL_LOW_FACTOR * low else "abnormal"
-    return "normal"
-
-
-# A lab's own flag column, used only when value/range cannot be judged.
-_LAB_FLAGS: dict[str, LabStatus] = {
-    "h": "abnormal", "l": "abnormal", "high": "abnormal", "low": "abnormal",
-    "a": "abnormal", "abnormal": "abnormal", "*": "abnormal", "abn": "abnormal",
-    "hh": "critical", "ll": "critical", "c": "critical", "critical": "critical",
-    "crit": "critical", "panic": "critical", "**": "critical",
-    "n": "normal", "normal": "normal", "wnl": "normal",
-}
-
-
-def status_for(value: str, reference_range: str | None, lab_flag: str | None = None) -> LabStatus:
-    """``flag`` when value and range parse; otherwise the lab's own flag if it has one."""
-    status = flag(value, reference_range)
-    if status == "unknown" and lab_flag:
-        return _LAB_FLAGS.get(lab_flag.strip().strip("()[]").lower(), "unknown")
-    return status
+def make_row(test: str, value: str, unit: str | None = None,
+             reference_range: str | None = None, lab_flag: str | None = None,
+             page: int | None = None) -> LabRow:
+    """A LabRow judged by the one reference-range check."""
+    j = ranges.judge(value, reference_range, lab_flag)
+    return LabRow(test=test, value=value, unit=unit, reference_range=reference_range,
+                  flag=j.direction, lab_flag=j.lab_flag, numeric=j.numeric,
+                  critical=j.marker_critical, page=page, marker_abnormal=j.marker_abnormal)
 
 
 # ---------------------------------------------------------------------------- CSV
@@ -206,7 +149,7 @@ def rows_from_table(rows: list[list[str]]) -> list[LabRow]:
                 rng = row[3] if len(row) > 3 and row[3] else None
                 if unit and parse_range(unit) and not rng:
                     unit, rng = None, unit
-                out.append(LabRow(row[0], row[1], unit, rng, status_for(row[1], rng)))
+                out.append(make_row(row[0], row[1], unit, rng))
         return out[:MAX_ROWS]
     assert cols is not None
     for row in rows[header_at + 1:]:
@@ -216,7 +159,7 @@ def rows_from_table(rows: list[list[str]]) -> list[LabRow]:
         unit = _cell(row, cols.get("unit"))
         rng = _cell(row, cols.get("range"))
         lab_flag = _cell(row, cols.get("flag"))
-        out.append(LabRow(test, value, unit, rng, status_for(value, rng, lab_flag)))
+        out.append(make_row(test, value, unit, rng, lab_flag))
     return out[:MAX_ROWS]
 
 
@@ -227,14 +170,18 @@ def parse_csv(text: str) -> list[LabRow]:
 
 # ---------------------------------------------------------------------- free text
 
+_NUM = r"[-+]?\d+(?:[.,]\d+)?"
 _FLAG_TOKENS = frozenset({"h", "l", "hh", "ll", "high", "low", "*", "**", "(h)", "(l)",
-                          "[h]", "[l]", "a", "abnormal", "critical", "c"})
+                          "[h]", "[l]", "a", "abnormal", "critical", "c", "#", "↑", "↓"})
 _UNIT_WORDS = frozenset({"fl", "pg", "g", "mg", "ug", "µg", "ng", "u", "iu", "mmol", "ratio",
                          "sec", "s", "sec.", "mm", "cells", "million", "lakhs", "thou", "mu"})
 _NUM_TOKEN_RE = re.compile(rf"^[<>]?{_NUM}$")
 _TEST_RE = re.compile(r"[A-Za-z]")
 _RANGE_START_RE = re.compile(rf"^[(\[]?(?:[<>≤≥]|{_NUM}|up|upto|below|above|less|more)",
                              re.IGNORECASE)
+# A number with a marker or a unit glued to it ("8.8#", "6.1H", "1.30ng/L"); "10^3/uL"
+# (a unit that starts with digits) is not split because '^' is not a letter.
+_GLUED_RE = re.compile(rf"^([<>]?{_NUM})(#|\*{{1,2}}|HH|LL|H|L|↑|↓|[A-Za-zµμ%][A-Za-z0-9µμ%/^.]*)$")
 
 
 def _looks_like_unit(tok: str) -> bool:
@@ -244,8 +191,18 @@ def _looks_like_unit(tok: str) -> bool:
     return False
 
 
-def _parse_line(line: str) -> LabRow | None:
-    tokens = line.replace("\t", " ").split()
+def _tokens(line: str) -> list[str]:
+    """Whitespace tokens of a report line, OCR damage repaired: split decimals joined
+    ("15 .1"), glued markers and units split off their number ("8.8#", "1.30ng/L")."""
+    out: list[str] = []
+    for tok in ranges.join_split_decimals(line.replace("\t", " ")).split():
+        m = _GLUED_RE.match(tok)
+        out.extend((m.group(1), m.group(2)) if m else (tok,))
+    return out
+
+
+def _parse_line(line: str, page: int | None = None) -> LabRow | None:
+    tokens = _tokens(line)
     # The value is the first numeric token after a name that contains letters.
     for i, tok in enumerate(tokens):
         if _NUM_TOKEN_RE.match(tok) and i > 0:
@@ -255,7 +212,7 @@ def _parse_line(line: str) -> LabRow | None:
     name = " ".join(tokens[:i]).strip(" :=-.")
     if len(name) < 2 or not _TEST_RE.search(name) or len(name) > 60:
         return None
-    value = tokens[i].lstrip("<>")
+    value = tokens[i]
     rest = tokens[i + 1:]
     lab_flag = None
     if rest and rest[0].lower() in _FLAG_TOKENS:
@@ -275,24 +232,29 @@ def _parse_line(line: str) -> LabRow | None:
         rng_text = None
     elif unit is not None and not _looks_like_unit(unit) and not _TEST_RE.search(unit):
         return None
-    if not tokens[i].startswith(("<", ">")):
-        status = status_for(value, rng_text, lab_flag)
-    else:
-        status = "unknown"
-        value = tokens[i]
-    return LabRow(name[:MAX_CELL_CHARS], value, unit, rng_text, status)
+    return make_row(name[:MAX_CELL_CHARS], value, unit, rng_text, lab_flag, page)
 
 
-def parse_text_lines(text: str) -> list[LabRow]:
+def parse_text_lines(text: str, page: int | None = None) -> list[LabRow]:
     """Best-effort lab rows from report text lines such as
     "Hemoglobin 10.2 g/dL 13.5-17.5" or "WBC: 7.2 10^3/uL (4.0 - 11.0)"."""
     out: list[LabRow] = []
     for line in _iter_lines(text):
-        row = _parse_line(line)
+        row = _parse_line(line, page)
         if row is not None:
             out.append(row)
             if len(out) >= MAX_ROWS:
                 break
+    return out
+
+
+def parse_pages(pages: list[str]) -> list[LabRow]:
+    """Lab rows of a paged report, each with its 1-based page number."""
+    out: list[LabRow] = []
+    for n, text in enumerate(pages, 1):
+        out.extend(parse_text_lines(text, page=n)[:MAX_ROWS - len(out)])
+        if len(out) >= MAX_ROWS:
+            break
     return out
 
 
@@ -301,3 +263,19 @@ def _iter_lines(text: str) -> Iterable[str]:
         line = raw.strip()
         if line and len(line) <= MAX_TEXT_LINE_CHARS:
             yield line
+
+
+def render_row(r: LabRow) -> str:
+    """One row as text, e.g. "Hemoglobin: 9.1 g/dL (reference 13.5-17.5) [low]"; the
+    same words in the stored extracted text and in the model's facts."""
+    line = f"{r.test}: {r.value}"
+    if r.unit:
+        line += f" {r.unit}"
+    if r.reference_range:
+        line += f" (reference {r.reference_range})"
+    marks = [r.flag if r.flag != "unknown" else ("abnormal" if r.abnormal else "unknown")]
+    if r.lab_flag:
+        marks.append(f"report marker {r.lab_flag}")
+    if r.critical:
+        marks.append("critical")
+    return f"{line} [{'; '.join(marks)}]"
