@@ -14,8 +14,9 @@ from __future__ import annotations
 import importlib
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from medmitra.clinical import labs
 from medmitra.config import LLMSettings
@@ -94,6 +95,20 @@ class _Run:
 
     def margin(self) -> int:
         return TEMPLATE_MARGIN_TOKENS + self.n_ctx // SAFETY_CTX_DIVISOR
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[StageMetrics]:
+        """Bookkeeping around one stage: cancel checkpoint, progress, metrics, timing."""
+        m = StageMetrics(stage=name, duration_s=0.0, attempts=0)
+        self.metrics.append(m)
+        started = time.perf_counter()
+        self.checkpoint(name, _stage_fraction(name))
+        try:
+            yield m
+        finally:
+            m.duration_s = round(time.perf_counter() - started, 4)
+            log.info("stage %s: %.2f s, %d prompt + %d completion tokens, %d attempt(s)",
+                     m.stage, m.duration_s, m.prompt_tokens, m.completion_tokens, m.attempts)
 
     def ask(self, stage: str, schema: dict, task: str, context: str, max_tokens: int,
             m: StageMetrics, check: Callable[[dict], None] | None = None) -> dict:
@@ -271,6 +286,123 @@ def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs) if xs else 0.0
 
 
+@dataclass
+class _State:
+    """What the stages hand on to each other within one run."""
+    summaries: dict[str, dict] = field(default_factory=dict)   # file_id -> file summary
+    files_ctx: str = ""
+    summary: dict = field(default_factory=dict)
+    summary_ctx: str = ""
+    soap: dict = field(default_factory=dict)
+    dx: dict = field(default_factory=dict)
+    dx_ctx: str = ""
+    differential: list[dict] = field(default_factory=list)
+    recs: dict = field(default_factory=dict)
+    insights: dict = field(default_factory=dict)
+
+
+def _per_file(category: str, worker: Callable[[_Run, ExtractedFile, str, StageMetrics], dict]
+              ) -> Callable[[_Run, _State, StageMetrics], None]:
+    def stage(run: _Run, st: _State, m: StageMetrics) -> None:
+        files = [f for f in run.case.files if f.category == category]
+        for i, f in enumerate(files, 1):
+            if i > 1:
+                run.checkpoint(m.stage, _stage_fraction(m.stage, (i - 1) / len(files)))
+            label = prompts.file_label("Lab" if category == "lab" else "Radiology", i, f)
+            st.summaries[f.file_id] = worker(run, f, label, m)
+    return stage
+
+
+def _case_summary(run: _Run, st: _State, m: StageMetrics) -> None:
+    st.files_ctx = _files_context(run, st.summaries)
+    st.summary = run.ask("case_summary", schemas.CASE_SUMMARY, prompts.TASK_SUMMARY,
+                         st.files_ctx, run.llm.max_tokens_summary, m)
+    st.summary_ctx = (f"Case summary: {st.summary['comprehensive_summary']}\n"
+                      f"Key findings: {'; '.join(st.summary['key_findings']) or 'none listed'}")
+
+
+def _soap_note(run: _Run, st: _State, m: StageMetrics) -> None:
+    st.soap = run.ask("soap_note", schemas.SOAP_NOTE, prompts.TASK_SOAP,
+                      f"{st.files_ctx}\n{st.summary_ctx}", run.llm.max_tokens_soap, m)
+
+
+def _diagnosis(run: _Run, st: _State, m: StageMetrics) -> None:
+    dx = run.ask("diagnosis", schemas.DIAGNOSIS, prompts.TASK_DIAGNOSIS,
+                 f"{st.summary_ctx}\nAssessment: {st.soap['assessment']}",
+                 run.llm.max_tokens_diagnosis, m)
+    code, code_desc = resolve_icd(dx["icd_code"], dx["primary_diagnosis"])
+    dx["icd_code"] = code
+    dx["description"] = dx["description"] or code_desc
+    st.dx = dx
+    st.dx_ctx = f"{st.summary_ctx}\nPrimary diagnosis: {dx['primary_diagnosis']}"
+
+
+def _differential(run: _Run, st: _State, m: StageMetrics) -> None:
+    if run.case.options.include_differential:
+        data = run.ask("differential", schemas.DIFFERENTIAL, prompts.TASK_DIFFERENTIAL,
+                       st.dx_ctx, run.llm.max_tokens_differential, m, _has_conditions)
+        st.differential = [d for d in data["differential_diagnoses"] if d["condition"]]
+
+
+def _recommendations(run: _Run, st: _State, m: StageMetrics) -> None:
+    if run.case.options.include_treatment:
+        st.recs = run.ask("recommendations", schemas.RECOMMENDATIONS,
+                          prompts.TASK_RECOMMENDATIONS, st.dx_ctx,
+                          run.llm.max_tokens_recommendations, m)
+    else:
+        st.recs = run.ask("recommendations", schemas.RECOMMENDATIONS_NO_TREATMENT,
+                          prompts.TASK_RECOMMENDATIONS_NO_TREATMENT, st.dx_ctx,
+                          run.llm.max_tokens_recommendations, m)
+        st.recs["treatments"] = []
+
+
+def _compile(run: _Run, st: _State, m: StageMetrics) -> None:
+    case, summary, soap, dx = run.case, st.summary, st.soap, st.dx
+    scores = [clamp_score(summary["confidence_score"]), clamp_score(soap["confidence_score"]),
+              clamp_score(dx["confidence_score"])]
+    st.insights = {
+        "case_summary": {
+            "comprehensive_summary": summary["comprehensive_summary"],
+            "key_findings": summary["key_findings"],
+            "patient_context": {"age": case.patient_age, "gender": case.patient_gender},
+            "doctor_notes": case.doctor_notes or "",
+            "lab_summary": _joined_summary(run, st.summaries, "lab",
+                                           "No lab results were provided."),
+            "radiology_summary": _joined_summary(run, st.summaries, "radiology",
+                                                 "No radiology images were provided."),
+            "confidence_score": scores[0],
+        },
+        "soap_note": {k: soap[k] for k in ("subjective", "objective", "assessment", "plan")}
+        | {"confidence_score": scores[1]},
+        "primary_diagnosis": {
+            "primary_diagnosis": dx["primary_diagnosis"], "icd_code": dx["icd_code"],
+            "description": dx["description"], "confidence_score": scores[2],
+            "supporting_evidence": dx["supporting_evidence"],
+        },
+        "differential_diagnoses": st.differential,
+        "investigation_recommendations": st.recs["investigations"],
+        "treatment_recommendations": st.recs["treatments"],
+        "overall_confidence_score": _mean(scores),
+        "model": run.runtime.info.get("name", ""),
+    }
+
+
+# The stages after extraction, in order: (name, body). Each body reads what earlier
+# stages left in the _State and adds its own part; ``_Run.stage`` does the bookkeeping
+# (cancel checkpoint, progress, duration, log line) around every one of them.
+STAGE_TABLE: tuple[tuple[str, Callable[[_Run, _State, StageMetrics], None]], ...] = (
+    ("lab_analysis", _per_file("lab", _lab_file)),
+    ("radiology_analysis", _per_file("radiology", _radiology_file)),
+    ("case_summary", _case_summary),
+    ("soap_note", _soap_note),
+    ("diagnosis", _diagnosis),
+    ("differential", _differential),
+    ("recommendations", _recommendations),
+    ("compile", _compile),
+)
+assert tuple(name for name, _ in STAGE_TABLE) == STAGES[1:]
+
+
 def run_analysis(case: CaseInput, runtime: LLMRuntime, llm: LLMSettings, *,
                  progress: ProgressFn, should_stop: StopFn) -> AnalysisResult:
     """Stages lab_analysis .. compile for one case; ``StageError`` or ``Cancelled`` on failure."""
@@ -290,107 +422,9 @@ def run_analysis(case: CaseInput, runtime: LLMRuntime, llm: LLMSettings, *,
                     - run.count(prompts.RULES) - run.margin())
     run.system = prompts.system_message(prompts.case_facts(case, max(0, facts_budget), run.count))
 
-    summaries: dict[str, dict] = {}
-    opts = case.options
-
-    def stage(name: str) -> StageMetrics:
-        m = StageMetrics(stage=name, duration_s=0.0, attempts=0)
-        run.metrics.append(m)
-        return m
-
-    def timed(m: StageMetrics, started: float) -> None:
-        m.duration_s = round(time.perf_counter() - started, 4)
-        log.info("stage %s: %.2f s, %d prompt + %d completion tokens, %d attempt(s)",
-                 m.stage, m.duration_s, m.prompt_tokens, m.completion_tokens, m.attempts)
-
-    for name, category, worker in (("lab_analysis", "lab", _lab_file),
-                                   ("radiology_analysis", "radiology", _radiology_file)):
-        files = [f for f in case.files if f.category == category]
-        m, t0 = stage(name), time.perf_counter()
-        run.checkpoint(name, _stage_fraction(name))
-        for i, f in enumerate(files, 1):
-            if i > 1:
-                run.checkpoint(name, _stage_fraction(name, (i - 1) / len(files)))
-            label = prompts.file_label("Lab" if category == "lab" else "Radiology", i, f)
-            summaries[f.file_id] = worker(run, f, label, m)
-        timed(m, t0)
-
-    files_ctx = _files_context(run, summaries)
-
-    m, t0 = stage("case_summary"), time.perf_counter()
-    run.checkpoint("case_summary", _stage_fraction("case_summary"))
-    summary = run.ask("case_summary", schemas.CASE_SUMMARY, prompts.TASK_SUMMARY, files_ctx,
-                      llm.max_tokens_summary, m)
-    timed(m, t0)
-    summary_ctx = (f"Case summary: {summary['comprehensive_summary']}\n"
-                   f"Key findings: {'; '.join(summary['key_findings']) or 'none listed'}")
-
-    m, t0 = stage("soap_note"), time.perf_counter()
-    run.checkpoint("soap_note", _stage_fraction("soap_note"))
-    soap = run.ask("soap_note", schemas.SOAP_NOTE, prompts.TASK_SOAP,
-                   f"{files_ctx}\n{summary_ctx}", llm.max_tokens_soap, m)
-    timed(m, t0)
-
-    m, t0 = stage("diagnosis"), time.perf_counter()
-    run.checkpoint("diagnosis", _stage_fraction("diagnosis"))
-    dx = run.ask("diagnosis", schemas.DIAGNOSIS, prompts.TASK_DIAGNOSIS,
-                 f"{summary_ctx}\nAssessment: {soap['assessment']}", llm.max_tokens_diagnosis, m)
-    code, code_desc = resolve_icd(dx["icd_code"], dx["primary_diagnosis"])
-    dx["icd_code"] = code
-    dx["description"] = dx["description"] or code_desc
-    timed(m, t0)
-    dx_ctx = f"{summary_ctx}\nPrimary diagnosis: {dx['primary_diagnosis']}"
-
-    m, t0 = stage("differential"), time.perf_counter()
-    run.checkpoint("differential", _stage_fraction("differential"))
-    differential: list[dict] = []
-    if opts.include_differential:
-        data = run.ask("differential", schemas.DIFFERENTIAL, prompts.TASK_DIFFERENTIAL, dx_ctx,
-                       llm.max_tokens_differential, m, _has_conditions)
-        differential = [d for d in data["differential_diagnoses"] if d["condition"]]
-    timed(m, t0)
-
-    m, t0 = stage("recommendations"), time.perf_counter()
-    run.checkpoint("recommendations", _stage_fraction("recommendations"))
-    if opts.include_treatment:
-        recs = run.ask("recommendations", schemas.RECOMMENDATIONS, prompts.TASK_RECOMMENDATIONS,
-                       dx_ctx, llm.max_tokens_recommendations, m)
-    else:
-        recs = run.ask("recommendations", schemas.RECOMMENDATIONS_NO_TREATMENT,
-                       prompts.TASK_RECOMMENDATIONS_NO_TREATMENT, dx_ctx,
-                       llm.max_tokens_recommendations, m)
-        recs["treatments"] = []
-    timed(m, t0)
-
-    m, t0 = stage("compile"), time.perf_counter()
-    run.checkpoint("compile", _stage_fraction("compile"))
-    scores = [clamp_score(summary["confidence_score"]), clamp_score(soap["confidence_score"]),
-              clamp_score(dx["confidence_score"])]
-    insights = {
-        "case_summary": {
-            "comprehensive_summary": summary["comprehensive_summary"],
-            "key_findings": summary["key_findings"],
-            "patient_context": {"age": case.patient_age, "gender": case.patient_gender},
-            "doctor_notes": case.doctor_notes or "",
-            "lab_summary": _joined_summary(run, summaries, "lab",
-                                           "No lab results were provided."),
-            "radiology_summary": _joined_summary(run, summaries, "radiology",
-                                                 "No radiology images were provided."),
-            "confidence_score": scores[0],
-        },
-        "soap_note": {k: soap[k] for k in ("subjective", "objective", "assessment", "plan")}
-        | {"confidence_score": scores[1]},
-        "primary_diagnosis": {
-            "primary_diagnosis": dx["primary_diagnosis"], "icd_code": dx["icd_code"],
-            "description": dx["description"], "confidence_score": scores[2],
-            "supporting_evidence": dx["supporting_evidence"],
-        },
-        "differential_diagnoses": differential,
-        "investigation_recommendations": recs["investigations"],
-        "treatment_recommendations": recs["treatments"],
-        "overall_confidence_score": _mean(scores),
-        "model": runtime.info.get("name", ""),
-    }
-    timed(m, t0)
-    return AnalysisResult(file_summaries=summaries, insights=insights, stages=run.metrics,
-                          model=dict(runtime.info))
+    st = _State()
+    for name, body in STAGE_TABLE:
+        with run.stage(name) as m:
+            body(run, st, m)
+    return AnalysisResult(file_summaries=st.summaries, insights=st.insights,
+                          stages=run.metrics, model=dict(runtime.info))
