@@ -2,7 +2,7 @@
 # Run every benchmark against servers started here; each prints its figures with the ratio
 # to its baseline. Needs the set-up done (scripts/setup.sh) and wrk (apt-get install wrk).
 #   bench/run.sh            all of them
-#   bench/run.sh api        only one: api | analysis | load | binary | icd10
+#   bench/run.sh api        only one: api | analysis | load | binary | icd10 | web
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
@@ -16,4 +16,5 @@ run() { echo; echo "=== $1"; shift; "$@"; }
 [[ ( $which == all || $which == load ) && -f bench/load.py ]] && run "load (bench/load.py)" $PY bench/load.py
 [[ ( $which == all || $which == binary ) && -f bench/binary_bench.py ]] && run "binary (bench/binary_bench.py)" $PY bench/binary_bench.py
 [[ $which == all || $which == icd10 ]] && run "ICD-10 table (bench/icd10_bench.py)" $PY bench/icd10_bench.py
+[[ $which == all || $which == web ]] && run "web app (bench/web_bench.py)" $PY bench/web_bench.py
 exit 0

@@ -12,7 +12,7 @@ from typing import Any
 import orjson
 from sanic import Request, Sanic
 from sanic.exceptions import SanicException
-from sanic.response import HTTPResponse, empty, json as json_response
+from sanic.response import HTTPResponse, empty, json as json_response, redirect
 
 from medmitra import __version__
 from medmitra.api.cases import bp as cases_bp, downloads as downloads_bp
@@ -29,6 +29,7 @@ from medmitra.errors import ApiError, InsufficientStorage
 from medmitra.jobs import queue
 from medmitra.services.links import LinkSigner
 from medmitra.storage import Storage, is_database_full
+from medmitra.web import register_web, wants_html
 
 log = logging.getLogger("medmitra.app")
 
@@ -101,6 +102,7 @@ def create_app(settings: Settings, *, start_workers: bool = True,
     app.blueprint(downloads_bp)
     _register_system_routes(app)
     register_docs(app)
+    register_web(app)   # the clinician app under /app/ and the DICOM preview route
     app.error_handler.add(ApiError, handle_api_error)
     app.error_handler.add(SanicException, handle_sanic_error)
     app.error_handler.add(Exception, handle_unexpected)
@@ -192,6 +194,8 @@ def _register_cors(app: Sanic, allowed: list[str]) -> None:
 def _register_system_routes(app: Sanic) -> None:
     @app.get("/")
     async def root(request: Request) -> HTTPResponse:
+        if wants_html(request):   # a browser: the clinician app; API clients get the JSON
+            return redirect("/app/")
         return json_response({"message": "MedMitra Backend API is running!"})
 
     @app.get("/health")

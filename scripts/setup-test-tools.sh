@@ -27,8 +27,9 @@ if ! compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null; then
     fi
 fi
 if [[ -f tests/js/package.json ]] && command -v npm >/dev/null; then
-    if [[ ! -d tests/js/node_modules ]]; then
-        echo "==> installing node packages for the supabase-js test"
+    # Again whenever package-lock.json is newer than what npm last installed.
+    if [[ ! -d tests/js/node_modules || tests/js/package-lock.json -nt tests/js/node_modules/.package-lock.json ]]; then
+        echo "==> installing node packages for the supabase-js and web app tests"
         (cd tests/js && npm ci --no-audit --no-fund --silent 2>/dev/null || npm install --no-audit --no-fund --silent) \
             || echo "   (npm install failed; the supabase-js test will skip)"
     fi

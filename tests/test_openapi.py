@@ -37,6 +37,7 @@ REQUIRED_OPERATIONS = {
     ("delete", "/cases/cases/{case_id}"), ("post", "/cases/analyze/{case_id}"),
     ("post", "/cases/upload"), ("get", "/cases/files/{case_id}"),
     ("get", "/cases/file/{file_id}"), ("delete", "/cases/file/{file_id}"),
+    ("get", "/cases/file/{file_id}/preview.png"),
     ("get", "/files/download/{token}"),
     ("post", "/auth/v1/signup"), ("post", "/auth/v1/token"), ("get", "/auth/v1/user"),
     ("put", "/auth/v1/user"), ("post", "/auth/v1/logout"), ("get", "/auth/v1/settings"),

@@ -499,6 +499,14 @@ def _cases_paths() -> dict[str, Schema]:
                           parameters=[_query("case_id", ID_OR_UUID,
                                              "Optional: the case the file must belong to.")]),
         },
+        "/cases/file/{file_id}/preview.png": {"get": _op(
+            "Files", "previewFile", "A DICOM file's image as PNG (window/level from the file)",
+            {**_protected({"200": {"description": "The first frame, 8-bit, longest side "
+                                                  "1024 px.",
+                                   "content": {"image/png": {"schema": BINARY}}}}, "415"),
+             "422": _error_response("No picture can be made of this DICOM (no pixel data, "
+                                    "a compression without a decoder).")},
+            parameters=[FILE_ID_PARAM])},
     }
 
 
