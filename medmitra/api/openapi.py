@@ -500,13 +500,19 @@ def _cases_paths() -> dict[str, Schema]:
                                              "Optional: the case the file must belong to.")]),
         },
         "/cases/file/{file_id}/preview.png": {"get": _op(
-            "Files", "previewFile", "A DICOM file's image as PNG (window/level from the file)",
-            {**_protected({"200": {"description": "The first frame, 8-bit, longest side "
-                                                  "1024 px.",
-                                   "content": {"image/png": {"schema": BINARY}}}}, "415"),
-             "422": _error_response("No picture can be made of this DICOM (no pixel data, "
-                                    "a compression without a decoder).")},
-            parameters=[FILE_ID_PARAM])},
+            "Files", "previewFile", "A DICOM image or a PDF page as PNG",
+            {**_protected({"200": {
+                "description": "DICOM: the first frame with the file's window/level. PDF: "
+                               "the page asked for. Longest side 1024 px.",
+                "headers": {"X-Page-Count": {"schema": {"type": "integer"},
+                                             "description": "PDF only: its page count."}},
+                "content": {"image/png": {"schema": BINARY}}}}, "415"),
+             "422": _error_response("No picture can be made of this file (damaged PDF, "
+                                    "DICOM without pixel data or with a compression "
+                                    "without a decoder).")},
+            parameters=[FILE_ID_PARAM, _query("page", {"type": "integer", "minimum": 1,
+                                                       "default": 1},
+                                              "PDF page number (DICOM: 1).")])},
     }
 
 

@@ -1,10 +1,13 @@
-"""GET /cases/file/{file_id}/preview.png: a DICOM image rendered to a PNG a browser can show.
+"""GET /cases/file/{file_id}/preview.png: a picture a browser can show of a DICOM image or
+of one page of a PDF.
 
 Authenticated and isolated exactly like GET /cases/file/{file_id} (another user's file
-answers 404). The pixels are windowed with the file's own WindowCenter/WindowWidth and
-rescale (pipeline/images.dicom_image, the same rendering the analysis uses); MONOCHROME1 is
-inverted; the first frame of a multi-frame image is shown. Only DICOM files have a preview:
-PDFs and photos are shown by the browser from their signed download URL.
+answers 404). DICOM: the first frame, windowed with the file's own WindowCenter/WindowWidth
+and rescale (pipeline/images.dicom_image, the same rendering the analysis uses), MONOCHROME1
+inverted. PDF: page ``?page=N`` (default 1) rendered by PDFium, with the page count in the
+``X-Page-Count`` header, so every browser shows PDFs inline the same way (headless and
+locked-down browsers often have no PDF viewer). Photos need no preview: the browser shows
+them from their signed download URL.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from sanic.response import HTTPResponse, raw
 
 from medmitra import filetypes
 from medmitra.api.auth import current_user
-from medmitra.errors import ApiError, UnsupportedMediaType
+from medmitra.errors import ApiError, UnsupportedMediaType, field_error
 from medmitra.pipeline.images import ImageRefused, dicom_image
 from medmitra.services import cases as svc
 
@@ -55,17 +58,73 @@ def render_dicom_png(path) -> bytes:
     return out.getvalue()
 
 
+def render_pdf_page_png(path, page_number: int) -> tuple[bytes, int]:
+    """(PNG of page ``page_number`` (1-based), the PDF's page count)."""
+    import pypdfium2 as pdfium
+
+    # PDFium is not thread-safe: the analysis's extraction shares this lock.
+    from medmitra.pipeline.extract import PDFIUM_LOCK
+
+    with PDFIUM_LOCK:
+        try:
+            pdf = pdfium.PdfDocument(str(path))
+        except pdfium.PdfiumError:
+            raise PreviewUnavailable("The PDF could not be opened (damaged, truncated or "
+                                     "password-protected)") from None
+        try:
+            count = len(pdf)
+            if not 1 <= page_number <= count:
+                raise field_error("page", f"must be between 1 and {count}", "query")
+            try:
+                page = pdf[page_number - 1]
+            except pdfium.PdfiumError:
+                raise PreviewUnavailable(f"Page {page_number} could not be read") from None
+            try:
+                width_pt, height_pt = page.get_size()
+                if width_pt <= 0 or height_pt <= 0:
+                    raise PreviewUnavailable(f"Page {page_number} has no size")
+                bitmap = page.render(scale=PREVIEW_MAX_SIDE_PX / max(width_pt, height_pt))
+                try:
+                    img = bitmap.to_pil().convert("RGB")   # copied out of pdfium's buffer
+                finally:
+                    bitmap.close()
+            except pdfium.PdfiumError:
+                raise PreviewUnavailable(f"Page {page_number} could not be rendered") from None
+            finally:
+                page.close()
+        finally:
+            pdf.close()
+    out = io.BytesIO()
+    img.save(out, format="PNG", compress_level=6)
+    return out.getvalue(), count
+
+
+def _page_arg(request: Request) -> int:
+    raw_page = (request.args.get("page") or "1").strip()
+    if not (raw_page.isascii() and raw_page.isdigit()) or len(raw_page) > 6:
+        raise field_error("page", "must be a page number from 1", "query")
+    return int(raw_page)
+
+
 @bp.get("/file/<file_id:str>/preview.png", name="file_preview")
 async def file_preview(request: Request, file_id: str) -> HTTPResponse:
     user_id = await current_user(request)
     f = await svc.get_file(user_id, file_id)
-    if f.file_type != filetypes.DICOM:
-        raise UnsupportedMediaType("Previews are rendered for DICOM files only; open the "
-                                   "file's download link for other types")
+    if f.file_type not in (filetypes.DICOM, filetypes.PDF):
+        raise UnsupportedMediaType("Previews are rendered for DICOM and PDF files; images "
+                                   "and text are shown from the file's download link")
+    page = _page_arg(request)
     storage = request.app.ctx.storage
     if not storage.exists(f.file_id):
         raise PreviewUnavailable("The stored file is missing")
-    png = await asyncio.to_thread(render_dicom_png, storage.path_for(f.file_id))
-    return raw(png, content_type="image/png",
-               headers={"Cache-Control": "private, no-store",
-                        "X-Content-Type-Options": "nosniff"})
+    headers = {"Cache-Control": "private, no-store", "X-Content-Type-Options": "nosniff"}
+    path = storage.path_for(f.file_id)
+    if f.file_type == filetypes.PDF:
+        png, count = await asyncio.to_thread(render_pdf_page_png, path, page)
+        headers["X-Page-Count"] = str(count)
+    else:
+        if page != 1:
+            raise field_error("page", "must be 1 (a DICOM preview shows the first frame)",
+                              "query")
+        png = await asyncio.to_thread(render_dicom_png, path)
+    return raw(png, content_type="image/png", headers=headers)

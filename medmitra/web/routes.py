@@ -46,11 +46,10 @@ PAGE_CSP = "; ".join([
     "default-src 'none'",
     "script-src 'self'",
     "style-src 'self'",
-    # blob: for DICOM previews fetched with the token; file links are same-origin.
+    # blob: for DICOM and PDF previews fetched with the token; photos are same-origin links.
     "img-src 'self' blob: data:",
     "connect-src 'self'",
-    # PDF previews: the signed download URL of this server in a frame.
-    "frame-src 'self'",
+    "frame-src 'none'",
     "object-src 'none'",
     "base-uri 'none'",
     "form-action 'self'",

@@ -54,7 +54,7 @@ export async function api(path, { method = "GET", json, signal } = {}) {
   }
 }
 
-// Bytes of an authenticated route (e.g. a DICOM preview) as an object URL.
+// Bytes of an authenticated route (e.g. a preview) as { url: object URL, headers }.
 export async function objectUrl(path) {
   for (let attempt = 0; ; attempt += 1) {
     let res;
@@ -68,7 +68,7 @@ export async function objectUrl(path) {
       continue;
     }
     if (!res.ok) throw errorFrom(res.status, await res.json().catch(() => null));
-    return URL.createObjectURL(await res.blob());
+    return { url: URL.createObjectURL(await res.blob()), headers: res.headers };
   }
 }
 

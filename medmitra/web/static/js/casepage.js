@@ -129,24 +129,38 @@ export async function render(main, [caseId], state) {
   }
 
   // ---- files ------------------------------------------------------------------------
+  // A server-rendered picture (DICOM image, PDF page) fetched with the token.
+  function rendered(box, f, page = 1) {
+    const isPdf = f.file_type === "application/pdf";
+    const img = h("img", { alt: isPdf ? `Page ${page} of PDF ${f.file_name}` : `DICOM image ${f.file_name}, rendered with the file's window and level` });
+    box.replaceChildren(h("p", { class: "muted", text: "Rendering…" }));
+    objectUrl(`/cases/file/${f.file_id}/preview.png?page=${page}`).then(({ url, headers }) => {
+      objectUrls.push(url);
+      img.src = url;
+      const parts = [img];
+      const pages = parseInt(headers.get("X-Page-Count") || "1", 10);
+      if (isPdf && pages > 1) {
+        parts.push(h("div", { class: "pdf-pages" },
+          h("button", { type: "button", class: "secondary", text: "Previous page", disabled: page <= 1,
+            "aria-label": `Previous page of ${f.file_name}`, onclick: () => rendered(box, f, page - 1) }),
+          h("span", { text: `Page ${page} of ${pages}` }),
+          h("button", { type: "button", class: "secondary", text: "Next page", disabled: page >= pages,
+            "aria-label": `Next page of ${f.file_name}`, onclick: () => rendered(box, f, page + 1) })));
+      }
+      box.replaceChildren(...parts);
+    }, (err) => {
+      if (!(err instanceof ApiError)) throw err;
+      box.replaceChildren(h("p", { class: "muted", text: `${err.message}. Download the file to view it.` }));
+    });
+  }
+
   function preview(f) {
     const box = h("div", { class: "preview" });
     const type = f.file_type;
     if (type === "image/png" || type === "image/jpeg") {
       box.append(h("img", { src: f.file_url, alt: `Image ${f.file_name}`, loading: "lazy" }));
-    } else if (type === "application/dicom") {
-      const img = h("img", { alt: `DICOM image ${f.file_name}, rendered with the file's window and level` });
-      box.append(h("p", { class: "muted", text: "Rendering…" }));
-      objectUrl(`/cases/file/${f.file_id}/preview.png`).then((url) => {
-        objectUrls.push(url);
-        img.src = url;
-        box.replaceChildren(img);
-      }, (err) => {
-        if (!(err instanceof ApiError)) throw err;
-        box.replaceChildren(h("p", { class: "muted", text: `${err.message}. Download the file to view it in a DICOM viewer.` }));
-      });
-    } else if (type === "application/pdf") {
-      box.append(h("iframe", { src: f.file_url, title: `PDF ${f.file_name}`, loading: "lazy" }));
+    } else if (type === "application/dicom" || type === "application/pdf") {
+      rendered(box, f);
     } else {
       box.append(h("pre", { class: "text-preview", tabIndex: 0, "aria-label": `Text of ${f.file_name}`,
         text: f.text_data ? f.text_data.slice(0, 4000) : "The text shows here once the analysis has read the file." }));
@@ -160,6 +174,7 @@ export async function render(main, [caseId], state) {
         h("h3", { text: f.file_name }),
         h("p", { class: "muted", text: `${f.file_category === "lab" ? "Lab" : "Radiology"} · ${f.file_type} · ${formatBytes(f.file_size)} · ${formatDate(f.uploaded_at)}` }),
         h("div", { class: "actions no-print" },
+          f.file_type === "application/pdf" ? h("a", { class: "button secondary", href: f.file_url, target: "_blank", rel: "noopener", text: "Open", "aria-label": `Open ${f.file_name} in a new tab` }) : null,
           h("a", { class: "button secondary", href: f.file_url, download: f.file_name, text: "Download", "aria-label": `Download ${f.file_name}` }),
           h("button", { type: "button", class: "danger secondary", text: "Delete", "aria-label": `Delete ${f.file_name}`, onclick: () => deleteFile(f) }))),
       preview(f)));
