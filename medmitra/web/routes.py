@@ -22,9 +22,8 @@ from sanic.response import HTTPResponse, redirect
 
 from medmitra import filetypes
 from medmitra.api.docs import Asset, _make_asset, _respond
-from medmitra.db.models import CASE_STATUSES
+from medmitra.contract import AGE_MAX_YEARS, SORT_KEYS, CaseStatus, FileCategory
 from medmitra.pipeline.types import STAGES
-from medmitra.services.cases import MAX_AGE, SORT_FIELDS
 from medmitra.web.preview import bp as preview_bp
 
 APP_PREFIX = "/app"
@@ -81,9 +80,9 @@ def _assets() -> dict[str, Asset]:
 
 def client_config(settings) -> dict:
     """What the app needs to know before it sends anything, from the one place each fact
-    lives: limits from config, accepted types from filetypes, enums from their owners."""
+    lives: limits from config, accepted types from filetypes, enums from the contract."""
     lim = settings.limits
-    accepted = {cat: sorted(filetypes._ACCEPTED[cat]) for cat in ("lab", "radiology")}
+    accepted = {str(cat): sorted(filetypes.ACCEPTED[cat]) for cat in FileCategory}
     return {
         "limits": {
             "lab_max_bytes": lim.lab_max_bytes,
@@ -92,13 +91,13 @@ def client_config(settings) -> dict:
             "request_max_bytes": settings.server.request_max_bytes,
             "name_max_chars": lim.name_max_chars,
             "text_field_max_chars": lim.text_field_max_chars,
-            "max_age": MAX_AGE,
+            "max_age": AGE_MAX_YEARS,
         },
         "accepted": {cat: {"types": types,
                            "extensions": sorted({e for t in types for e in EXTENSIONS[t]})}
                      for cat, types in accepted.items()},
-        "statuses": list(CASE_STATUSES),
-        "sort_fields": list(SORT_FIELDS),
+        "statuses": [str(s) for s in CaseStatus],
+        "sort_fields": list(SORT_KEYS),
         "stages": list(STAGES),
     }
 
