@@ -167,8 +167,9 @@ def main() -> None:
     try:
         bare_port = free_port()
         (tmp / "bare.py").write_text(BARE_APP)
-        procs.append(subprocess.Popen([sys.executable, str(tmp / "bare.py"), str(bare_port)],
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        bare_proc = subprocess.Popen([sys.executable, str(tmp / "bare.py"), str(bare_port)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        procs.append(bare_proc)
         port = free_port()
         env = {**os.environ, "MEDMITRA_STORAGE_DATA_DIR": str(tmp / "data"),
                "MEDMITRA_SERVER_PORT": str(port), "MEDMITRA_LLM_WORKERS": "0",
@@ -216,6 +217,8 @@ def main() -> None:
                   f"{'; '.join(str(r['socket_errors']) for r in rs if r['socket_errors'])}")
 
         if args.profile:
+            profile(bare_proc.pid, "bare GET /", lambda: wrk(
+                bare + "/", args.duration, args.connections, None), args.profile)
             for name, (url, tok) in routes.items():
                 if name != "bare GET /":
                     profile(server.pid, name, lambda u=url, t=tok: wrk(

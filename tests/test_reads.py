@@ -47,3 +47,66 @@ def test_sqlite_case_json_equals_python_rendering(tmp_path: Path) -> None:
     assert from_sql[0]["created_at"] == "2026-03-04T10:30:00.123456+00:00"
     assert [c["patient_name"] for c in from_sql][0] == 'Zoë "Quote" O\'Brien'
     assert from_sql[1]["case_summary"] is None and isinstance(from_sql[0]["patient_age"], int)
+
+
+def test_reads_are_reused_only_while_the_database_is_unchanged(tmp_path: Path) -> None:
+    """The reader hands out the rows of a repeated read again until another connection
+    commits (a write through tortoise, or another process); hits are fresh copies."""
+    import sqlite3
+
+    settings = make_settings(tmp_path)
+    db_path = Path(settings.database_url.removeprefix("sqlite://"))
+    user = str(uuid.uuid4())
+    select = [(f'SELECT {reads.CASE_COLS} FROM "cases" WHERE "user_id" = ? ORDER BY "id"',
+               [user])]
+
+    def case(name: str) -> dict:
+        now = datetime.now(timezone.utc)
+        return dict(case_id=str(uuid.uuid4()), user_id=user, patient_name=name,
+                    patient_age=40, patient_gender="f", status="processing",
+                    created_at=now, updated_at=now)
+
+    async def run() -> None:
+        await open_db(settings)
+        reader = reads.Reader(db_path)
+        try:
+            await Case.create(**case("first"))
+            (first,) = await reader.many(select)
+            assert [r["patient_name"] for r in first] == ["first"]
+            first[0]["patient_name"] = "changed by a caller"      # must not leak into a hit
+            (again,) = await reader.many(select)
+            assert [r["patient_name"] for r in again] == ["first"]
+            assert len(reader._cache) == 1
+
+            # A write through tortoise's connection: the next read sees it.
+            await Case.create(**case("second"))
+            (after,) = await reader.many(select)
+            assert [r["patient_name"] for r in after] == ["first", "second"]
+            # Tuples too, and a read with other parameters is its own entry.
+            rows, count = await reader.many(
+                [('SELECT "patient_name" FROM "cases" WHERE "user_id" = ?', [user]),
+                 ('SELECT COUNT(*) FROM "cases"', [])], tuples=True)
+            assert rows == [("first",), ("second",)] and count == [(2,)]
+            (none,) = await reader.many([(select[0][0], [str(uuid.uuid4())])])
+            assert none == []
+
+            # A commit by another process's connection (here: a plain sqlite3 one).
+            other = sqlite3.connect(db_path)
+            try:
+                other.execute('UPDATE "cases" SET "patient_name" = ? WHERE "patient_name" = ?',
+                              ("renamed", "second"))
+                other.commit()
+            finally:
+                other.close()
+            (renamed,) = await reader.many(select)
+            assert [r["patient_name"] for r in renamed] == ["first", "renamed"]
+
+            # Bounded: the oldest entries go first.
+            for i in range(reads.Reader.CACHE_ENTRIES + 10):
+                await reader.many([('SELECT ? AS "n"', [i])])
+            assert len(reader._cache) == reads.Reader.CACHE_ENTRIES
+        finally:
+            reader.close()
+            await close_db()
+
+    asyncio.run(run())

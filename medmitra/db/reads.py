@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 import sqlite3
+from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -62,11 +63,21 @@ def _dict_row(cursor: sqlite3.Cursor, row: tuple) -> dict[str, Any]:
 
 
 class Reader:
-    """Runs SELECTs and returns rows as dicts."""
+    """Runs SELECTs and returns rows as dicts.
+
+    On SQLite the rows of recent reads are kept and handed out again while the database
+    is unchanged: ``PRAGMA data_version`` moves whenever another connection commits
+    (every write of the server goes through tortoise's connection, never this one), so a
+    client polling a case or the case list costs one pragma instead of its queries until
+    something is written. Hits get fresh copies of the rows.
+    """
+
+    CACHE_ENTRIES = 256     # distinct reads kept (a read is its SQL texts and parameters)
 
     def __init__(self, sqlite_path: Path | None, busy_timeout_ms: int = 10000):
         self._conn: sqlite3.Connection | None = None
         self.is_sqlite = sqlite_path is not None
+        self._cache: OrderedDict[Any, tuple[int, list[list[Any]]]] = OrderedDict()
         if sqlite_path is not None:
             conn = sqlite3.connect(f"file:{sqlite_path}?mode=ro", uri=True,
                                    check_same_thread=False, isolation_level=None)
@@ -74,17 +85,28 @@ class Reader:
             conn.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
             conn.execute("PRAGMA query_only=1")
             self._conn = conn
+            self._version_cursor = conn.cursor()
+            self._version_cursor.row_factory = None
 
     def close(self) -> None:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+            self._cache.clear()
 
     async def many(self, queries: Sequence[tuple[str, Sequence[Any]]], *,
                    tuples: bool = False) -> list[list[Any]]:
         """Run several SELECTs as one consistent snapshot; rows as dicts (or tuples)."""
         if self._conn is not None:
             conn = self._conn
+            key = (tuples, tuple((sql, tuple(params)) for sql, params in queries))
+            # Read before the snapshot: a commit in between makes the next read miss.
+            version = self._version_cursor.execute("PRAGMA data_version").fetchone()[0]
+            hit = self._cache.get(key)
+            if hit is not None and hit[0] == version:
+                self._cache.move_to_end(key)
+                return [list(rows) if tuples else [dict(r) for r in rows]
+                        for rows in hit[1]]
             conn.execute("BEGIN")
             try:
                 out = []
@@ -93,9 +115,14 @@ class Reader:
                     if tuples:
                         cur.row_factory = None
                     out.append(cur.execute(sql, params).fetchall())
-                return out
             finally:
                 conn.execute("COMMIT")
+            self._cache[key] = (version, [list(rows) if tuples else [dict(r) for r in rows]
+                                          for rows in out])
+            self._cache.move_to_end(key)
+            if len(self._cache) > self.CACHE_ENTRIES:
+                self._cache.popitem(last=False)
+            return out
         out = []
         # PostgreSQL's default READ COMMITTED takes a new snapshot per statement; REPEATABLE
         # READ holds the first one for the whole transaction.
