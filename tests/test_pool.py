@@ -77,6 +77,8 @@ class StubRuntime(FakeRuntime):
         self.raise_in = raise_in
         self.served: list[tuple[str, str | None]] = []
         self.overlaps = 0
+        # The runtime's stop flag as each call saw it: set (and not raised) while a job runs.
+        self.stop_flags: list[bool | None] = []
         self._busy = 0
         self._lock = threading.Lock()
 
@@ -86,6 +88,7 @@ class StubRuntime(FakeRuntime):
             if self._busy > 1:
                 self.overlaps += 1
         try:
+            self.stop_flags.append(None if self.interrupt is None else self.interrupt())
             key = str(schema.get("title", ""))
             marker = re.search(r"marker-\d+", json.dumps(messages))
             self.served.append((key, marker.group(0) if marker else None))
@@ -250,6 +253,8 @@ def test_job_runs_to_completed_and_writes_insights_and_files(tmp_path):
         [rt] = factory.made
         assert rt.closed                              # stop() closed the runtime
         assert stage_calls(rt, "case_summary", "marker-1") == 1
+        assert rt.stop_flags and set(rt.stop_flags) == {False}   # set for every model call
+        assert rt.interrupt is None                                # and cleared after the job
         assert pool.status()["workers"][0]["state"] == "stopped"
         return elapsed_s
 

@@ -217,14 +217,12 @@ async def run_job(job: Job, *, owner: str, runtime: LLMRuntime, storage: Storage
                                options=options)
         # A runtime that can stop mid-generation checks the same flag between tokens, so
         # a cancel, a stage deadline or a shutdown does not wait for a long answer.
-        if hasattr(runtime, "interrupt"):
-            runtime.interrupt = should_stop
+        runtime.interrupt = should_stop
         try:
             result = run_analysis(case_input, runtime, llm, progress=report,
                                   should_stop=should_stop)
         finally:
-            if hasattr(runtime, "interrupt"):
-                runtime.interrupt = None
+            runtime.interrupt = None
         return _Work(extracted, result, extract_s)
 
     report(EXTRACT_STAGE, 0.0)

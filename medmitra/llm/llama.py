@@ -82,8 +82,8 @@ class LlamaRuntime:
         self.info: dict[str, Any] = {**model_info(model_path, cache_dir), "n_ctx": n_ctx}
         self._lock = threading.Lock()
         self._grammars: dict[str, LlamaGrammar] = {}
-        # Set by the job runner for the length of a job: checked between generated tokens;
-        # True ends the answer there (it is then cut off, and the stage sees why).
+        # LLMRuntime's stop flag: checked between generated tokens; True ends the answer
+        # there (it is then cut off, and the stage sees why).
         self.interrupt: Callable[[], bool] | None = None
         n_threads = threads if threads > 0 else None
         self._llm = self._load(model_path, n_ctx=n_ctx, n_threads=n_threads, seed=seed)

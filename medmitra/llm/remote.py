@@ -23,7 +23,7 @@ import math
 import re
 import threading
 from pathlib import PurePosixPath
-from typing import Any
+from typing import Any, Callable
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
@@ -154,6 +154,9 @@ class RemoteRuntime:
         self._client = httpx.Client(base_url=self.url, headers=headers, timeout=self._timeout,
                                     transport=transport)
         self._lock = threading.Lock()
+        # LLMRuntime's stop flag. One non-streamed request per answer: it cannot be stopped
+        # midway, so the flag is left to the runner's checks between calls.
+        self.interrupt: Callable[[], bool] | None = None
         self._count_cached = functools.lru_cache(maxsize=COUNT_CACHE_ENTRIES)(self._count)
         try:
             model_id = self._probe_model(model)

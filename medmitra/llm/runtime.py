@@ -14,7 +14,7 @@ import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol, runtime_checkable
+from typing import Any, BinaryIO, Callable, Protocol, runtime_checkable
 
 from medmitra.atomicfile import write_atomic
 
@@ -45,6 +45,12 @@ class Usage:
 @runtime_checkable
 class LLMRuntime(Protocol):
     info: dict  # {"name", "file", "quantization", "sha256", "n_ctx"}
+    # Stop flag, set by the job runner for the length of a job (None otherwise). A backend
+    # that generates token by token checks it between tokens and ends the answer when it
+    # returns True (job cancelled, stage deadline, shutdown); the stage then sees a cut-off
+    # answer. A backend that cannot stop mid-answer ignores it; the runner checks the same
+    # flag between calls.
+    interrupt: Callable[[], bool] | None
 
     def complete_json(self, messages: list[dict], schema: dict, *, max_tokens: int,
                       temperature: float, seed: int,
@@ -82,6 +88,7 @@ class FakeRuntime:
         self.calls: list[dict[str, Any]] = []
         self.vision = vision
         self.closed = False
+        self.interrupt: Callable[[], bool] | None = None   # answers are instant: not checked
         self.info = {"name": name, "file": f"{name}.gguf", "quantization": "F16",
                      "sha256": "0" * 64, "n_ctx": n_ctx}
 
