@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from medmitra import __version__
+from medmitra import __version__, cli_auth
 from medmitra.atomicfile import atomic_file
 from medmitra.config import ConfigError, Settings, load_settings, resolve_model_path
 
@@ -59,9 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("path")
     m = msub.add_parser("show", help="print the configured model and whether it is present")
     _common(m)
-    from medmitra.auth import admin
-
-    admin.add_commands(sub, _common)   # users add|list|disable|reset-password, keys rotate|list
+    cli_auth.register(sub, _common)   # users add|list|disable|reset-password, keys rotate|list
     from medmitra.ops import cli as ops_cli
 
     ops_cli.register(sub)              # backup [verify], restore, audit, export
@@ -107,10 +105,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _models(settings, args)
     if cmd == "serve":
         return _serve(settings)
-    if cmd in ("users", "keys"):
-        from medmitra.auth import admin
-
-        return admin.run_command(args, settings)
+    if cmd in cli_auth.COMMANDS:
+        return cli_auth.run(args, settings)
     return 2
 
 

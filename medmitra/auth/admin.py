@@ -1,176 +1,65 @@
-"""CLI commands for users and signing keys (``medmitra users ...``, ``medmitra keys ...``).
+"""Administration of users and signing keys: the operations behind ``medmitra users ...``
+and ``medmitra keys ...`` (the command line itself is medmitra/cli_auth.py).
 
-Each command opens the database (applying migrations), does one thing and closes it. Run
-them while the server is up or down: the server sees new users and rotated keys at once
-(revocations within the session cache's few seconds).
+Each operation runs with the database open. The server sees new users and rotated keys at
+once (revocations within the session cache's few seconds).
 """
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-import getpass
-import sys
-from typing import Any, Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
 
+from medmitra.auth import sessions, users
 from medmitra.config import Settings
-
-# Exit codes: 0 done, 1 refused (exists / not found / weak password), 2 usage error.
-EXIT_OK, EXIT_REFUSED, EXIT_USAGE = 0, 1, 2
+from medmitra.db.auth_models import AuthUser
 
 
-def add_commands(sub: Any, common: Callable[[Any], None]) -> None:
-    p = sub.add_parser("users", help="manage the accounts that can sign in (/auth/v1)")
-    common(p)
-    usub = p.add_subparsers(dest="users_command", required=True)
-    u = usub.add_parser("add", help="create a user (password from --password or stdin)")
-    common(u)
-    u.add_argument("--email", required=True)
-    u.add_argument("--password", help="the password; omit or '-' to read it from stdin")
-    u = usub.add_parser("list", help="list users")
-    common(u)
-    for name, text in (("disable", "stop a user signing in and end their sessions"),
-                       ("enable", "allow a disabled user to sign in again")):
-        u = usub.add_parser(name, help=text)
-        common(u)
-        u.add_argument("--email", required=True)
-    u = usub.add_parser("reset-password", help="set a new password and end all sessions")
-    common(u)
-    u.add_argument("--email", required=True)
-    u.add_argument("--password", help="the new password; omit or '-' to read it from stdin")
+class NoSuchUser(LookupError):
+    """No account has this email."""
 
-    p = sub.add_parser("keys", help="manage the ES256 keys that sign access tokens")
-    common(p)
-    ksub = p.add_subparsers(dest="keys_command", required=True)
-    k = ksub.add_parser("rotate", help="sign with a new key; the old one stays valid until "
-                                       "its tokens expire")
-    common(k)
-    k = ksub.add_parser("list", help="list signing keys and their state")
-    common(k)
+    def __init__(self, email: str):
+        super().__init__(f"no user with email {users.normalize_email(email)}")
 
 
-def _read_password(value: str | None) -> str | None:
-    if value not in (None, "-"):
-        return value
-    if sys.stdin.isatty():
-        first = getpass.getpass("Password: ")
-        if getpass.getpass("Repeat password: ") != first:
-            print("medmitra: the passwords do not match", file=sys.stderr)
-            return None
-        return first
-    # Piped: the first line is the password (keeps it out of the shell history and ps).
-    return sys.stdin.readline().rstrip("\r\n")
-
-
-def run_command(args: argparse.Namespace, settings: Settings) -> int:
-    if args.command == "users":
-        handler = {"add": _users_add, "list": _users_list, "disable": _users_disable,
-                   "enable": _users_enable, "reset-password": _users_reset_password
-                   }[args.users_command]
-    elif args.command == "keys":
-        handler = {"rotate": _keys_rotate, "list": _keys_list}[args.keys_command]
-    else:
-        return EXIT_USAGE
-    if args.command == "users" and args.users_command in ("add", "reset-password"):
-        password = _read_password(args.password)
-        if not password:
-            print("medmitra: a password is required", file=sys.stderr)
-            return EXIT_USAGE
-        args.password = password
-    return asyncio.run(_with_db(settings, lambda: handler(args, settings)))
-
-
-async def _with_db(settings: Settings, body: Callable[[], Awaitable[int]]) -> int:
-    from medmitra.db.setup import close_db, open_db
-
-    await open_db(settings, migrate=True)
-    try:
-        return await body()
-    finally:
-        await close_db()
-
-
-async def _users_add(args: argparse.Namespace, settings: Settings) -> int:
-    from medmitra.auth import users
-
-    try:
-        user = await users.create_user(args.email, args.password)
-    except users.WeakPassword as exc:
-        print(f"medmitra: {exc}", file=sys.stderr)
-        return EXIT_REFUSED
-    except users.UserExists:
-        print(f"medmitra: a user with email {users.normalize_email(args.email)} already "
-              "exists", file=sys.stderr)
-        return EXIT_REFUSED
-    except ValueError as exc:
-        print(f"medmitra: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    print(f"created user {user.id} <{user.email}>")
-    return EXIT_OK
-
-
-async def _users_list(args: argparse.Namespace, settings: Settings) -> int:
-    from medmitra.db.auth_models import AuthUser
-
-    rows = await AuthUser.all().order_by("created_at")
-    print(f"{'id':36}  {'status':8}  {'last sign-in':25}  email")
-    for u in rows:
-        status = "disabled" if u.disabled_at else "active"
-        last = u.last_sign_in_at.isoformat(timespec="seconds") if u.last_sign_in_at else "-"
-        print(f"{u.id:36}  {status:8}  {last:25}  {u.email}")
-    print(f"{len(rows)} user(s)")
-    return EXIT_OK
-
-
-async def _find(email: str) -> Any:
-    from medmitra.auth import users
-
+async def _find(email: str) -> AuthUser:
     user = await users.find_by_email(email)
     if user is None:
-        print(f"medmitra: no user with email {users.normalize_email(email)}", file=sys.stderr)
+        raise NoSuchUser(email)
     return user
 
 
-async def _users_disable(args: argparse.Namespace, settings: Settings) -> int:
-    from medmitra.auth import sessions, users
+async def list_users() -> list[AuthUser]:
+    return list(await AuthUser.all().order_by("created_at"))
 
-    user = await _find(args.email)
-    if user is None:
-        return EXIT_REFUSED
+
+def user_status(user: AuthUser) -> str:
+    return "disabled" if user.disabled_at else "active"
+
+
+async def disable_user(email: str) -> tuple[AuthUser, int]:
+    """Stop a user signing in and end their sessions: (user, sessions ended)."""
+    user = await _find(email)
     await users.set_disabled(user, True)
-    ended = await sessions.revoke_user_sessions(user.id, "user_disabled")
-    print(f"disabled {user.email}; ended {ended} session(s)")
-    return EXIT_OK
+    return user, await sessions.revoke_user_sessions(user.id, "user_disabled")
 
 
-async def _users_enable(args: argparse.Namespace, settings: Settings) -> int:
-    from medmitra.auth import users
-
-    user = await _find(args.email)
-    if user is None:
-        return EXIT_REFUSED
+async def enable_user(email: str) -> AuthUser:
+    user = await _find(email)
     await users.set_disabled(user, False)
-    print(f"enabled {user.email}")
-    return EXIT_OK
+    return user
 
 
-async def _users_reset_password(args: argparse.Namespace, settings: Settings) -> int:
-    from medmitra.auth import sessions, users
-
-    user = await _find(args.email)
-    if user is None:
-        return EXIT_REFUSED
-    try:
-        await users.set_password(user, args.password)
-    except users.WeakPassword as exc:
-        print(f"medmitra: {exc}", file=sys.stderr)
-        return EXIT_REFUSED
-    ended = await sessions.revoke_user_sessions(user.id, "password_reset")
-    print(f"password of {user.email} changed; ended {ended} session(s)")
-    return EXIT_OK
+async def reset_password(email: str, password: str) -> tuple[AuthUser, int]:
+    """Set a new password (``users.WeakPassword`` if refused) and end every session:
+    (user, sessions ended)."""
+    user = await _find(email)
+    await users.set_password(user, password)
+    return user, await sessions.revoke_user_sessions(user.id, "password_reset")
 
 
-def _keyring(settings: Settings) -> Any:
+def keyring(settings: Settings) -> Any:
     from medmitra.auth.signing import KeyRing
 
     settings.data_path.mkdir(parents=True, exist_ok=True)
@@ -178,28 +67,28 @@ def _keyring(settings: Settings) -> Any:
                    leeway_s=settings.auth.leeway_s)
 
 
-async def _keys_rotate(args: argparse.Namespace, settings: Settings) -> int:
-    new_kid, retired = await _keyring(settings).rotate()
-    print(f"signing with new key {new_kid}")
-    for kid in retired:
-        print(f"retired {kid}: still accepted until its tokens expire "
-              f"(at most {settings.auth.access_token_ttl_s} s)")
-    return EXIT_OK
+async def rotate_keys(settings: Settings) -> tuple[str, list[str]]:
+    """Sign with a new key: (new kid, kids retired; they verify until their tokens expire)."""
+    return await keyring(settings).rotate()
 
 
-async def _keys_list(args: argparse.Namespace, settings: Settings) -> int:
-    from datetime import datetime, timezone
+@dataclass
+class KeyState:
+    kid: str
+    alg: str
+    created_at: datetime
+    state: str   # signing | retired, verifies until <time> | expired
 
+
+async def key_states(settings: Settings) -> list[KeyState]:
     now = datetime.now(timezone.utc)
-    keys = await _keyring(settings).list_keys()
-    print(f"{'kid':36}  {'alg':5}  {'created':25}  state")
-    for k in keys:
+    out = []
+    for k in await keyring(settings).list_keys():
         if k.retired_at is None:
             state = "signing"
         elif k.verify_until and k.verify_until > now:
             state = f"retired, verifies until {k.verify_until.isoformat(timespec='seconds')}"
         else:
             state = "expired"
-        print(f"{k.kid:36}  {k.alg:5}  {k.created_at.isoformat(timespec='seconds'):25}  {state}")
-    print(f"{len(keys)} key(s)")
-    return EXIT_OK
+        out.append(KeyState(k.kid, k.alg, k.created_at, state))
+    return out
