@@ -22,13 +22,14 @@ from medmitra.auth.jwt import TokenVerifier
 from medmitra.auth.keys import load_or_create_secret
 from medmitra.config import Settings
 from medmitra.contract import ModelState
-from medmitra.db.models import CaseFile
+from medmitra.db.errors import is_database_full
 from medmitra.db.reads import Reader
 from medmitra.db.setup import close_db, open_db
 from medmitra.errors import ApiError, InsufficientStorage
 from medmitra.jobs import queue
+from medmitra.services import cases as cases_svc
 from medmitra.services.links import LinkSigner
-from medmitra.storage import Storage, is_database_full
+from medmitra.storage import Storage
 from medmitra.web import register_web, wants_html
 
 log = logging.getLogger("medmitra.app")
@@ -121,7 +122,7 @@ def create_app(settings: Settings, *, start_workers: bool = True,
             else None, settings.database.busy_timeout_ms)
         storage = Storage(data, min_free_bytes=settings.storage.min_free_bytes)
         storage.open()
-        known = set(await CaseFile.all().values_list("file_id", flat=True))
+        known = await cases_svc.known_file_ids()
         temps, orphans = storage.sweep(known)
         if temps or orphans:
             log.info("start-up sweep removed %d unfinished upload(s) and %d orphan file(s)",

@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
@@ -33,27 +34,6 @@ def _check_id(file_id: str) -> str:
 
 def _is_disk_full(exc: OSError) -> bool:
     return exc.errno in (errno.ENOSPC, errno.EDQUOT)
-
-
-# SQLite's SQLITE_FULL (13) and PostgreSQL's disk_full SQLSTATE.
-_SQLITE_FULL = 13
-_PG_DISK_FULL = "53100"
-
-
-def is_database_full(exc: BaseException) -> bool:
-    """True if ``exc`` (or an exception it wraps) says the database could not grow because
-    the disk is full. The ORM wraps driver errors, so the whole cause chain is searched."""
-    seen = 0
-    cur: BaseException | None = exc
-    while cur is not None and seen < 10:
-        if getattr(cur, "sqlite_errorcode", None) == _SQLITE_FULL or \
-                getattr(cur, "sqlstate", None) == _PG_DISK_FULL:
-            return True
-        if "database or disk is full" in str(cur):
-            return True
-        cur = cur.__cause__ or cur.__context__
-        seen += 1
-    return False
 
 
 class TempUpload:
@@ -107,6 +87,16 @@ class TempUpload:
             self._fh.close()
         except OSError:
             pass
+
+
+@dataclass
+class FilePart:
+    """An uploaded file of a request: the form field it came in, the client's name and
+    declared type (never trusted), and its bytes in a temp upload."""
+    field: str
+    filename: str | None
+    declared_type: str | None
+    upload: TempUpload
 
 
 class Storage:

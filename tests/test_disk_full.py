@@ -213,7 +213,7 @@ def test_real_enospc_mid_write_leaves_nothing_and_recovers(mount, start_server, 
 def test_a_full_database_is_recognised_without_root(tmp_path: Path) -> None:
     """The 507 mapping of a database that cannot grow, on a real SQLITE_FULL (a page cap
     instead of a full disk, so it runs without root)."""
-    from medmitra.storage import is_database_full
+    from medmitra.db.errors import is_database_full
 
     db = sqlite3.connect(tmp_path / "capped.sqlite3")
     db.execute("CREATE TABLE t (b BLOB)")

@@ -13,8 +13,6 @@ from sanic.response import HTTPResponse, file_stream, json as json_response, raw
 from medmitra import contract
 from medmitra.api.auth import current_user
 from medmitra.api.multipart import Form, limit_body, read_form
-from medmitra.db import reads
-from medmitra.db.models import Case, CaseFile
 from medmitra.errors import BadRequest, NotFound, field_error
 from medmitra.services import cases as svc
 from medmitra.services.compat import normalise_query
@@ -34,7 +32,8 @@ def _base_url(request: Request) -> str:
     return f"{request.scheme}://{request.host}"
 
 
-def _file_out(request: Request, f: CaseFile | dict[str, Any], case_uuid: str) -> dict[str, Any]:
+def _file_out(request: Request, f: Any, case_uuid: str) -> dict[str, Any]:
+    """A file object (from a row dict or a model) with its signed download link."""
     fid, uid = (f["file_id"], f["user_id"]) if isinstance(f, dict) else (f.file_id, f.user_id)
     token = _ctx(request).links.sign(fid, uid)
     return svc.file_dict(f, case_uuid, f"{_base_url(request)}/files/download/{token}")
@@ -113,7 +112,7 @@ async def get_case(request: Request, case_id: str) -> HTTPResponse:
     return json_response({"case": svc.case_dict(view["case"]),
                           "files": [_file_out(request, f, case_uuid) for f in view["files"]],
                           "ai_insights": flat, "insights": nested,
-                          "analysis": reads.analysis_from_row(view["job"])})
+                          "analysis": svc.analysis_dict(view["job"])})
 
 
 @bp.put("/cases/<case_id:str>")
@@ -195,8 +194,7 @@ async def case_files(request: Request, case_id: str) -> HTTPResponse:
 async def get_file(request: Request, file_id: str) -> HTTPResponse:
     user_id = await current_user(request)
     f = await svc.get_file(user_id, file_id)
-    case = await Case.get(id=f.case_id)
-    return json_response({"file": _file_out(request, f, case.case_id)})
+    return json_response({"file": _file_out(request, f, await svc.case_uuid_of(f))})
 
 
 @bp.delete("/file/<file_id:str>")
@@ -218,7 +216,7 @@ async def download(request: Request, token: str) -> HTTPResponse:
     if found is None:
         raise NotFound("File not found or link expired")
     file_id, user_id = found
-    f = await CaseFile.get_or_none(file_id=file_id, user_id=user_id)
+    f = await svc.file_for_download(file_id, user_id)
     storage = _ctx(request).storage
     if f is None or not storage.exists(f.file_id):
         raise NotFound("File not found or link expired")

@@ -17,15 +17,7 @@ from sanic.exceptions import BadRequest as SanicBadRequest
 from sanic.exceptions import PayloadTooLarge as SanicPayloadTooLarge
 
 from medmitra.errors import ApiError, BadRequest, PayloadTooLarge
-from medmitra.storage import Storage, TempUpload
-
-
-@dataclass
-class FilePart:
-    field: str
-    filename: str | None
-    declared_type: str | None
-    upload: TempUpload
+from medmitra.storage import FilePart, Storage
 
 
 @dataclass

@@ -19,7 +19,6 @@ from typing import Any, Mapping
 from tortoise.transactions import in_transaction
 
 from medmitra import contract, filetypes, textsafe
-from medmitra.api.multipart import FilePart
 from medmitra.config import LimitsSettings
 from medmitra.contract import CaseStatus, FileCategory
 from medmitra.db import reads
@@ -29,7 +28,7 @@ from medmitra.errors import (BadRequest, NotFound, PayloadTooLarge, UnsupportedM
                              field_error)
 from medmitra.jobs import queue
 from medmitra.services.compat import flat_insights
-from medmitra.storage import Storage
+from medmitra.storage import FilePart, Storage
 
 log = logging.getLogger("medmitra.cases")
 
@@ -69,6 +68,21 @@ async def get_file(user_id: str, ident: str) -> CaseFile:
     if f is None:
         raise NotFound("File not found")
     return f
+
+
+async def case_uuid_of(f: CaseFile) -> str:
+    """The UUID of the case a file belongs to (the ``case_id`` of the file object)."""
+    return (await Case.get(id=f.case_id)).case_id
+
+
+async def file_for_download(file_id: str, user_id: str) -> CaseFile | None:
+    """The file a verified download link names, if it still exists."""
+    return await CaseFile.get_or_none(file_id=file_id, user_id=user_id)
+
+
+async def known_file_ids() -> set[str]:
+    """Every stored file's id: what the start-up storage sweep must keep."""
+    return set(await CaseFile.all().values_list("file_id", flat=True))
 
 
 # -- field validation --------------------------------------------------------------------
@@ -137,7 +151,8 @@ class AcceptedFile:
     file_id: str
 
 
-def vet_files(parts: list[tuple[FilePart, str | None]], limits: LimitsSettings) -> list[AcceptedFile]:
+def vet_files(parts: list[tuple[FilePart, str | None]],
+              limits: LimitsSettings) -> list[AcceptedFile]:
     """Check every file before anything is written. ``category`` None = infer from content."""
     out = []
     for part, category in parts:
@@ -441,6 +456,11 @@ def render_insights(case_uuid: str, row: Mapping[str, Any] | None
     flat = flat_insights(case_uuid, nested, generated_at=gen, created_at=created,
                          updated_at=updated)
     return flat, nested
+
+
+def analysis_dict(job: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The contract's ``analysis`` object from the newest job row (or None)."""
+    return reads.analysis_from_row(job)
 
 
 async def case_view(reader: Reader, user_id: str, ident: str) -> dict[str, Any]:
