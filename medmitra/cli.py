@@ -105,8 +105,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _models(settings, args)
     if cmd == "serve":
         return _serve(settings)
-    if cmd in cli_auth.COMMANDS:
-        return cli_auth.run(args, settings)
     return 2
 
 

@@ -16,12 +16,13 @@ from medmitra.config import Settings
 
 # Exit codes: 0 done, 1 refused (exists / not found / weak password), 2 usage error.
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE = 0, 1, 2
-COMMANDS = ("users", "keys")
 
 
 def register(sub: Any, common: Callable[[Any], None]) -> None:
+    """Add the commands; each sets ``handler`` (cli.py calls it with the settings)."""
     p = sub.add_parser("users", help="manage the accounts that can sign in (/auth/v1)")
     common(p)
+    p.set_defaults(handler=run)
     usub = p.add_subparsers(dest="users_command", required=True)
     u = usub.add_parser("add", help="create a user (password from --password or stdin)")
     common(u)
@@ -41,6 +42,7 @@ def register(sub: Any, common: Callable[[Any], None]) -> None:
 
     p = sub.add_parser("keys", help="manage the ES256 keys that sign access tokens")
     common(p)
+    p.set_defaults(handler=run)
     ksub = p.add_subparsers(dest="keys_command", required=True)
     k = ksub.add_parser("rotate", help="sign with a new key; the old one stays valid until "
                                        "its tokens expire")
