@@ -398,7 +398,8 @@ def _seed(server: LiveServer, token: str, n: int) -> list[dict]:
             out.append(r.json()["case"])
         for case in out[:3]:
             c.put(f"/cases/cases/{case['case_id']}", json={"status": "completed"})
-        c.put(f"/cases/cases/{out[3]['case_id']}", json={"status": "failed"})
+        for case in out[3:4]:
+            c.put(f"/cases/cases/{case['case_id']}", json={"status": "failed"})
     return out
 
 
@@ -488,9 +489,10 @@ def test_session_expires_refreshes_quietly_and_ends_cleanly(
 
     time.sleep(31)    # the access token has expired (no leeway)
     before = len(watch.urls(r"grant_type=refresh_token"))
-    page.get_by_role("link", name="New case").click()
+    nav = page.get_by_role("navigation", name="Main")
+    nav.get_by_role("link", name="New case").click()
     page.get_by_role("heading", name="New case").wait_for()
-    page.get_by_role("link", name="Cases", exact=True).click()
+    nav.get_by_role("link", name="Cases", exact=True).click()
     page.get_by_text("2 cases").wait_for()
     assert len(watch.urls(r"grant_type=refresh_token")) > before
     assert page.evaluate("window.__sameDocument") is True
