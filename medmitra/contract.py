@@ -75,8 +75,8 @@ GENDER_MAX_CHARS = 64
 SEARCH_MAX_CHARS = 200
 PAGE_MAX = 1_000_000
 PAGE_LIMIT_MAX = 100
-CONFIDENCE_MIN = 0.0
-CONFIDENCE_MAX = 1.0
+CONFIDENCE_MIN = 0
+CONFIDENCE_MAX = 1
 
 # -- listing -----------------------------------------------------------------------------
 

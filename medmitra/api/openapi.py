@@ -392,19 +392,18 @@ def _multipart(schema: Schema, encoding: dict[str, Schema]) -> Schema:
 
 def _cases_paths() -> dict[str, Schema]:
     case_resp = _obj({"message": STR, "case": _ref("Case")}, ["message", "case"])
-    update_fields: dict[str, Schema] = {
+    update_schemas: dict[str, Schema] = {
         "patient_name": PATIENT_NAME, "patient_age": PATIENT_AGE,
         "patient_gender": PATIENT_GENDER, "case_summary": _nullable(CASE_SUMMARY),
         "status": {"type": "string", "enum": CASE_STATUS},
     }
+    update_fields = {name: update_schemas[name] for name in contract.CASE_UPDATE_FIELDS}
     update_body = _obj(update_fields, description="At least one field; `{}` is a 400 "
                                                   "\"No data provided for update\".",
                        anyOf=[{"required": [k]} for k in update_fields])
+    create_schemas = {**update_schemas, "case_summary": CASE_SUMMARY}
     create_form = _obj({
-        "patient_name": PATIENT_NAME,
-        "patient_age": PATIENT_AGE,
-        "patient_gender": PATIENT_GENDER,
-        "case_summary": CASE_SUMMARY,
+        **{name: create_schemas[name] for name in contract.CASE_CREATE_FIELDS},
         "user_id": {**UUID, "description": "Compatibility field: must equal `sub`."},
         "lab_files": {"type": "array", "items": BINARY, "maxItems": FILES_PER_REQUEST,
                       "description": f"Repeated field. Accepted content: {LAB_MIMES}. At most "
