@@ -101,13 +101,17 @@ async def current_version() -> int:
 
 
 async def apply_migrations(settings: Settings) -> list[int]:
-    """Apply every migration newer than the database; return the versions applied."""
+    """Apply every migration the database has not recorded; return the versions applied."""
     kind = dialect(settings)
     conn = connections.get("default")
-    have = await current_version()
+    await current_version()     # creates the version table when missing
+    # Every migration not yet recorded, not only those above the newest: numbers are
+    # reserved per piece of work, so 0006 may ship before 0004 does.
+    have = {int(r["version"]) for r in await conn.execute_query_dict(
+        'SELECT "version" FROM "schema_version"')}
     applied = []
     for version, name, path in available_migrations(kind):
-        if version <= have:
+        if version in have:
             continue
         sql = path.read_text(encoding="utf-8")
         now = datetime.now(timezone.utc).isoformat()
