@@ -138,6 +138,9 @@ def create_app(settings: Settings, *, start_workers: bool = True,
     from medmitra.auth.supabase import register_auth_api
 
     register_auth_api(app)
+    from medmitra.api.authorize import register_authorize
+
+    register_authorize(app)
     # After open_resources: audit trail, metrics, request ids, FHIR route, backups.
     from medmitra.ops.server import install as install_ops
 

@@ -134,8 +134,29 @@ class AuthSettings(Section):
     refresh_reuse_window_s: int = setting(
         10, "a used refresh token may be replayed this long (concurrent tabs)",
         min=0, max=3600)
+    # Rate limits count password guessing only (auth/ratelimit.py); calls with a valid
+    # token (GET/PUT /user, logout, refresh) never count.
     rate_limit_per_min: int = setting(
-        30, "/auth/v1 requests per minute per client address", min=1, max=100000)
+        30, "failed sign-ins (and sign-up attempts) per minute per client address, over "
+            "all accounts", min=1, max=100000)
+    account_address_failures_per_hour: int = setting(
+        10, "failed sign-ins per hour to one account from one address", min=1, max=100000)
+    account_failures_per_hour: int = setting(
+        100, "failed sign-ins per hour to one account from all addresses; above the "
+             "previous key, so one client cannot lock the user out (addresses that signed "
+             "in before are not held)", min=2, max=1000000)
+    redirect_urls: str = setting(
+        "", "where GET /auth/v1/authorize may return with a sign-in code: comma-separated "
+            "URLs, e.g. \"http://clinic-server:3000/auth/callback\"; a trailing /** allows "
+            "the paths below")
+    pkce_allow_plain: bool = setting(
+        False, "accept code_challenge_method=plain (a browser without WebCrypto: frontend "
+               "over plain http on a LAN name); off = S256 only")
+
+    def _check(self) -> None:
+        if self.account_failures_per_hour <= self.account_address_failures_per_hour:
+            raise ConfigError("auth.account_failures_per_hour: must be above "
+                              "auth.account_address_failures_per_hour")
 
 
 @dataclass(frozen=True)

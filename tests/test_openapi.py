@@ -320,7 +320,8 @@ def test_auth_subset_shapes() -> None:
     assert {"access_token", "token_type", "expires_in", "expires_at", "refresh_token",
             "user"} <= set(session["required"])
     token = params_of("/auth/v1/token", "post")["grant_type"]
-    assert token["required"] and token["schema"]["enum"] == ["password", "refresh_token"]
+    assert token["required"] and token["schema"]["enum"] == ["password", "refresh_token",
+                                                               "pkce"]
     scope = params_of("/auth/v1/logout", "post")["scope"]["schema"]
     assert scope["enum"] == ["local", "global", "others"]
 

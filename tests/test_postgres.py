@@ -27,7 +27,7 @@ import pytest
 from medmitra.auth import users
 from medmitra.cli import main
 from medmitra.db.models import Case, CaseFile, Insight, Job
-from medmitra.db.setup import close_db, open_db
+from medmitra.db.setup import available_migrations, close_db, open_db
 from medmitra.jobs import queue
 from tests import docfactory as df
 from tests.conftest import User, make_settings, make_user
@@ -38,12 +38,16 @@ pytestmark = [pytest.mark.e2e]
 ROOT = Path(__file__).resolve().parent.parent
 WAIT_S = 30.0
 TABLES = {"schema_version", "cases", "case_files", "ai_insights", "jobs", "auth_signing_keys",
-          "auth_users", "auth_sessions", "auth_refresh_tokens"}
+          "auth_users", "auth_sessions", "auth_refresh_tokens", "auth_flow_codes"}
 PATIENT = {"patient_name": "  Asha Rao  ", "patient_age": " 52 ", "patient_gender": "female",
            "case_summary": "Fatigue and breathlessness for three weeks"}
 
 
 # -- helpers -----------------------------------------------------------------------------
+
+def latest() -> int:
+    return max(v for v, _, _ in available_migrations("postgres"))
+
 
 def pg(sql: str, url: str, *args: Any) -> list[dict[str, Any]]:
     """Run one statement on its own asyncpg connection (outside the server's pool)."""
@@ -106,7 +110,7 @@ def test_migrate_creates_the_schema_and_is_idempotent(pg_url, tmp_path, monkeypa
     config.write_text(f'[storage]\ndata_dir = "{tmp_path / "data"}"\n', encoding="utf-8")
     assert main(["migrate", "--config", str(config)]) == 0
     out = capsys.readouterr().out
-    assert "schema version 3" in out
+    assert f"schema version {latest()}" in out
     assert "postgres@" not in out            # the credentials part of the URL is not printed
 
     tables = {r["table_name"] for r in pg(
@@ -115,13 +119,14 @@ def test_migrate_creates_the_schema_and_is_idempotent(pg_url, tmp_path, monkeypa
     assert tables == TABLES
     first = pg('SELECT "version", "name", "applied_at" FROM "schema_version" ORDER BY 1', pg_url)
     assert [(r["version"], r["name"]) for r in first] == [
-        (1, "initial"), (2, "lookup_indexes"), (3, "auth")]
+        (v, name) for v, name, _ in available_migrations("postgres")]
+    assert [r["version"] for r in first][:3] == [1, 2, 3]
     # Every column the models map exists, with the migration's type.
     cols = {(r["table_name"], r["column_name"]): r["data_type"] for r in pg(
         "SELECT table_name, column_name, data_type FROM information_schema.columns "
         "WHERE table_schema = 'public'", pg_url)}
-    from medmitra.db import auth_models, models
-    for mod in (models, auth_models):
+    from medmitra.db import auth_models, flow_models, models
+    for mod in (models, auth_models, flow_models):
         for model in vars(mod).values():
             meta = getattr(model, "_meta", None)
             if meta is None or getattr(meta, "abstract", False) or not meta.db_table:
@@ -136,7 +141,7 @@ def test_migrate_creates_the_schema_and_is_idempotent(pg_url, tmp_path, monkeypa
 
     # Again: nothing is applied twice, nothing fails.
     assert main(["migrate", "--config", str(config)]) == 0
-    assert "schema version 3" in capsys.readouterr().out
+    assert f"schema version {latest()}" in capsys.readouterr().out
     again = pg('SELECT "version", "name", "applied_at" FROM "schema_version" ORDER BY 1',
                pg_url)
     assert again == first
@@ -159,9 +164,9 @@ def test_nodes_starting_together_migrate_once(pg_url, tmp_path) -> None:  # noqa
                 p.wait()
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, err
-        assert "schema version 3" in out
+        assert f"schema version {latest()}" in out
     rows = pg('SELECT "version" FROM "schema_version" ORDER BY 1', pg_url)
-    assert [r["version"] for r in rows] == [1, 2, 3]
+    assert [r["version"] for r in rows] == [v for v, _, _ in available_migrations("postgres")]
 
 
 def test_failed_migration_leaves_the_previous_version(pg_url, tmp_path,  # noqa: F811
@@ -174,8 +179,9 @@ def test_failed_migration_leaves_the_previous_version(pg_url, tmp_path,  # noqa:
     broken.mkdir()
     for _, _, path in setup.available_migrations("postgres"):
         (broken / path.name).write_text(path.read_text(encoding="utf-8"), encoding="utf-8")
-    (broken / "0004_broken.postgres.sql").write_text(
+    (broken / "0999_broken.postgres.sql").write_text(
         'CREATE TABLE "half_made" ("id" INT);\nSELECT no_such_function();\n', encoding="utf-8")
+    before = latest()
     monkeypatch.setattr(setup, "MIGRATIONS_DIR", broken)
     settings = make_settings(tmp_path, database={"url": pg_url})
 
@@ -184,7 +190,7 @@ def test_failed_migration_leaves_the_previous_version(pg_url, tmp_path,  # noqa:
         try:
             with pytest.raises(Exception, match="no_such_function"):
                 await setup.apply_migrations(settings)
-            assert await setup.current_version() == 3
+            assert await setup.current_version() == before
         finally:
             await close_db()
     asyncio.run(run())

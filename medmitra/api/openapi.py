@@ -298,6 +298,8 @@ def _responses() -> dict[str, Schema]:
         "AuthUnprocessable": _error_response("Rejected (e.g. user exists, weak password).",
                                              schema="AuthError"),
         "AuthTooManyRequests": _error_response("Rate limit hit.", schema="AuthError"),
+        "AuthNotFound": _error_response("No such sign-in code, or it was used already.",
+                                        schema="AuthError"),
     }
 
 
@@ -563,6 +565,8 @@ def _auth_paths() -> dict[str, Schema]:
                            "password": STR, "gotrue_meta_security": captcha},
                           ["email", "password"], title="Password grant")
     refresh_grant = _obj({"refresh_token": STR}, ["refresh_token"], title="Refresh grant")
+    pkce_grant = _obj({"auth_code": STR, "code_verifier": STR}, ["auth_code", "code_verifier"],
+                      title="PKCE grant (the code from the sign-in page)")
     update_body = _obj({
         "email": {"type": "string", "format": "email"},
         "password": {"type": "string", "minLength": 1},
@@ -588,12 +592,19 @@ def _auth_paths() -> dict[str, Schema]:
             requestBody={"required": True, "content": {
                 "application/json": {"schema": signup_body}}})},
         "/auth/v1/token": {"post": _op(
-            "Auth", "authToken", "Sign in (password) or refresh a session",
-            {"200": _json(_ref("Session")), **limited}, security=NO_AUTH,
+            "Auth", "authToken", "Sign in (password or PKCE code) or refresh a session",
+            {"200": _json(_ref("Session")), "404": _r("AuthNotFound"),
+             "422": _r("AuthUnprocessable"), **limited}, security=NO_AUTH,
+            description="`pkce`: the one-time code that `GET /auth/v1/authorize` (the "
+                        "server's own sign-in page) sent to `redirect_to`, with the PKCE "
+                        "verifier; each code is accepted once (404 `flow_state_not_found` "
+                        "after), expires after 2 minutes (422), and a wrong verifier is 400 "
+                        "`bad_code_verifier`. Only failed password sign-ins are rate limited.",
             parameters=[{"name": "grant_type", "in": "query", "required": True,
-                         "schema": {"type": "string", "enum": ["password", "refresh_token"]}}],
+                         "schema": {"type": "string",
+                                    "enum": ["password", "refresh_token", "pkce"]}}],
             requestBody={"required": True, "content": {"application/json": {
-                "schema": {"anyOf": [password_grant, refresh_grant]}}}})},
+                "schema": {"anyOf": [password_grant, refresh_grant, pkce_grant]}}}})},
         "/auth/v1/user": {
             "get": _op("Auth", "authGetUser", "The signed-in user",
                        {"200": user, **token_user}),

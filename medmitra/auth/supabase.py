@@ -22,10 +22,11 @@ from sanic import Blueprint, Request, Sanic
 from sanic.response import HTTPResponse, empty, json as json_response
 
 from medmitra import __version__
+from medmitra.auth import pkce
 from medmitra.auth import sessions as sessions_mod
 from medmitra.auth import users
 from medmitra.auth.jwt import Principal
-from medmitra.auth.ratelimit import TokenBucketLimiter, retry_after_header
+from medmitra.auth.ratelimit import SignInGuard, retry_after_header
 from medmitra.auth.sessions import BANNED, REVOKED, RefreshError, SessionChecker
 from medmitra.auth.signing import KeyRing
 from medmitra import textsafe
@@ -42,8 +43,6 @@ DEFAULT_AUDIENCE = "authenticated"
 # user_metadata is free-form client data; bounded so it cannot bloat every token.
 MAX_USER_METADATA_BYTES = 8 * 1024
 LOGOUT_SCOPES = ("global", "local", "others")
-# Cheap, unauthenticated and needed by monitors and token verifiers: not rate limited.
-_UNLIMITED_SUFFIXES = ("/health", "/.well-known/jwks.json")
 
 
 class AuthApiError(ApiError):
@@ -181,6 +180,37 @@ async def _refresh_grant(state: AuthState, body: dict[str, Any]) -> dict[str, An
     return await _token_response(state, user, session, fresh)
 
 
+async def _pkce_grant(state: AuthState, body: dict[str, Any]) -> dict[str, Any]:
+    """The code from the sign-in page (GET /authorize) and its verifier -> a session."""
+    try:
+        user = await pkce.exchange_code(body.get("auth_code"), body.get("code_verifier"))
+    except pkce.FlowError as exc:
+        raise AuthApiError(exc.status, exc.error_code, exc.msg) from None
+    session, refresh_token = await sessions_mod.create_session(user)
+    return await _token_response(state, user, session, refresh_token)
+
+
+def client_address(request: Request) -> str:
+    # remote_addr honours configured proxy headers only; else the socket peer.
+    return request.remote_addr or request.ip or "unknown"
+
+
+def sign_in_account(email: Any) -> str | None:
+    """The per-account rate-limit key of a typed email (whether or not the user exists)."""
+    if not isinstance(email, str) or not email.strip():
+        return None
+    return users.normalize_email(email)[:users.MAX_EMAIL_CHARS]
+
+
+def _check_guard(request: Request, account: str | None) -> None:
+    """429 before any password is checked when this client has guessed too often."""
+    wait_s = request.app.ctx.sign_in_guard.wait(client_address(request), account)
+    if wait_s > 0:
+        raise AuthApiError(429, "over_request_rate_limit",
+                           "Too many failed sign-in attempts; try again later",
+                           headers={"Retry-After": retry_after_header(wait_s)})
+
+
 async def _require_user(request: Request) -> tuple[Principal, AuthUser]:
     """The caller of /user and /logout: a valid access token of a live session."""
     state = _state(request)
@@ -210,18 +240,8 @@ async def _require_user(request: Request) -> tuple[Principal, AuthUser]:
     return principal, user
 
 
-def _make_blueprint(limiter: TokenBucketLimiter) -> Blueprint:
+def _make_blueprint() -> Blueprint:
     bp = Blueprint("supabase_auth", url_prefix=PREFIX)
-
-    @bp.on_request
-    async def rate_limit(request: Request) -> None:
-        if request.path.endswith(_UNLIMITED_SUFFIXES):
-            return
-        # remote_addr honours configured proxy headers only; else the socket peer.
-        wait_s = limiter.take(request.remote_addr or request.ip or "unknown")
-        if wait_s > 0:
-            raise AuthApiError(429, "over_request_rate_limit", "Request rate limit reached",
-                               headers={"Retry-After": retry_after_header(wait_s)})
 
     @bp.post("/token")
     async def token(request: Request) -> HTTPResponse:
@@ -229,16 +249,33 @@ def _make_blueprint(limiter: TokenBucketLimiter) -> Blueprint:
         grant = request.args.get("grant_type")
         body = _json_body(request)
         if grant == "password":
-            return json_response(await _password_grant(state, body))
+            # Only password guessing is rate limited (auth/ratelimit.py).
+            guard, address = request.app.ctx.sign_in_guard, client_address(request)
+            account = sign_in_account(body.get("email"))
+            _check_guard(request, account)
+            try:
+                session = await _password_grant(state, body)
+            except AuthApiError as exc:
+                if exc.error_code == "invalid_credentials":
+                    guard.failed(address, account)
+                raise
+            if account is not None:
+                guard.succeeded(address, account)
+            return json_response(session)
         if grant == "refresh_token":
             return json_response(await _refresh_grant(state, body))
-        raise _validation("unsupported_grant_type: use password or refresh_token")
+        if grant == "pkce":
+            return json_response(await _pkce_grant(state, body))
+        raise _validation("unsupported_grant_type: use password, refresh_token or pkce")
 
     @bp.post("/signup")
     async def signup(request: Request) -> HTTPResponse:
         state = _state(request)
         if not state.settings.auth.signup_enabled:
             raise AuthApiError(422, "signup_disabled", "Signups not allowed for this instance")
+        # Every sign-up attempt counts against the address (it can probe which emails exist).
+        _check_guard(request, None)
+        request.app.ctx.sign_in_guard.failed(client_address(request), None)
         body = _json_body(request)
         if body.get("phone"):
             raise _validation("Phone sign-up is not supported on this server")
@@ -367,7 +404,11 @@ def register_auth_api(app: Sanic) -> None:
     """Add the /auth/v1 routes and the start-up listener that opens the key ring (runs after
     app.py's ``open_resources``, which opened the database and built ``app.ctx.verifier``)."""
     settings: Settings = app.ctx.settings
-    app.blueprint(_make_blueprint(TokenBucketLimiter(settings.auth.rate_limit_per_min)))
+    app.ctx.sign_in_guard = SignInGuard(
+        address_per_min=settings.auth.rate_limit_per_min,
+        account_address_per_hour=settings.auth.account_address_failures_per_hour,
+        account_per_hour=settings.auth.account_failures_per_hour)
+    app.blueprint(_make_blueprint())
 
     @app.before_server_start
     async def open_auth(app: Sanic) -> None:

@@ -42,7 +42,9 @@ def tortoise_config(settings: Settings) -> dict[str, Any]:
         conn = url
     return {
         "connections": {"default": conn},
-        "apps": {"models": {"models": ["medmitra.db.models", "medmitra.db.auth_models"], "default_connection": "default"}},
+        "apps": {"models": {"models": ["medmitra.db.models", "medmitra.db.auth_models",
+                                       "medmitra.db.flow_models"],
+                            "default_connection": "default"}},
         "use_tz": True,
         "timezone": "UTC",
     }
