@@ -211,6 +211,8 @@ def _banner(settings: Settings) -> None:
     lines = [
         f"MedMitra Edge {__version__}",
         f"  API:      http://{shown_host}:{settings.server.port}/   (docs: /docs, /redoc)",
+        f"  App:      http://{shown_host}:{settings.server.port}/app/   (accounts: "
+        f"{exe} users add --email <address>)",
         f"  Data:     {settings.data_path}",
         f"  Config:   {settings.source}",
         f"  Model:    {model_line}, {settings.llm.workers} worker(s)",

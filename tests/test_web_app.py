@@ -583,8 +583,11 @@ def test_clinician_flow_with_the_real_model(browser, start_server, tmp_path: Pat
     ins = body["insights"]
     assert page.locator("#model-note").inner_text().startswith(
         f"Written by the model {(ins.get('model_info') or {}).get('name') or ins['model']}")
+    # The banner shows exactly when the server says the model is the demonstration one.
     if (ins.get("model_info") or {}).get("demonstration"):
         assert "not medically meaningful" in page.locator("#demo-banner").inner_text()
+    else:
+        assert page.locator("#demo-banner").count() == 0
     assert page.locator("#soap dd").count() == 4
     assert page.locator("#differentials tbody tr").count() == len(ins["differential_diagnoses"])
     assert page.locator("#investigations .badge").count() == \

@@ -16,7 +16,8 @@ export function render(main, _params, state) {
     h("div", { class: "field" }, h("label", { for: "email", text: "Email" }), email),
     h("div", { class: "field" }, h("label", { for: "password", text: "Password" }), password),
     button,
-    h("p", { class: "hint", text: "Accounts are created by the server's administrator (medmitra users add). There is no self sign-up." }));
+    h("p", { class: "hint" }, "No account yet? The server's administrator creates one with ",
+      h("code", { text: "medmitra users add --email <address>" }), " on the server. There is no self sign-up."));
 
   form.addEventListener("submit", async (e) => {
     e.preventDefault();
