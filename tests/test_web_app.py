@@ -471,6 +471,81 @@ def test_case_list_search_filters_sort_paging_and_live_badges(
     page.context.close()
 
 
+def test_case_page_by_keyboard_drop_upload_progress_and_download(
+        browser, start_server, tmp_path: Path) -> None:
+    import base64
+
+    server = start_server()
+    email = add_user(server)
+    token = api_token(server, email)
+    case = _seed(server, token, 1)[0]
+    page, watch = new_page(browser, server, SIZES[1])
+
+    # Keyboard only: the form has the focus, Enter submits; each new page puts the focus on
+    # its heading, and Tab walks on from there.
+    page.goto(f"{server.url}/app/signin")
+    page.get_by_label("Email").wait_for()
+    page.keyboard.type(email)                      # the email field has the focus
+    page.keyboard.press("Tab")
+    page.keyboard.type(PASSWORD)
+    page.keyboard.press("Enter")
+    page.get_by_text("1 case").wait_for()
+    assert page.evaluate("[document.activeElement.tagName, document.activeElement.textContent]"
+                         ) == ["H1", "Cases"]
+    for _ in range(40):                            # on to the patient's link in the table
+        page.keyboard.press("Tab")
+        if page.evaluate("document.activeElement.textContent") == case["patient_name"]:
+            break
+    else:
+        raise AssertionError("the case link is not reachable with Tab")
+    page.keyboard.press("Enter")
+    page.get_by_role("heading", name=case["patient_name"]).wait_for()
+    assert page.evaluate("document.activeElement.tagName") == "H1"   # focus moved to the page
+    page.wait_for_selector("#analysis[data-state='queued']")
+    axe_check(page, "case page, analysis queued")
+
+    # Files dropped onto the zone; the upload bar moves (uploads throttled to 256 KB/s).
+    big_csv = df.lab_csv() * 2000                  # ~550 KB
+    drop = [("labs-big.csv", big_csv, "text/csv"), ("notes.gif", df.gif_bytes(), "image/gif")]
+    transfer = page.evaluate_handle("""(files) => {
+        const dt = new DataTransfer();
+        for (const [name, b64, type] of files) {
+            const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+            dt.items.add(new File([bytes], name, { type }));
+        }
+        return dt;
+    }""", [[n, base64.b64encode(b).decode(), t] for n, b, t in drop])
+    zone = page.locator(".add-files .dropzone[data-category='lab']")
+    zone.dispatch_event("drop", {"dataTransfer": transfer})
+    assert "notes.gif: Not an accepted lab file" in zone.inner_text()
+    cdp = page.context.new_cdp_session(page)
+    cdp.send("Network.enable")
+    cdp.send("Network.emulateNetworkConditions", {"offline": False, "latency": 0,
+                                                  "downloadThroughput": -1,
+                                                  "uploadThroughput": 256 * 1024})
+    page.get_by_role("button", name="Upload and re-analyse").click()
+    page.wait_for_function("() => { const p = document.querySelector('.add-files progress');"
+                           " return p && p.value > 0.05 && p.value < 0.95; }")
+    shoot(page, "case-uploading", full_page=False)
+    page.locator(".file-card", has_text="labs-big.csv").wait_for()
+    cdp.send("Network.emulateNetworkConditions", {"offline": False, "latency": 0,
+                                                  "downloadThroughput": -1,
+                                                  "uploadThroughput": -1})
+    # The download link gives back the very bytes.
+    href = page.locator(".file-card", has_text="labs-big.csv").get_by_role(
+        "link", name="Download labs-big.csv").get_attribute("href")
+    assert httpx.get(href, timeout=30).content == big_csv
+
+    # The confirmation is a real dialog: Escape cancels, nothing is deleted.
+    page.get_by_role("button", name="Delete labs-big.csv").click()
+    page.get_by_role("dialog").wait_for()
+    page.keyboard.press("Escape")
+    page.get_by_role("dialog").wait_for(state="hidden")
+    assert page.locator(".file-card", has_text="labs-big.csv").count() == 1
+    watch.assert_local_only()
+    page.context.close()
+
+
 @pytest.mark.slow
 def test_session_expires_refreshes_quietly_and_ends_cleanly(
         browser, start_server, tmp_path: Path) -> None:
@@ -565,6 +640,7 @@ def test_clinician_flow_with_the_real_model(browser, start_server, tmp_path: Pat
             seen.append(tuple(snap))
             if len(seen) == 3:
                 shoot(page, "case-analysing", full_page=False)
+                axe_check(page, "case page, analysis running")
         return snap[0] in ("completed", "failed")
 
     wait_until(progress, 600, "the analysis to finish", every_s=0.1)
