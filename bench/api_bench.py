@@ -200,6 +200,18 @@ def main() -> None:
         routes = {"bare GET /": (bare + "/", None),
                   "GET /cases/cases/{id}": (f"{api}/cases/cases/{first}", token),
                   "GET /cases/all_cases (100)": (f"{api}/cases/all_cases", token)}
+        # Audit trail (ops/audit.py): the server above has it on ("ack"); two more servers
+        # on the same data dir read the same case with it in "batch" mode and off.
+        for label, extra in (("batch", {"MEDMITRA_AUDIT_DURABILITY": "batch"}),
+                             ("off", {"MEDMITRA_AUDIT_ENABLED": "false"})):
+            p2 = free_port()
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "medmitra", "serve"], cwd=ROOT,
+                env={**env, **extra, "MEDMITRA_SERVER_PORT": str(p2)},
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            wait_up(f"http://127.0.0.1:{p2}/health")
+            routes[f"GET case, audit {label}"] = (
+                f"http://127.0.0.1:{p2}/cases/cases/{first}", token)
         runs: dict[str, list[dict[str, float]]] = {name: [] for name in routes}
         for _ in range(args.rounds):
             for name, (url, tok) in routes.items():
@@ -215,6 +227,12 @@ def main() -> None:
                   f"{med(ratios):6.2f} {' '.join(f'{x:.2f}' for x in ratios):>22}  "
                   f"non2xx={sum(r['non2xx'] for r in rs)} "
                   f"{'; '.join(str(r['socket_errors']) for r in rs if r['socket_errors'])}")
+
+        off = statistics.median(r["rps"] for r in runs["GET case, audit off"])
+        for label, name in (("on (ack)", "GET /cases/cases/{id}"),
+                            ("batch", "GET case, audit batch")):
+            print(f"audit trail {label} / off on GET case: "
+                  f"{statistics.median(r['rps'] for r in runs[name]) / off:.2f} (goal >= 0.90)")
 
         if args.profile:
             profile(bare_proc.pid, "bare GET /", lambda: wrk(

@@ -232,6 +232,8 @@ class LogSettings(Section):
     level: str = setting(
         "INFO", "DEBUG logs may contain clinical text; INFO and above never do",
         choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"))
+    format: str = setting("text", '"text" lines, or "json": one object per line with '
+                                  "request_id", choices=("text", "json"))
 
 
 @dataclass(frozen=True)
@@ -241,6 +243,38 @@ class BackupSettings(Section):
     keep: int = setting(7, "scheduled backups kept (oldest deleted first); 0 = keep all",
                         min=0, max=100000)
     dir: str = setting("", "backup folder; empty = data_dir/backups (better: another disk)")
+
+
+@dataclass(frozen=True)
+class AuditSettings(Section):
+    enabled: bool = setting(True, "record every access to patient data (docs/operations.md)")
+    durability: str = setting(
+        "ack", '"ack": a response waits for its audit row\'s commit (a crash loses none); '
+               '"batch": commit every flush_ms (a crash may lose the last flush_ms)',
+        choices=("ack", "batch"))
+    flush_ms: int = setting(200, "batch mode's commit interval, milliseconds",
+                            min=1, max=60000)
+    retention_days: int = setting(0, "rows older than this are deleted daily; 0 = keep all",
+                                  min=0, max=365 * 100)
+
+
+@dataclass(frozen=True)
+class MetricsSettings(Section):
+    enabled: bool = setting(True, "serve GET /metrics (Prometheus text format)")
+    allow_from: str = setting("127.0.0.0/8,::1",
+                              "addresses or networks that may scrape, comma-separated")
+    bearer_token: str = setting(
+        "", 'if set, a scrape must also send "Authorization: Bearer <this>"')
+
+    def _check(self) -> None:
+        from ipaddress import ip_network
+
+        for net in filter(None, (n.strip() for n in self.allow_from.split(","))):
+            try:
+                ip_network(net, strict=False)
+            except ValueError:
+                raise ConfigError(f"metrics.allow_from: {net!r} is not an address or "
+                                  "network") from None
 
 
 @dataclass(frozen=True)
@@ -254,6 +288,8 @@ class Settings:
     jobs: JobsSettings = field(default_factory=JobsSettings)
     log: LogSettings = field(default_factory=LogSettings)
     backup: BackupSettings = field(default_factory=BackupSettings)
+    audit: AuditSettings = field(default_factory=AuditSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
     # Where the settings came from (for the start-up banner); not a config key.
     source: str = "defaults"
 

@@ -99,8 +99,11 @@ def test_backup_verify_restore_round_trip(populated, tmp_path: Path, start_serve
     manifest = json.loads((dest / MANIFEST).read_text())
     assert manifest["counts"]["cases"] == 4 and manifest["counts"]["case_files"] == 8
     assert manifest["schema_version"] >= 3 and manifest["database"]["kind"] == "sqlite"
-    # The signing keys (tests configure the JWT secret, so no jwt_secret file).
-    assert any(e["path"].startswith("secrets/auth_keys/") for e in manifest["secrets"])
+    # The signing keys and the audit key (tests configure the JWT secret: no jwt_secret file).
+    secrets = {e["path"] for e in manifest["secrets"]}
+    assert "secrets/audit_key" in secrets
+    assert any(p.startswith("secrets/auth_keys/") for p in secrets)
+    assert manifest["counts"]["audit_log"] >= 4
     assert main(["backup", "verify", str(dest), "--quiet"]) == 0
     assert "backup ok" in capsys.readouterr().out
 
@@ -270,6 +273,8 @@ def test_server_makes_scheduled_backups(start_server, tmp_path: Path) -> None:
     assert len(done) == 2, done
     assert server.app.ctx.last_backup_at is not None
     assert verify_backup(done[-1])[1] == []
+    r = httpx.get(server.url + "/metrics")
+    assert "medmitra_backup_last_success_timestamp_seconds" in r.text
 
 
 # -- the proof: a backup while clients write and analyses run ---------------------------------

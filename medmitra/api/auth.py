@@ -33,13 +33,17 @@ async def current_user(request: Any, *, claimed_user_id: str | None = None) -> s
             # The original frontend sends the bare user UUID as the Bearer value.
             uid = _uuid_or_none(token)
             if uid:
+                request.ctx.auth_user = (uid, "trusted-lan", None)   # for the audit trail
                 return uid
         principal = ctx.verifier.verify(token)
         if ctx.session_check is not None and principal.session_id:
             await ctx.session_check(principal)   # revoked sessions are refused
+        request.ctx.auth_user = (principal.user_id, "session" if principal.session_id
+                                 else "token", principal.session_id)
         return principal.user_id
     if trust:
         uid = _uuid_or_none(claimed_user_id or request.args.get("user_id"))
         if uid:
+            request.ctx.auth_user = (uid, "trusted-lan", None)
             return uid
     raise Unauthorized("Missing bearer token")

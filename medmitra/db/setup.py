@@ -43,7 +43,7 @@ def tortoise_config(settings: Settings) -> dict[str, Any]:
     return {
         "connections": {"default": conn},
         "apps": {"models": {"models": ["medmitra.db.models", "medmitra.db.auth_models",
-                                       "medmitra.db.flow_models"],
+                                      "medmitra.db.flow_models", "medmitra.ops.audit_models"],
                             "default_connection": "default"}},
         "use_tz": True,
         "timezone": "UTC",

@@ -39,6 +39,10 @@ def register(sub: Any) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=_restore)
 
+    from medmitra.ops import audit
+
+    audit.register(sub, _common)    # audit verify|list|prune
+
 
 def _backup(args: argparse.Namespace, settings: Settings) -> int:
     from medmitra.ops.backup import BackupError, make_backup, summary

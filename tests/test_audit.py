@@ -1,0 +1,269 @@
+"""The audit trail (issue 12 part 2): real server on loopback, real SQLite file.
+
+Every access to patient data leaves a row with ids only; the chain names an edited,
+deleted or inserted row; list filters and formats; retention keeps the chain verifiable;
+in "ack" mode a SIGKILL right after the last response loses no row of an answered request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+import docfactory as df
+from conftest import ROOT, TEST_SECRET, LiveServer, free_port, make_settings, make_user
+from medmitra.cli import main
+from medmitra.ops import audit
+
+PATIENT = "Zebulon Quixote-Audit"
+SUMMARY = "Persistent cough and night sweats, weight loss of 4 kg"
+
+
+def _rows(data: Path) -> list[dict[str, Any]]:
+    conn = sqlite3.connect(data / "medmitra.sqlite3")
+    conn.row_factory = sqlite3.Row
+    try:
+        return [dict(r) for r in conn.execute("SELECT * FROM audit_log ORDER BY id")]
+    finally:
+        conn.close()
+
+
+def _exercise(server: LiveServer) -> dict[str, Any]:
+    """One of each action by alice, one refused token, one probe by bob."""
+    alice, bob = make_user(), make_user()
+    with server.client(alice.token) as c:
+        r = c.post("/cases/create_case", data={"patient_name": PATIENT, "patient_age": "47",
+                                               "patient_gender": "male",
+                                               "case_summary": SUMMARY},
+                   files=[("lab_files", ("cbc.csv", df.lab_csv(), "text/csv"))])
+        assert r.status_code == 201
+        case = r.json()["case"]["case_id"]
+        first_file = r.json()["uploaded_files"][0]
+        assert c.get("/cases/all_cases").status_code == 200
+        assert c.get(f"/cases/cases/{case}").status_code == 200
+        assert c.put(f"/cases/cases/{case}", json={"case_summary": "edited"}).status_code == 200
+        up = c.post("/cases/upload", data={"case_id": case, "category": "radiology"},
+                    files=[("file", ("x.png", df.xray_png(), "image/png"))])
+        assert up.status_code == 201
+        new_file = up.json()["file"]["file_id"]
+        assert httpx.get(first_file["file_url"]).status_code == 200
+        assert c.delete(f"/cases/file/{new_file}").status_code == 200
+        assert c.post(f"/cases/analyze/{case}").status_code == 200
+    with server.client("not.a.token") as c:
+        assert c.get(f"/cases/cases/{case}").status_code == 401
+    with server.client(bob.token) as c:
+        assert c.get(f"/cases/cases/{case}").status_code == 404
+    with server.client(alice.token) as c:
+        assert c.delete(f"/cases/cases/{case}").status_code == 200
+        assert c.get("/health").status_code in (200, 503)
+    return {"alice": alice, "bob": bob, "case": case, "file": first_file["file_id"],
+            "new_file": new_file}
+
+
+def test_every_access_is_recorded_with_ids_only(server: LiveServer) -> None:
+    ids = _exercise(server)
+    rows = _rows(server.settings.data_path)
+    got = [(r["action"], r["status"], r["user_id"], r["case_ref"]) for r in rows]
+    a, b, case = ids["alice"].id, ids["bob"].id, ids["case"]
+    assert got == [
+        ("create", 201, a, case),
+        ("list", 200, a, None),
+        ("view", 200, a, case),
+        ("update", 200, a, case),
+        ("create", 201, a, case),          # upload into the case
+        ("download", 200, a, None),
+        ("delete", 200, a, None),           # the uploaded file
+        ("analyse", 200, a, case),
+        ("view", 401, None, case),          # refused token
+        ("view", 404, b, case),             # another user's case
+        ("delete", 200, a, case),           # the trail outlives the case
+    ], got
+    by_action = {(r["action"], r["status"]): r for r in rows}
+    assert by_action[("download", 200)]["file_ref"] == ids["file"]
+    assert by_action[("download", 200)]["auth_kind"] == "signed-link"
+    assert by_action[("delete", 200)]["file_ref"] in (ids["new_file"], None)
+    assert rows[0]["file_ref"] and rows[0]["route"] == "/cases/create_case"
+    assert rows[2]["route"] == "/cases/cases/<case_id:str>" and rows[2]["auth_kind"] == "token"
+    assert rows[8]["detail"] == "credentials refused"
+    assert all(r["client"] == "127.0.0.1" and len(r["request_id"]) >= 16 for r in rows)
+    # No clinical text or names anywhere in the trail.
+    dump = json.dumps(rows)
+    for secret in (PATIENT, "Zebulon", SUMMARY, "night sweats", "edited", "Hemoglobin"):
+        assert secret not in dump
+
+
+def test_verify_names_edited_deleted_and_inserted_rows(server: LiveServer,
+                                                       capsys: pytest.CaptureFixture[str]
+                                                       ) -> None:
+    _exercise(server)
+    data = server.settings.data_path
+    args = ["audit", "verify", "--data-dir", str(data)]
+    assert main(args) == 0
+    assert "audit trail ok: 11 rows (ids 1-11)" in capsys.readouterr().out
+    db = sqlite3.connect(data / "medmitra.sqlite3")
+
+    def check(expect: str) -> None:
+        assert main(args) == 1
+        out = capsys.readouterr().out
+        assert expect in out, out
+
+    with db:
+        db.execute("UPDATE audit_log SET status = 200 WHERE id = 9")
+    check("row 9: edited")
+    with db:
+        db.execute("UPDATE audit_log SET status = 401 WHERE id = 9")
+    assert main(args) == 0
+    capsys.readouterr()
+
+    saved = db.execute("SELECT * FROM audit_log WHERE id = 5").fetchone()
+    with db:
+        db.execute("DELETE FROM audit_log WHERE id = 5")
+    check("row 5 is missing (deleted)")
+    with db:
+        db.execute(f"INSERT INTO audit_log VALUES ({','.join('?' * len(saved))})", saved)
+    assert main(args) == 0
+    capsys.readouterr()
+
+    last = db.execute("SELECT * FROM audit_log WHERE id = 11").fetchone()
+    forged = list(last)
+    forged[0] = 12
+    forged[-2] = last[-1]                       # links to row 11 ...
+    forged[-1] = "f" * 64                       # ... but cannot make a valid HMAC
+    with db:
+        db.execute(f"INSERT INTO audit_log VALUES ({','.join('?' * len(forged))})", forged)
+    check("row 12: inserted")
+    with db:
+        db.execute("DELETE FROM audit_log WHERE id >= 10")
+    check("rows 10-11 are missing from the end")
+    db.close()
+
+
+def test_list_filters_and_formats(server: LiveServer,
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    ids = _exercise(server)
+    data = ["--data-dir", str(server.settings.data_path)]
+    assert main(["audit", "list", "--user", ids["bob"].id, "--format", "jsonl"] + data) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [json.loads(x)["status"] for x in lines] == [404]
+    assert main(["audit", "list", "--case", ids["case"], "--format", "csv"] + data) == 0
+    table = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert [r["action"] for r in table] == ["create", "view", "update", "create", "analyse",
+                                             "view", "view", "delete"]
+    assert main(["audit", "list", "--since", "1h", "--action", "download"] + data) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 1
+    assert main(["audit", "list", "--since", "2999-01-01"] + data) == 0
+    assert capsys.readouterr().out == ""
+    assert main(["audit", "list", "--since", "yesterday"] + data) == 2
+
+
+def test_retention_removes_old_rows_and_keeps_the_chain_verifiable(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from medmitra.db.setup import close_db, open_db
+
+    settings = make_settings(tmp_path)
+    data = settings.data_path
+    key = audit.load_or_create_key(data)
+
+    async def fill() -> None:
+        await open_db(settings)
+        try:
+            old = "2020-01-01T00:00:00.000000+00:00"
+            await audit.append_rows([{"ts": old, "action": "view", "status": 200}
+                                     for _ in range(5)], key, data / audit.HEAD_FILE)
+            await audit.append_rows([{"ts": audit.utc_now_iso(), "action": "list",
+                                      "status": 200}], key, data / audit.HEAD_FILE)
+        finally:
+            await close_db()
+
+    asyncio.run(fill())
+    assert main(["audit", "prune", "--data-dir", str(data)]) == 0
+    assert "nothing pruned" in capsys.readouterr().out      # retention 0 = keep forever
+    assert main(["audit", "prune", "--days", "30", "--data-dir", str(data)]) == 0
+    assert "pruned 5 audit row(s)" in capsys.readouterr().out
+    rows = _rows(data)
+    assert [r["id"] for r in rows] == [6, 7] and rows[1]["action"] == "retention"
+    assert main(["audit", "verify", "--data-dir", str(data)]) == 0
+    # Deleting the first remaining row is not covered by the retention record.
+    db = sqlite3.connect(data / "medmitra.sqlite3")
+    with db:
+        db.execute("DELETE FROM audit_log WHERE id = 6")
+    db.close()
+    capsys.readouterr()
+    assert main(["audit", "verify", "--data-dir", str(data)]) == 1
+    assert "rows 1-6 are missing" in capsys.readouterr().out
+
+
+def test_batch_mode_commits_within_flush_interval(start_server, tmp_path: Path) -> None:
+    server = start_server(make_settings(tmp_path, audit={"durability": "batch",
+                                                         "flush_ms": 100}))
+    user = make_user()
+    with server.client(user.token) as c:
+        for _ in range(20):
+            assert c.get("/cases/all_cases").status_code == 200
+    deadline = time.monotonic() + 5
+    while len(_rows(server.settings.data_path)) < 20 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(_rows(server.settings.data_path)) == 20
+    assert server.app.ctx.audit.written == 20
+
+
+def test_disabled_trail_writes_nothing(start_server, tmp_path: Path) -> None:
+    server = start_server(make_settings(tmp_path, audit={"enabled": False}))
+    with server.client(make_user().token) as c:
+        assert c.get("/cases/all_cases").status_code == 200
+    assert _rows(server.settings.data_path) == []
+
+
+@pytest.mark.e2e
+def test_sigkill_after_responses_loses_no_acknowledged_row(tmp_path: Path) -> None:
+    """ack mode: kill -9 the server right after its last answer; every answered request has
+    its committed row."""
+    port = free_port()
+    data = tmp_path / "data"
+    env = {**os.environ, "MEDMITRA_STORAGE_DATA_DIR": str(data),
+           "MEDMITRA_SERVER_PORT": str(port), "MEDMITRA_LLM_WORKERS": "0",
+           "MEDMITRA_AUTH_JWT_SECRET": TEST_SECRET, "MEDMITRA_LOG_LEVEL": "WARNING",
+           "MEDMITRA_STORAGE_MIN_FREE_BYTES": "0"}
+    proc = subprocess.Popen([sys.executable, "-m", "medmitra", "serve"], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        user = make_user()
+        answered = 0
+        import concurrent.futures as cf
+
+        def one(i: int) -> int:
+            r = httpx.get(url + "/cases/all_cases", timeout=10,
+                          headers={"Authorization": f"Bearer {user.token}"})
+            return r.status_code
+
+        with cf.ThreadPoolExecutor(8) as ex:
+            answered = sum(1 for s in ex.map(one, range(200)) if s == 200)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    rows = [r for r in _rows(data) if r["action"] == "list"]
+    assert answered == 200 and len(rows) == 200

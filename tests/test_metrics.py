@@ -1,0 +1,152 @@
+"""GET /metrics, request ids and JSON logs (issue 12 part 3), on a real server on loopback."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+import docfactory as df
+from conftest import ROOT, TEST_SECRET, LiveServer, free_port, make_settings, make_user
+from medmitra.llm.runtime import FakeRuntime
+from medmitra.ops.logs import REQUEST_ID, JsonFormatter
+
+
+def _samples(text: str) -> dict[tuple[str, tuple], float]:
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def test_metrics_scrape_has_every_family(start_server, tmp_path: Path) -> None:
+    server = start_server(make_settings(tmp_path, llm={"workers": 1},
+                                        jobs={"poll_s": 0.05}),
+                          runtime_factory=FakeRuntime)
+    user = make_user()
+    with server.client(user.token) as c:
+        r = c.post("/cases/create_case", data={"patient_name": "Metrics Patient",
+                                               "patient_age": "50",
+                                               "patient_gender": "female"},
+                   files=[("lab_files", ("cbc.csv", df.lab_csv(), "text/csv"))])
+        case = r.json()["case"]["case_id"]
+        deadline = time.monotonic() + 60
+        while c.get(f"/cases/cases/{case}").json()["case"]["status"] == "processing":
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert c.get("/no/such/route").status_code == 404
+    r = httpx.get(server.url + "/metrics")
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/plain; version=")
+    s = _samples(r.text)
+    route = "/cases/cases/<case_id:str>"
+    assert s[("medmitra_http_requests_total",
+              (("method", "GET"), ("route", route), ("status", "200")))] >= 1
+    assert s[("medmitra_http_request_duration_seconds_count",
+              (("method", "POST"), ("route", "/cases/create_case"), ("status", "201")))] == 1
+    assert s[("medmitra_http_requests_total",
+              (("method", "GET"), ("route", "<unmatched>"), ("status", "404")))] == 1
+    assert not any("no/such" in str(k) for k in s)       # never the raw URL
+    assert s[("medmitra_queue_jobs", (("state", "completed"),))] == 1
+    assert s[("medmitra_queue_jobs", (("state", "queued"),))] == 0
+    assert s[("medmitra_model_state", (("medmitra_model_state", "ready"),))] == 1
+    assert s[("medmitra_workers", (("state", "idle"),))] == 1
+    assert s[("medmitra_disk_free_bytes", ())] > 0
+    assert s[("medmitra_database_size_bytes", ())] > 4096
+    stages = {dict(k[1])["stage"] for k in s
+              if k[0] == "medmitra_analysis_stage_duration_seconds_count"}
+    assert {"extract", "summary"} <= stages or len(stages) >= 3, stages
+    assert any(k[0] == "medmitra_llm_tokens_per_second" for k in s)
+    assert s[("medmitra_audit_rows_written_total", ())] >= 3
+    # Stages are counted once, not again at the next scrape.
+    again = _samples(httpx.get(server.url + "/metrics").text)
+    key = next(k for k in s if k[0] == "medmitra_analysis_stage_duration_seconds_count")
+    assert again[key] == s[key]
+
+
+def test_metrics_refused_outside_allow_list(start_server, tmp_path: Path) -> None:
+    server = start_server(make_settings(tmp_path, metrics={"allow_from": "10.1.2.0/24"}))
+    r = httpx.get(server.url + "/metrics")
+    assert r.status_code == 403 and "allow_from" in r.json()["detail"]
+
+
+def test_metrics_bearer_token(start_server, tmp_path: Path) -> None:
+    server = start_server(make_settings(tmp_path, metrics={"bearer_token": "scrape-secret"}))
+    assert httpx.get(server.url + "/metrics").status_code == 401
+    assert httpx.get(server.url + "/metrics",
+                     headers={"Authorization": "Bearer wrong"}).status_code == 401
+    r = httpx.get(server.url + "/metrics", headers={"Authorization": "Bearer scrape-secret"})
+    assert r.status_code == 200 and "medmitra_http_requests_total" in r.text
+
+
+def test_metrics_can_be_disabled(start_server, tmp_path: Path) -> None:
+    server = start_server(make_settings(tmp_path, metrics={"enabled": False}))
+    assert httpx.get(server.url + "/metrics").status_code == 404
+
+
+def test_request_id_is_echoed_or_made(server: LiveServer) -> None:
+    r = httpx.get(server.url + "/", headers={"X-Request-Id": "abc-123.x"})
+    assert r.headers["x-request-id"] == "abc-123.x"
+    r = httpx.get(server.url + "/", headers={"X-Request-Id": "bad id\twith spaces"})
+    assert r.headers["x-request-id"] != "bad id\twith spaces"
+    assert len(r.headers["x-request-id"]) == 32
+    r1, r2 = httpx.get(server.url + "/health"), httpx.get(server.url + "/health")
+    assert r1.headers["x-request-id"] != r2.headers["x-request-id"]
+    r = httpx.get(server.url + "/cases/all_cases")      # errors carry it too
+    assert r.status_code == 401 and len(r.headers["x-request-id"]) == 32
+
+
+def test_json_formatter_carries_the_request_id() -> None:
+    rec = logging.LogRecord("medmitra.x", logging.WARNING, __file__, 1, "disk %s", ("low",),
+                            None)
+    token = REQUEST_ID.set("req-1")
+    try:
+        line = JsonFormatter().format(rec)
+    finally:
+        REQUEST_ID.reset(token)
+    obj = json.loads(line)
+    assert obj["message"] == "disk low" and obj["level"] == "WARNING"
+    assert obj["request_id"] == "req-1" and obj["logger"] == "medmitra.x"
+    assert "request_id" not in json.loads(JsonFormatter().format(rec))
+
+
+@pytest.mark.e2e
+def test_served_json_logs_are_one_object_per_line(tmp_path: Path) -> None:
+    port = free_port()
+    env = {**os.environ, "MEDMITRA_STORAGE_DATA_DIR": str(tmp_path / "data"),
+           "MEDMITRA_SERVER_PORT": str(port), "MEDMITRA_LLM_WORKERS": "0",
+           "MEDMITRA_AUTH_JWT_SECRET": TEST_SECRET, "MEDMITRA_LOG_FORMAT": "json",
+           "MEDMITRA_SERVER_ACCESS_LOG": "true", "MEDMITRA_STORAGE_MIN_FREE_BYTES": "0"}
+    log_path = tmp_path / "server.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "medmitra", "serve"], cwd=ROOT, env=env,
+                                stdout=subprocess.DEVNULL, stderr=log)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                try:
+                    if httpx.get(url + "/health", timeout=1).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    time.sleep(0.1)
+            rid = httpx.get(url + "/", headers={"X-Request-Id": "trace-42"}).headers[
+                "x-request-id"]
+            assert rid == "trace-42"
+            time.sleep(0.3)
+        finally:
+            proc.terminate()
+            proc.wait(30)
+    lines = [x for x in log_path.read_text().splitlines() if x.strip()]
+    objs = [json.loads(x) for x in lines]                  # every line is one JSON object
+    assert objs and all({"ts", "level", "logger", "message"} <= o.keys() for o in objs)
+    assert any(o.get("request_id") == "trace-42" for o in objs), lines[-5:]
