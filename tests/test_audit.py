@@ -105,6 +105,16 @@ def test_every_access_is_recorded_with_ids_only(server: LiveServer) -> None:
         assert secret not in dump
 
 
+def test_sign_ins_are_recorded_without_the_email(server: LiveServer) -> None:
+    email = "auditor.probe@clinic.test"
+    r = httpx.post(server.url + "/auth/v1/token?grant_type=password",
+                   json={"email": email, "password": "wrong password 123"})
+    assert r.status_code == 400
+    (row,) = _rows(server.settings.data_path)
+    assert (row["action"], row["status"], row["user_id"]) == ("sign-in", 400, None)
+    assert email not in json.dumps(row) and "auditor" not in json.dumps(row)
+
+
 def test_verify_names_edited_deleted_and_inserted_rows(server: LiveServer,
                                                        capsys: pytest.CaptureFixture[str]
                                                        ) -> None:

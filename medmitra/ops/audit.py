@@ -260,7 +260,7 @@ class AuditTrail:
 # -- what a request becomes ----------------------------------------------------------------
 
 # (method, route template) -> action. Routes not listed get an action from their method.
-ACTIONS = {
+ACTIONS: dict[tuple[str, str], str | None] = {
     ("GET", "/cases/all_cases"): "list",
     ("GET", "/cases/files/<case_id:str>"): "list",
     ("GET", "/cases/cases/<case_id:str>/fhir"): "export",
@@ -270,27 +270,32 @@ ACTIONS = {
     ("POST", "/auth/v1/logout"): "sign-out",
     ("GET", "/auth/v1/user"): "user-view",
     ("PUT", "/auth/v1/user"): "user-update",
+    ("GET", "/auth/v1/authorize"): None,        # the sign-in page itself
+    ("POST", "/auth/v1/authorize"): "sign-in",  # its form: 302 = signed in, 4xx = refused
 }
 BY_METHOD = {"GET": "view", "POST": "create", "PUT": "update", "PATCH": "update",
              "DELETE": "delete"}
 # Routes that touch no patient or account data.
 NOT_AUDITED = {"/", "/health", "/metrics", "/openapi.json", "/docs", "/redoc", "/app",
-               "/auth/v1/settings", "/auth/v1/health", "/auth/v1/.well-known/jwks.json",
-               "/auth/v1/authorize"}
+               "/auth/v1/settings", "/auth/v1/health", "/auth/v1/.well-known/jwks.json"}
 # The web app's shell and assets carry no patient data (its data comes through the API).
 NOT_AUDITED_PREFIXES = ("/static/", "/docs/", "/redoc/", "/app/")
 
 
 def action_for(method: str, route: str | None, args: Any = None) -> str | None:
     """The audit action of a request, or None when the route is not audited."""
-    if method in ("OPTIONS", "HEAD") or route is None:
-        return None if route is None or method == "OPTIONS" else "view"
+    if route is None or method == "OPTIONS":
+        return None      # no route matched (nothing was read), or a CORS preflight
+    if method == "HEAD":
+        method = "GET"
     if route in NOT_AUDITED or route.startswith(NOT_AUDITED_PREFIXES):
         return None
     if route == "/auth/v1/token":
         grant = args.get("grant_type") if args is not None else None
         return "token-refresh" if grant == "refresh_token" else "sign-in"
-    return ACTIONS.get((method, route)) or BY_METHOD.get(method, method.lower()[:32])
+    if (method, route) in ACTIONS:
+        return ACTIONS[(method, route)]
+    return BY_METHOD.get(method, method.lower()[:32])
 
 
 def refs_from_body(body: bytes) -> tuple[str | None, str | None, str | None]:
