@@ -135,7 +135,7 @@ def create_app(settings: Settings, *, start_workers: bool = True,
 
     # The local Supabase Auth subset adds its routes and a start-up listener that runs after
     # open_resources (listeners run in registration order).
-    from medmitra.auth.supabase import register_auth_api
+    from medmitra.api.supabase_auth import register_auth_api
 
     register_auth_api(app)
     from medmitra.api.authorize import register_authorize

@@ -33,7 +33,7 @@ from sanic.response import HTTPResponse, html as html_response, redirect
 from medmitra.auth import pkce, users
 from medmitra.auth.pkce import CSRF_COOKIE, FORM_TTL_S, FormTokens
 from medmitra.auth.ratelimit import retry_after_header
-from medmitra.auth.supabase import PREFIX, client_address, sign_in_account
+from medmitra.api.supabase_auth import PREFIX, client_address, sign_in_account
 
 log = logging.getLogger(__name__)
 
