@@ -1,4 +1,5 @@
-"""Local subset of the Supabase Auth (GoTrue) REST API under ``/auth/v1``.
+"""Local subset of the Supabase Auth (GoTrue) REST API under ``/auth/v1``: the routes.
+Sign-in and session issuing live in auth/gotrue.py; users, sessions and keys in auth/.
 
 A supabase-js client pointed at this server signs in unchanged: password and refresh-token
 grants, the user endpoints, logout scopes, settings, health and the JWKS its ``getClaims()``
@@ -13,73 +14,28 @@ with the CLI (``medmitra users add``); self sign-up is off unless ``auth.signup_
 from __future__ import annotations
 
 import json
-import logging
-import time
-from dataclasses import dataclass
 from typing import Any
 
 from sanic import Blueprint, Request, Sanic
 from sanic.response import HTTPResponse, empty, json as json_response
 
 from medmitra import __version__
-from medmitra.auth import pkce
 from medmitra.auth import sessions as sessions_mod
 from medmitra.auth import users
+from medmitra.auth.gotrue import (DEFAULT_AUDIENCE, AuthApiError, AuthState, check_metadata,
+                                  issue_session, local_issuer, password_grant, pkce_grant,
+                                  refresh_grant, str_field, validation_error,
+                                  weak_password_error)
 from medmitra.auth.jwt import Principal
 from medmitra.auth.ratelimit import SignInGuard, retry_after_header
-from medmitra.auth.sessions import BANNED, REVOKED, RefreshError, SessionChecker
+from medmitra.auth.sessions import BANNED, REVOKED, SessionChecker
 from medmitra.auth.signing import KeyRing
-from medmitra import textsafe
 from medmitra.config import Settings
-from medmitra.db.auth_models import AuthSession, AuthUser
-from medmitra.errors import ApiError, Unauthorized
-
-log = logging.getLogger(__name__)
+from medmitra.db.auth_models import AuthUser
+from medmitra.errors import Unauthorized
 
 PREFIX = "/auth/v1"
-# ``iss`` of the tokens this server issues when ``auth.issuer`` is not configured.
-LOCAL_ISSUER = "medmitra-edge"
-DEFAULT_AUDIENCE = "authenticated"
-# user_metadata is free-form client data; bounded so it cannot bloat every token.
-MAX_USER_METADATA_BYTES = 8 * 1024
 LOGOUT_SCOPES = ("global", "local", "others")
-
-
-class AuthApiError(ApiError):
-    """An error in GoTrue's shape: ``{"code": <http status>, "error_code": ..., "msg": ...}``."""
-
-    def __init__(self, status: int, error_code: str, msg: str, *,
-                 headers: dict[str, str] | None = None, extra: dict[str, Any] | None = None):
-        super().__init__(msg, headers=headers)
-        self.status = status
-        self.error_code = error_code
-        self.extra = extra or {}
-
-    def body(self) -> dict[str, Any]:
-        return {"code": self.status, "error_code": self.error_code, "msg": self.message,
-                **self.extra}
-
-
-def _validation(msg: str) -> AuthApiError:
-    return AuthApiError(400, "validation_failed", msg)
-
-
-def _invalid_credentials() -> AuthApiError:
-    # The one answer for unknown email and wrong password alike.
-    return AuthApiError(400, "invalid_credentials", "Invalid login credentials")
-
-
-@dataclass
-class AuthState:
-    settings: Settings
-    keyring: KeyRing
-    sessions: SessionChecker
-    issuer: str
-    audience: str
-
-
-def local_issuer(settings: Settings) -> str:
-    return settings.auth.issuer or LOCAL_ISSUER
 
 
 def _state(request: Request) -> AuthState:
@@ -93,101 +49,10 @@ def _json_body(request: Request) -> dict[str, Any]:
     try:
         data = json.loads(raw)
     except (ValueError, RecursionError):
-        raise _validation("Could not parse request body as JSON") from None
+        raise validation_error("Could not parse request body as JSON") from None
     if not isinstance(data, dict):
-        raise _validation("Request body must be a JSON object")
+        raise validation_error("Request body must be a JSON object")
     return data
-
-
-def _str_field(body: dict[str, Any], name: str) -> str | None:
-    value = body.get(name)
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise _validation(f"{name} must be a string")
-    return value
-
-
-def _weak_password(exc: users.WeakPassword) -> AuthApiError:
-    return AuthApiError(422, "weak_password", str(exc), extra={
-        "weak_password": {"reasons": ["length"], "message": str(exc)}})
-
-
-async def _token_response(state: AuthState, user: AuthUser, session: AuthSession,
-                          refresh_token: str) -> dict[str, Any]:
-    ttl_s = state.settings.auth.access_token_ttl_s
-    now_s = int(time.time())
-    claims = {
-        "iss": state.issuer,
-        "aud": state.audience,
-        "exp": now_s + ttl_s,
-        "iat": now_s,
-        "sub": user.id,
-        "email": user.email,
-        "phone": "",
-        "app_metadata": {"provider": "email", "providers": ["email"],
-                         **(user.app_metadata or {})},
-        "user_metadata": user.user_metadata or {},
-        "role": user.role,
-        "aal": "aal1",
-        "amr": [{"method": "password", "timestamp": int(session.created_at.timestamp())}],
-        "session_id": session.id,
-        "is_anonymous": False,
-    }
-    return {
-        "access_token": await state.keyring.sign(claims),
-        "token_type": "bearer",
-        "expires_in": ttl_s,
-        "expires_at": now_s + ttl_s,
-        "refresh_token": refresh_token,
-        "user": users.user_json(user, state.audience),
-    }
-
-
-async def _password_grant(state: AuthState, body: dict[str, Any]) -> dict[str, Any]:
-    if body.get("phone"):
-        raise _validation("Phone sign-in is not supported on this server")
-    email = _str_field(body, "email")
-    password = _str_field(body, "password")
-    if not email:
-        raise _validation("missing email or phone")
-    if not password:
-        raise _validation("missing password")
-    user = await users.authenticate(email, password)
-    if user is None:
-        raise _invalid_credentials()
-    if user.disabled_at is not None:
-        # Only said to someone who knows the password, so it reveals nothing new.
-        raise AuthApiError(400, "user_banned", "User is banned")
-    user.last_sign_in_at = users.utcnow()
-    await user.save(update_fields=["last_sign_in_at"])
-    session, refresh_token = await sessions_mod.create_session(user)
-    return await _token_response(state, user, session, refresh_token)
-
-
-async def _refresh_grant(state: AuthState, body: dict[str, Any]) -> dict[str, Any]:
-    token = _str_field(body, "refresh_token")
-    if not token:
-        raise _validation("refresh_token required")
-    try:
-        session, user, fresh = await sessions_mod.exchange_refresh_token(
-            token, reuse_window_s=state.settings.auth.refresh_reuse_window_s)
-    except RefreshError as exc:
-        if exc.code == "refresh_token_already_used":
-            state.sessions.forget_all()
-            log.warning("refresh token replayed outside the reuse window; session revoked")
-        raise AuthApiError(400, exc.code, exc.message) from None
-    return await _token_response(state, user, session, fresh)
-
-
-async def _pkce_grant(state: AuthState, body: dict[str, Any]) -> dict[str, Any]:
-    """The code from the sign-in page (GET /authorize) and its verifier -> a session."""
-    try:
-        user = await pkce.exchange_code(body.get("auth_code"), body.get("code_verifier"))
-    except pkce.FlowError as exc:
-        raise AuthApiError(exc.status, exc.error_code, exc.msg) from None
-    session, refresh_token = await sessions_mod.create_session(user)
-    return await _token_response(state, user, session, refresh_token)
 
 
 def client_address(request: Request) -> str:
@@ -254,7 +119,7 @@ def _make_blueprint() -> Blueprint:
             account = sign_in_account(body.get("email"))
             _check_guard(request, account)
             try:
-                session = await _password_grant(state, body)
+                session = await password_grant(state, body)
             except AuthApiError as exc:
                 if exc.error_code == "invalid_credentials":
                     guard.failed(address, account)
@@ -263,10 +128,10 @@ def _make_blueprint() -> Blueprint:
                 guard.succeeded(address, account)
             return json_response(session)
         if grant == "refresh_token":
-            return json_response(await _refresh_grant(state, body))
+            return json_response(await refresh_grant(state, body))
         if grant == "pkce":
-            return json_response(await _pkce_grant(state, body))
-        raise _validation("unsupported_grant_type: use password, refresh_token or pkce")
+            return json_response(await pkce_grant(state, body))
+        raise validation_error("unsupported_grant_type: use password, refresh_token or pkce")
 
     @bp.post("/signup")
     async def signup(request: Request) -> HTTPResponse:
@@ -278,25 +143,25 @@ def _make_blueprint() -> Blueprint:
         request.app.ctx.sign_in_guard.failed(client_address(request), None)
         body = _json_body(request)
         if body.get("phone"):
-            raise _validation("Phone sign-up is not supported on this server")
-        email = _str_field(body, "email")
-        password = _str_field(body, "password")
+            raise validation_error("Phone sign-up is not supported on this server")
+        email = str_field(body, "email")
+        password = str_field(body, "password")
         if not email or not password:
-            raise _validation("Signup requires a valid email and password")
+            raise validation_error("Signup requires a valid email and password")
         if not users.valid_email(users.normalize_email(email)):
-            raise _validation("Unable to validate email address: invalid format")
+            raise validation_error("Unable to validate email address: invalid format")
         metadata = body.get("data") or {}
-        _check_metadata(metadata)
+        check_metadata(metadata)
         try:
             user = await users.create_user(email, password, user_metadata=metadata)
         except users.WeakPassword as exc:
-            raise _weak_password(exc) from None
+            raise weak_password_error(exc) from None
         except users.UserExists:
             raise AuthApiError(422, "user_already_exists", "User already registered") from None
         user.last_sign_in_at = users.utcnow()
         await user.save(update_fields=["last_sign_in_at"])
         session, refresh_token = await sessions_mod.create_session(user)
-        return json_response(await _token_response(state, user, session, refresh_token))
+        return json_response(await issue_session(state, user, session, refresh_token))
 
     @bp.get("/user")
     async def get_user(request: Request) -> HTTPResponse:
@@ -308,25 +173,25 @@ def _make_blueprint() -> Blueprint:
         state = _state(request)
         principal, user = await _require_user(request)
         body = _json_body(request)
-        email = _str_field(body, "email")
+        email = str_field(body, "email")
         if email and users.normalize_email(email) != user.email:
             raise AuthApiError(422, "validation_failed",
                                "Changing the email address is not supported on this server; "
                                "ask an administrator")
         if body.get("phone"):
-            raise _validation("Phone numbers are not supported on this server")
-        password = _str_field(body, "password")
+            raise validation_error("Phone numbers are not supported on this server")
+        password = str_field(body, "password")
         metadata = None
         if "data" in body:
-            _check_metadata(body["data"] or {})
+            check_metadata(body["data"] or {})
             metadata = {**(user.user_metadata or {}), **(body["data"] or {})}
-            _check_metadata(metadata)
+            check_metadata(metadata)
         if password is not None:
             # Everything is validated before anything is saved: no half-applied update.
             try:
                 users.check_password_rules(password)
             except users.WeakPassword as exc:
-                raise _weak_password(exc) from None
+                raise weak_password_error(exc) from None
             if await users.password_matches(user, password):
                 raise AuthApiError(422, "same_password",
                                    "New password should be different from the old password.")
@@ -347,7 +212,7 @@ def _make_blueprint() -> Blueprint:
         state = _state(request)
         scope = request.args.get("scope", "global")
         if scope not in LOGOUT_SCOPES:
-            raise _validation(f"Unsupported logout scope {scope!r}")
+            raise validation_error(f"Unsupported logout scope {scope!r}")
         principal, user = await _require_user(request)
         sid = principal.session_id
         if scope == "local":
@@ -389,15 +254,6 @@ def _make_blueprint() -> Blueprint:
         return json_response(body, headers={"Cache-Control": "public, max-age=600"})
 
     return bp
-
-
-def _check_metadata(metadata: Any) -> None:
-    if not isinstance(metadata, dict):
-        raise _validation("data must be a JSON object")
-    if not textsafe.is_storable(metadata):
-        raise _validation("data contains characters that are not valid text")
-    if len(json.dumps(metadata)) > MAX_USER_METADATA_BYTES:
-        raise _validation(f"data is larger than {MAX_USER_METADATA_BYTES} bytes")
 
 
 def register_auth_api(app: Sanic) -> None:
