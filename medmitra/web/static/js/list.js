@@ -1,7 +1,7 @@
 // The case list: search, filters, sort, paging, and status badges that follow running
 // analyses (the list is polled while a case on the page is being analysed).
 import { api } from "./api.js";
-import { alertBox, formatDate, h, setStatusBadge, statusBadge } from "./ui.js";
+import { alertBox, announce, formatDate, h, setStatusBadge, statusBadge } from "./ui.js";
 
 const POLL_MS = 3000;
 const PAGE_SIZES = [20, 50, 100];
@@ -78,7 +78,7 @@ export async function render(main, _params, pageState = {}) {
       h("button", { type: "submit", text: "Apply" }),
       h("button", { type: "button", class: "secondary", text: "Clear", onclick: () => clearFilters() })));
 
-  const results = h("section", { class: "results", "aria-live": "polite", "aria-busy": "true" });
+  const results = h("section", { class: "results", "aria-label": "Results", "aria-busy": "true" });
   main.append(...[
     h("div", { class: "page-head" },
       h("h1", { text: "Cases" }),
@@ -153,6 +153,7 @@ export async function render(main, _params, pageState = {}) {
   function draw({ cases, total }) {
     results.setAttribute("aria-busy", "false");
     const filtered = FILTERS.some((k) => state[k]);
+    announce(cases.length ? `List updated: ${total} result${total === 1 ? "" : "s"}.` : "List updated: no results.");
     if (!cases.length) {
       results.replaceChildren(filtered || state.page > 1 ? emptyFiltered() : emptyFirstUse());
       return;

@@ -5,11 +5,12 @@ import { h } from "./ui.js";
 const main = document.getElementById("main");
 const topbar = document.getElementById("topbar");
 
+// Window titles name the page, never the patient (titles end up in browser history).
 const ROUTES = [
-  [/^\/app\/signin$/, () => import("./signin.js"), { public: true }],
-  [/^\/app\/?$/, () => import("./list.js")],
-  [/^\/app\/cases\/new$/, () => import("./newcase.js")],
-  [/^\/app\/cases\/([^/]+)$/, () => import("./casepage.js")],
+  [/^\/app\/signin$/, () => import("./signin.js"), { public: true, title: "Sign in" }],
+  [/^\/app\/?$/, () => import("./list.js"), { title: "Cases" }],
+  [/^\/app\/cases\/new$/, () => import("./newcase.js"), { title: "New case" }],
+  [/^\/app\/cases\/([^/]+)$/, () => import("./casepage.js"), { title: "Case" }],
 ];
 
 let cleanup = null;
@@ -63,6 +64,7 @@ async function render() {
     const mod = await load();
     if (mine !== generation) return;
     showTopbar(!opts.public);
+    document.title = `${opts.title} · MedMitra Edge`;
     main.replaceChildren();
     main.setAttribute("aria-busy", "true");
     cleanup = (await mod.render(main, path.match(re).slice(1), history.state || {})) || null;
