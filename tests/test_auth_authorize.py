@@ -293,6 +293,34 @@ def test_form_is_csrf_safe(start_server, tmp_path):
             .status_code == 302
 
 
+def test_two_tabs_of_one_browser_both_sign_in(start_server, tmp_path):
+    server = start(start_server, tmp_path)
+    verifier, challenge = verifier_and_challenge()
+    with server.client() as c:
+        first, second = open_page(c, challenge), open_page(c, challenge)
+        assert exchange(c, code_from(submit(c, first)), verifier).status_code == 200
+        assert exchange(c, code_from(submit(c, second)), verifier).status_code == 200
+
+
+def test_old_codes_are_swept(start_server, tmp_path):
+    server = start(start_server, tmp_path)
+    _, challenge = verifier_and_challenge()
+    with server.client() as c:
+        code_from(submit(c, open_page(c, challenge)))
+
+        async def age_codes() -> None:
+            past = timedelta(seconds=pkce.SWEEP_AFTER_S + pkce.CODE_TTL_S + 1)
+            for row in await AuthFlowCode.all():
+                row.created_at -= past
+                row.expires_at -= past
+                await row.save(update_fields=["created_at", "expires_at"])
+
+        server.run(age_codes())
+        assert count_codes(server) == 1
+        code_from(submit(c, open_page(c, challenge)))
+        assert count_codes(server) == 1          # the old one went, the new one stays
+
+
 @pytest.mark.parametrize("params, text", [
     ({"code_challenge": ""}, "flowType: 'pkce'"),
     ({"code_challenge_method": "plain"}, "auth.pkce_allow_plain"),

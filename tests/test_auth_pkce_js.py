@@ -8,6 +8,7 @@ server (issue 10 section 3)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -20,13 +21,16 @@ import pytest
 from medmitra.auth import users
 from tests.conftest import make_settings
 from tests.test_auth_authorize import form_of
-from tests.test_docs_browser import CHROMIUM, CHROMIUM_ARGS, SCREENSHOT_DIR
+from tests.test_docs_browser import CHROMIUM, CHROMIUM_ARGS
+from tests.test_web_app import AXE, axe_check
 from tests.test_supabase_js import JS_DIR, node  # noqa: F401  (fixture)
 
 SCRIPT = JS_DIR / "pkce_flow.mjs"
 EMAIL = "dr.rao@clinic.test"
 PASSWORD = "a long clinic passphrase"
 SCRIPT_TIMEOUT_S = 60
+ARTIFACTS = Path(os.environ.get("MEDMITRA_TEST_ARTIFACTS",
+                                Path(__file__).resolve().parents[1] / "test-artifacts")) / "auth"
 
 pytestmark = pytest.mark.e2e
 
@@ -167,6 +171,8 @@ def test_supabase_js_refused_redirect_to(setup):
 def browser():
     if not CHROMIUM.exists():
         pytest.skip("needs Debian's chromium at /usr/bin/chromium")
+    if not AXE.is_file():
+        pytest.skip("axe-core missing: run scripts/setup-test-tools.sh (npm in tests/js)")
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
@@ -198,9 +204,12 @@ def test_sign_in_page_in_chromium_keyboard_only_and_local_only(setup, browser,
     try:
         page.goto(url)
         assert page.title().startswith("Sign in")
-        page.screenshot(path=str(SCREENSHOT_DIR / "medmitra-signin.png"), full_page=True)
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "signin.png"), full_page=True)
         # Keyboard only: the email field has focus, Tab reaches the password and the button.
         assert page.evaluate("document.activeElement.id") == "email"
+        axe_check(page, "sign-in page")
+        page.focus("#email")
         page.keyboard.type(EMAIL)
         page.keyboard.press("Tab")
         assert page.evaluate("document.activeElement.id") == "password"
@@ -209,8 +218,9 @@ def test_sign_in_page_in_chromium_keyboard_only_and_local_only(setup, browser,
         page.wait_for_selector("[role=alert]")
         assert "Wrong email or password" in page.inner_text("[role=alert]")
         assert page.evaluate("document.activeElement.id") == "password"
-        page.screenshot(path=str(SCREENSHOT_DIR / "medmitra-signin-wrong-password.png"),
-                        full_page=True)
+        page.screenshot(path=str(ARTIFACTS / "signin-wrong-password.png"), full_page=True)
+        axe_check(page, "sign-in page with an error")
+        page.focus("#password")
         page.keyboard.type(PASSWORD)
         page.keyboard.press("Tab")
         assert page.evaluate("document.activeElement.tagName") == "BUTTON"

@@ -134,7 +134,10 @@ def _form_page(request: Request, flow: _Flow, *, status: int = 200, email: str =
                error: str | None = None, headers: dict[str, str] | None = None
                ) -> HTTPResponse:
     tokens = FormTokens(request.app.ctx.jwt_secret)
-    nonce = tokens.new_nonce()
+    # The browser's nonce is kept while it is valid, so two tabs' forms both work.
+    nonce = request.cookies.get(CSRF_COOKIE) or ""
+    if not pkce.valid_nonce(nonce):
+        nonce = tokens.new_nonce()
     target = urlsplit(flow.redirect_to)
     parts = []
     if error:

@@ -190,6 +190,10 @@ async def exchange_code(code: str | None, verifier: str | None) -> AuthUser:
 
 # --- the sign-in form's CSRF token ----------------------------------------------------------
 
+def valid_nonce(nonce: str | None) -> bool:
+    return bool(nonce) and bool(_NONCE_RE.match(nonce or ""))
+
+
 class FormTokens:
     """A random nonce in an HttpOnly SameSite=Strict cookie and, in the form, the nonce's
     HMAC with a time stamp: a page of another site can neither read the cookie nor make
@@ -213,7 +217,7 @@ class FormTokens:
         return f"{issued}.{self._mac(nonce, issued)}"
 
     def check(self, nonce: str | None, token: str | None) -> bool:
-        if not nonce or not token or not _NONCE_RE.match(nonce):
+        if not valid_nonce(nonce) or not token:
             return False
         issued_s, _, mac = token.partition(".")
         if not issued_s.isdigit() or len(issued_s) > 12:
