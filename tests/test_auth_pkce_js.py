@@ -250,3 +250,43 @@ def test_sign_in_page_in_chromium_keyboard_only_and_local_only(setup, browser,
     assert {a for a in answers if a[1] >= 400} <= {("/auth/v1/authorize", 400),
                                                    ("/favicon.ico", 404)}, answers
     assert ("/auth/v1/authorize", 302) in answers
+
+
+# --- the original frontend's server side, with @supabase/ssr --------------------------------
+
+SSR_SCRIPT = JS_DIR / "ssr_frontend.mjs"
+PAGE_VIEWS = 20
+
+
+def test_original_frontend_signs_in_and_20_quick_page_views_stay_signed_in(
+        start_server, tmp_path, node, frontend_callback):  # noqa: F811  (node fixture)
+    """@supabase/ssr as the original frontend uses it: sign in through the sign-in page,
+    then 20 page views, each asking GET /auth/v1/user 2-4 times from the one address of
+    the Next.js server, with the shipped rate limits. The case list call sends no token
+    (?user_id=...), so it needs trust mode (docs/original-frontend.md)."""
+    if not (JS_DIR / "node_modules" / "@supabase" / "ssr").is_dir():
+        # node_modules from before package-lock.json pinned @supabase/ssr
+        proc = subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=JS_DIR,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, f"npm ci failed:\n{proc.stderr[-3000:]}"
+    callback, _ = frontend_callback
+    origin = callback.removesuffix("/auth/callback")
+    server = start_server(make_settings(tmp_path, auth={
+        "redirect_urls": callback, "trust_user_id": True},
+        server={"cors_origins": origin}))
+    assert server.settings.auth.rate_limit_per_min == 30       # the shipped default
+    user = server.run(users.create_user(EMAIL, PASSWORD))
+    proc = subprocess.run([node, str(SSR_SCRIPT), server.url, callback, EMAIL, PASSWORD,
+                           str(PAGE_VIEWS)], cwd=JS_DIR, capture_output=True, text=True,
+                          timeout=SCRIPT_TIMEOUT_S * 2)
+    assert proc.returncode == 0, f"node failed:\n{proc.stdout}\n{proc.stderr[-3000:]}"
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+
+    assert out["verifier_cookie"] is True        # @supabase/ssr chose the PKCE flow
+    assert out["redirected_to"] == callback and out["user_id"] == user.id
+    assert out["signed_in_views"] == PAGE_VIEWS, out
+    user_calls = out["requests"]["GET /auth/v1/user"]
+    assert user_calls == sum(2 + view % 3 for view in range(PAGE_VIEWS)) == 59   # old limit: 30/min
+    assert out["statuses"] == {"POST /auth/v1/token 200": 1,
+                               "GET /auth/v1/user 200": user_calls}, out["statuses"]
+    assert out["case_list_statuses"] == [200] * PAGE_VIEWS
