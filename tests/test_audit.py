@@ -27,6 +27,7 @@ import docfactory as df
 from conftest import ROOT, TEST_SECRET, LiveServer, free_port, make_settings, make_user
 from medmitra.cli import main
 from medmitra.ops import audit
+from tests.pg import pg_server, pg_url  # noqa: F401  (fixtures)
 
 PATIENT = "Zebulon Quixote-Audit"
 SUMMARY = "Persistent cough and night sweats, weight loss of 4 kg"
@@ -277,3 +278,22 @@ def test_sigkill_after_responses_loses_no_acknowledged_row(tmp_path: Path) -> No
             proc.wait(10)
     rows = [r for r in _rows(data) if r["action"] == "list"]
     assert answered == 200 and len(rows) == 200
+
+
+def test_trail_on_postgresql(pg_url, start_server, tmp_path: Path, monkeypatch,  # noqa: F811
+                             capsys: pytest.CaptureFixture[str]) -> None:
+    server = start_server(make_settings(tmp_path, database={"url": pg_url}))
+    user = make_user()
+    with server.client(user.token) as c:
+        for _ in range(3):
+            assert c.get("/cases/all_cases").status_code == 200
+        assert c.post("/cases/create_case", data={"patient_name": PATIENT, "patient_age": "5",
+                                                  "patient_gender": "male"}).status_code == 201
+    monkeypatch.setenv("MEDMITRA_DATABASE_URL", pg_url)
+    data = ["--data-dir", str(server.settings.data_path)]
+    assert main(["audit", "verify"] + data) == 0
+    assert "audit trail ok: 4 rows" in capsys.readouterr().out
+    assert main(["audit", "list", "--user", user.id, "--format", "jsonl"] + data) == 0
+    rows = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [r["action"] for r in rows] == ["list", "list", "list", "create"]
+    assert PATIENT not in json.dumps(rows)

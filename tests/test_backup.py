@@ -31,6 +31,7 @@ from conftest import MODEL_PATH, ROOT, TEST_SECRET, LiveServer, free_port, make_
 from medmitra.cli import main
 from medmitra.llm.runtime import FakeRuntime
 from medmitra.ops.backup import MANIFEST, make_backup, verify_backup
+from tests.pg import pg_server, pg_url  # noqa: F401  (fixtures)
 
 FULL = os.environ.get("MEDMITRA_OPS_FULL") == "1"
 
@@ -275,6 +276,31 @@ def test_server_makes_scheduled_backups(start_server, tmp_path: Path) -> None:
     assert verify_backup(done[-1])[1] == []
     r = httpx.get(server.url + "/metrics")
     assert "medmitra_backup_last_success_timestamp_seconds" in r.text
+
+
+def test_postgresql_backup_holds_files_and_keys_and_says_pg_dump(
+        pg_url, start_server, tmp_path: Path, capsys) -> None:  # noqa: F811
+    settings = make_settings(tmp_path, database={"url": pg_url})
+    server = start_server(settings)
+    user = make_user()
+    sent = {}
+    with server.client(user.token) as c:
+        files = _files(1)
+        out = _create(c, 1, files)
+        for f, (_, (_, content, _)) in zip(out["uploaded_files"], files):
+            sent[f["file_id"]] = content
+    result = make_backup(settings, tmp_path / "bk")
+    m = result.manifest
+    assert m["database"]["kind"] == "postgres" and "pg_dump" in m["database"]["note"]
+    assert any("pg_dump" in w for w in result.warnings)
+    assert m["counts"]["cases"] == 1 and len(m["files"]) == 2 and m["schema_version"] >= 5
+    assert verify_backup(tmp_path / "bk")[1] == []
+    from medmitra.ops.restore import restore_backup
+
+    target = settings.replace("storage", data_dir=str(tmp_path / "restored"))
+    restore_backup(tmp_path / "bk", target)
+    for fid, content in sent.items():
+        assert (tmp_path / "restored" / "files" / fid[:2] / fid).read_bytes() == content
 
 
 # -- the proof: a backup while clients write and analyses run ---------------------------------
