@@ -39,9 +39,10 @@ def register(sub: Any) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=_restore)
 
-    from medmitra.ops import audit
+    from medmitra.ops import audit, fhir
 
     audit.register(sub, _common)    # audit verify|list|prune
+    fhir.register(sub, _common)     # export --format fhir --case ID
 
 
 def _backup(args: argparse.Namespace, settings: Settings) -> int:

@@ -1,6 +1,6 @@
 """What the ops modules add to a running server, installed by create_app in one call:
-request ids (``X-Request-Id``, JSON logs), the audit trail's request hook, ``/metrics``
-and scheduled backups.
+request ids (``X-Request-Id``, JSON logs), the audit trail's request hook, ``/metrics``,
+the FHIR export route and scheduled backups.
 
 One request and one response middleware serve all of them: each middleware costs Sanic
 two signal dispatches per request, so they are not split per concern.
@@ -34,12 +34,13 @@ def _ref(value: Any) -> str | None:
 
 
 def install(app: Sanic, settings: Settings) -> None:
-    from medmitra.ops import metrics as metrics_mod
+    from medmitra.ops import fhir, metrics as metrics_mod
 
     app.ctx.last_backup_at = None
     tasks: list[asyncio.Task] = []    # background loops, cancelled at stop
     app.ctx.audit = None
     app.ctx.metrics = None
+    app.blueprint(fhir.bp)
     if settings.log.format == "json":
         use_json()
     if settings.metrics.enabled:
