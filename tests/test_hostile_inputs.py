@@ -325,8 +325,8 @@ class SlowRuntime(FakeRuntime):
         return super().complete_json(*args, **kwargs)
 
 
-def test_a_stage_over_its_time_limit_fails_the_job_with_a_reason(start_server,
-                                                                  tmp_path) -> None:
+def test_a_stage_over_its_time_limit_is_abstained_with_a_reason(start_server,
+                                                                 tmp_path) -> None:
     settings = make_settings(tmp_path, llm={"workers": 1, "stage_timeout_s": 1},
                              jobs={"max_attempts": 1, "poll_s": 0.05})
     live = start_server(settings, runtime_factory=SlowRuntime)
@@ -338,8 +338,10 @@ def test_a_stage_over_its_time_limit_fails_the_job_with_a_reason(start_server,
         cid = r.json()["case"]["case_id"]
         started = time.monotonic()
         final = _wait_final(c, [cid])[cid]
-    assert final["case"]["status"] == "failed"
-    error = final["analysis"]["error"]
-    assert error and ("longer than" in error or "limit" in error), error
-    # Failed at the first slow stage, not after running every stage to its end.
+    # A slow model is not an infrastructure failure: the stage abstains, the case completes.
+    assert final["case"]["status"] == "completed"
+    stages = final["insights"]["stages"]
+    assert stages["case_summary"]["status"] == "abstained"
+    assert "longer than" in stages["case_summary"]["reason"], stages
+    # One try per stage past the limit, not every retry run to its end.
     assert time.monotonic() - started < 30

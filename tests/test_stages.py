@@ -10,6 +10,7 @@ import types
 import pytest
 
 from medmitra.config import LLMSettings
+from good_answers import GOOD, GoodFake as Fake
 from medmitra.llm.runtime import FakeRuntime, LLMError
 from medmitra.pipeline import prompts, schemas
 from medmitra.clinical.labs import make_row
@@ -18,7 +19,6 @@ from medmitra.pipeline.types import (STAGES, AnalysisOptions, Cancelled, CaseInp
                                      ExtractedFile, LabRow, StageError)
 
 LLM = LLMSettings()
-
 
 def lab_csv() -> ExtractedFile:
     return ExtractedFile(
@@ -76,33 +76,32 @@ def dx_answer(**kw) -> str:
 # --------------------------------------------------------------------------- happy path
 
 def test_happy_path_shape_field_by_field(icd):
-    rt = FakeRuntime()
+    rt = Fake()
     seen: list[tuple[str, float]] = []
     result = analyse(make_case(), rt, progress=lambda s, f: seen.append((s, f)))
     ins = result.insights
 
     assert set(ins) == {"case_summary", "soap_note", "primary_diagnosis", "differential_diagnoses",
                         "investigation_recommendations", "treatment_recommendations",
-                        "overall_confidence_score", "model"}
+                        "overall_confidence_score", "model", "stages", "labs", "lab_counts"}
     cs = ins["case_summary"]
     assert set(cs) == {"comprehensive_summary", "key_findings", "patient_context",
                        "doctor_notes", "lab_summary", "radiology_summary", "confidence_score"}
-    assert cs["comprehensive_summary"] == "comprehensive_summary"
-    assert cs["key_findings"] == ["key_findings_0"]
-    assert cs["patient_context"] == {"age": 54, "gender": "female"}
+    assert cs["comprehensive_summary"] == GOOD["case_summary"]["comprehensive_summary"]
+    assert cs["key_findings"] == ["Hb 9.1 g/dL (low)", "Low haemoglobin"]
+    assert cs["patient_context"] == {"name": "Asha Verma", "age": 54, "gender": "female"}
     assert cs["doctor_notes"] == "Cough and fever for three days."
-    assert cs["lab_summary"] == "cbc.csv: summary\nreport.pdf: summary"
+    lab_text = GOOD["lab_analysis"]["summary"]
+    assert cs["lab_summary"] == f"cbc.csv: {lab_text}\nreport.pdf: {lab_text}"
     assert cs["radiology_summary"].startswith("chest.dcm: ")
     assert cs["confidence_score"] == 0.5
-    assert ins["soap_note"] == {"subjective": "subjective", "objective": "objective",
-                                "assessment": "assessment", "plan": "plan",
-                                "confidence_score": 0.5}
+    assert ins["soap_note"] == GOOD["soap_note"]
     pd = ins["primary_diagnosis"]
     assert set(pd) == {"primary_diagnosis", "icd_code", "description", "confidence_score",
                        "supporting_evidence"}
-    assert pd["icd_code"] is None  # the fake's "icd_code" text is no valid code
+    assert pd["icd_code"] == "J18.9"
     assert isinstance(pd["supporting_evidence"], list)
-    assert len(ins["differential_diagnoses"]) == 3  # minItems of the schema
+    assert len(ins["differential_diagnoses"]) == 3
     for d in ins["differential_diagnoses"]:
         assert set(d) == {"condition", "probability", "reasoning", "distinguishing_factors"}
         assert 0.0 <= d["probability"] <= 1.0 and isinstance(d["distinguishing_factors"], list)
@@ -118,7 +117,8 @@ def test_happy_path_shape_field_by_field(icd):
     # Per-file records.
     assert set(result.file_summaries) == {"lab-1", "lab-2", "rad-1"}
     lab = result.file_summaries["lab-1"]
-    assert set(lab) == {"lab_values", "summary", "key_abnormalities", "confidence_score"}
+    assert set(lab) == {"lab_values", "summary", "key_abnormalities", "confidence_score", "labs",
+                        "lab_counts"}
     assert lab["lab_values"]["Hb"] == {"value": "9.1", "unit": "g/dL",
                                        "reference_range": "12-16", "status": "abnormal"}
     assert lab["key_abnormalities"][0] == "Hb 9.1 g/dL (low)"
@@ -141,7 +141,7 @@ def test_happy_path_shape_field_by_field(icd):
 
 
 def test_prompts_share_one_prefix_and_leave_out_the_name(icd):
-    rt = FakeRuntime()
+    rt = Fake()
     analyse(make_case(), rt)
     assert len(rt.calls) == 7  # 2 lab files, summary, SOAP, diagnosis, differential, recs
     systems = {json.dumps(c["messages"][0]) for c in rt.calls}
@@ -157,7 +157,7 @@ def test_prompts_share_one_prefix_and_leave_out_the_name(icd):
 
 
 def test_zero_files_and_no_doctor_notes(icd):
-    rt = FakeRuntime()
+    rt = Fake()
     result = analyse(make_case(files=[], notes=None), rt)
     cs = result.insights["case_summary"]
     assert cs["doctor_notes"] == ""
@@ -172,7 +172,7 @@ def test_zero_files_and_no_doctor_notes(icd):
 # --------------------------------------------------------------------------- retries
 
 def test_broken_json_is_retried_with_another_seed(icd):
-    rt = FakeRuntime({"diagnosis": ['{"primary_diagnosis": "Pneum', dx_answer()]})
+    rt = Fake({"diagnosis": ['{"primary_diagnosis": "Pneum', dx_answer()]})
     result = analyse(make_case(), rt)
     dx_calls = [c for c in rt.calls if c["key"] == "diagnosis"]
     assert len(dx_calls) == 2
@@ -183,6 +183,10 @@ def test_broken_json_is_retried_with_another_seed(icd):
     assert m.attempts == 2 and m.prompt_tokens == sum(c["prompt_tokens"] for c in dx_calls)
 
 
+def stage_of(result, name):
+    return {m.stage: m for m in result.stages}[name]
+
+
 @pytest.mark.parametrize("bad, reason", [
     ('{"subjective": "cough", "obj', "not valid JSON"),
     ("", "empty answer"),
@@ -190,61 +194,133 @@ def test_broken_json_is_retried_with_another_seed(icd):
     ("Sure! Here is the note.", "contains no JSON object"),
     ('{"subjective": "", "objective": "", "assessment": "", "plan": ""}', "no content"),
 ])
-def test_always_broken_raises_stage_error_naming_the_stage(icd, bad, reason):
-    rt = FakeRuntime({"soap_note": [bad] * 3})
-    with pytest.raises(StageError) as err:
-        analyse(make_case(), rt)
-    assert err.value.stage == "soap_note"
-    assert reason in err.value.reason and "3 attempt(s)" in err.value.reason
+def test_always_broken_answer_abstains_the_stage_and_the_case_goes_on(icd, bad, reason):
+    rt = Fake({"soap_note": [bad] * 3})
+    result = analyse(make_case(), rt)
+    m = stage_of(result, "soap_note")
+    assert m.status == "abstained"
+    assert reason in m.reason and "3 attempt(s)" in m.reason
     assert [c["key"] for c in rt.calls].count("soap_note") == 3
-    assert "diagnosis" not in [c["key"] for c in rt.calls]
+    soap = result.insights["soap_note"]
+    assert {soap[k] for k in ("subjective", "objective", "assessment", "plan")} == \
+        {"Not available."}
+    assert soap["confidence_score"] is None
+    assert result.insights["stages"]["soap_note"] == {"status": "abstained", "reason": m.reason}
+    # Later stages still ran, and the facts are all there.
+    assert "diagnosis" in [c["key"] for c in rt.calls]
+    assert result.insights["stages"]["diagnosis"]["status"] == "ok"
+    assert result.file_summaries["lab-1"]["lab_values"]["Hb"]["status"] == "abnormal"
+
+
+def test_every_stage_abstains_and_the_case_still_completes(icd):
+    junk = ["not json"] * 3
+    rt = Fake({k: list(junk) for k in ("lab_analysis", "case_summary", "soap_note",
+                                              "diagnosis", "differential", "recommendations")})
+    rt.script["lab_analysis"] = junk * 2  # two lab files
+    result = analyse(make_case(), rt)
+    ins = result.insights
+    assert {k: v["status"] for k, v in ins["stages"].items()} == {
+        "lab_analysis": "abstained", "radiology_analysis": "ok", "case_summary": "abstained",
+        "soap_note": "abstained", "diagnosis": "abstained", "differential": "abstained",
+        "recommendations": "abstained"}
+    assert "Lab file 1" in ins["stages"]["lab_analysis"]["reason"]
+    assert "Lab file 2" in ins["stages"]["lab_analysis"]["reason"]
+    assert ins["case_summary"]["comprehensive_summary"] == "Not available."
+    assert ins["case_summary"]["confidence_score"] is None
+    assert ins["primary_diagnosis"] == {"primary_diagnosis": "Not available.", "icd_code": None,
+                                        "description": "", "confidence_score": None,
+                                        "supporting_evidence": []}
+    assert ins["differential_diagnoses"] == []
+    assert ins["investigation_recommendations"] == [] == ins["treatment_recommendations"]
+    assert ins["overall_confidence_score"] is None
+    lab = result.file_summaries["lab-1"]
+    assert lab["summary"] == "Not available." and lab["confidence_score"] is None
+    assert lab["key_abnormalities"] == ["Hb 9.1 g/dL (low)"]   # the facts stay
 
 
 def test_cut_off_answer_is_reported_as_such(icd):
     llm = LLMSettings(max_tokens_summary=16)
     cut = '{"comprehensive_summary": "' + "word " * 40
-    rt = FakeRuntime({"case_summary": [cut] * 3})
-    with pytest.raises(StageError) as err:
-        analyse(make_case(), rt, llm)
-    assert err.value.stage == "case_summary"
-    assert "cut off at the 16-token limit" in err.value.reason
+    rt = Fake({"case_summary": [cut] * 3})
+    m = stage_of(analyse(make_case(), rt, llm), "case_summary")
+    assert m.status == "abstained"
+    assert "cut off at the 16-token limit" in m.reason
 
 
-def test_runtime_errors_are_retried_then_reported(icd):
-    rt = FakeRuntime({"case_summary": [LLMError("decode failed")] * 3})
+def test_runtime_errors_on_every_try_fail_the_job_as_infrastructure(icd):
+    rt = Fake({"case_summary": [LLMError("decode failed")] * 3})
     with pytest.raises(StageError) as err:
         analyse(make_case(), rt)
     assert err.value.stage == "case_summary"
     assert "the model runtime failed: decode failed" in err.value.reason
 
-    rt = FakeRuntime({"case_summary": [LLMError("decode failed")]})
+    rt = Fake({"case_summary": [LLMError("decode failed")]})
     result = analyse(make_case(), rt)
-    assert {s.stage: s for s in result.stages}["case_summary"].attempts == 2
+    m = stage_of(result, "case_summary")
+    assert m.attempts == 2 and m.status == "retried"
 
 
-def test_differential_without_any_condition_is_retried(icd):
+def test_retries_vary_seed_and_temperature_across_job_attempts(icd):
+    seen = []
+
+    def answer(messages, schema):
+        return "not json"
+
+    rt = Fake({"case_summary": [answer] * 6})
+    orig = rt.complete_json
+
+    def spy(messages, schema, **kw):
+        if schema.get("title") == "case_summary":
+            seen.append((kw["seed"], kw["temperature"]))
+        return orig(messages, schema, **kw)
+
+    rt.complete_json = spy
+    llm = LLMSettings(temperature=0.2)
+    analyse(make_case(), rt, llm)
+    case2 = make_case()
+    case2.attempt = 2
+    analyse(case2, rt, llm)
+    assert len(seen) == 6 and len(set(seen)) == 6          # no try is replayed
+    temps = [t for _, t in seen]
+    assert temps[0] == 0.2 and temps == sorted(temps) and max(temps) <= 1.0
+
+
+def test_raw_control_characters_in_strings_are_repaired_not_retried(icd):
+    # "Invalid control character at character 32" failed whole cases (issue 9).
+    raw = ('{"comprehensive_summary": "Cough and fever for three days,\nhaemoglobin\tlow\x07", '
+           '"key_findings": [], "confidence_score": 0.5}')
+    rt = Fake({"case_summary": [raw]})
+    result = analyse(make_case(), rt)
+    assert stage_of(result, "case_summary").attempts == 1
+    assert result.insights["case_summary"]["comprehensive_summary"] == \
+        "Cough and fever for three days, haemoglobin low"
+
+
+def test_differential_without_any_condition_abstains(icd):
     empty = json.dumps({"differential_diagnoses": [
         {"condition": "", "probability": 0.2, "reasoning": "r", "distinguishing_factors": []}]})
-    rt = FakeRuntime({"differential": [empty] * 3})
-    with pytest.raises(StageError) as err:
-        analyse(make_case(), rt)
-    assert err.value.stage == "differential" and "names no condition" in err.value.reason
+    rt = Fake({"differential": [empty] * 3})
+    result = analyse(make_case(), rt)
+    m = stage_of(result, "differential")
+    assert m.status == "abstained" and "names no condition" in m.reason
+    assert result.insights["differential_diagnoses"] == []
 
 
 # --------------------------------------------------------------------------- validation
 
 def test_scores_are_clamped_and_non_finite_become_zero(icd):
-    rt = FakeRuntime({
-        "case_summary": ['{"comprehensive_summary": "s", "key_findings": [], '
-                         '"confidence_score": 12}'],
-        "soap_note": ['{"subjective": "s", "objective": "o", "assessment": "a", "plan": "p", '
-                      '"confidence_score": Infinity}'],
+    rt = Fake({
+        "case_summary": [json.dumps(GOOD["case_summary"] | {"confidence_score": 12})],
+        "soap_note": [json.dumps(GOOD["soap_note"]).replace('"confidence_score": 0.5',
+                                                            '"confidence_score": Infinity')],
         "diagnosis": [dx_answer(confidence_score=-3).replace("-3", "1e999")],
         "differential": [json.dumps({"differential_diagnoses": [
-            {"condition": "A", "probability": -0.5, "reasoning": "", "distinguishing_factors": "x"},
-            {"condition": "B", "probability": "NaN"},
-            {"condition": "C", "probability": 7}]})],
-        "lab_analysis": ['{"summary": "s", "key_abnormalities": [], "confidence_score": NaN}'],
+            {"condition": "Asthma", "probability": -0.5, "reasoning": "",
+             "distinguishing_factors": "Wheeze"},
+            {"condition": "Bronchitis", "probability": "NaN"},
+            {"condition": "COPD", "probability": 7}]})],
+        "lab_analysis": ['{"summary": "Haemoglobin is below its range.", "key_abnormalities": [], '
+                         '"confidence_score": NaN}'],
     })
     ins = analyse(make_case(), rt).insights
     assert ins["case_summary"]["confidence_score"] == 1.0
@@ -254,9 +330,9 @@ def test_scores_are_clamped_and_non_finite_become_zero(icd):
     probs = [d["probability"] for d in ins["differential_diagnoses"]]
     assert probs == [0.0, 0.0, 1.0]
     # Missing fields get safe defaults; a lone string where a list belongs becomes a list.
-    assert ins["differential_diagnoses"][0]["distinguishing_factors"] == ["x"]
+    assert ins["differential_diagnoses"][0]["distinguishing_factors"] == ["Wheeze"]
     assert ins["differential_diagnoses"][1]["reasoning"] == ""
-    for value in _numbers(ins):
+    for value in _numbers({k: v for k, v in ins.items() if k not in ("labs", "lab_counts")}):
         assert math.isfinite(value) and 0.0 <= value <= 1.0 or isinstance(value, int)
 
 
@@ -317,68 +393,83 @@ def test_every_schema_is_bounded_and_fits_its_token_budget():
 
 def test_invalid_icd_code_is_replaced_or_dropped(icd):
     # Close to a valid code -> the closest valid one, with its description filled in.
-    rt = FakeRuntime({"diagnosis": [dx_answer(icd_code="j18.99x")]})
+    rt = Fake({"diagnosis": [dx_answer(icd_code="j18.99x")]})
     pd = analyse(make_case(), rt).insights["primary_diagnosis"]
     assert pd["icd_code"] == "J18.9" and pd["description"] == "Pneumonia, unspecified organism"
     # Invalid code, but the diagnosis text finds one in the table.
-    rt = FakeRuntime({"diagnosis": [dx_answer(icd_code="ZZZ", primary_diagnosis="Anemia")]})
+    rt = Fake({"diagnosis": [dx_answer(icd_code="ZZZ", primary_diagnosis="Anemia")]})
     pd = analyse(make_case(), rt).insights["primary_diagnosis"]
     assert pd["icd_code"] == "D50.9"
     # Nothing valid -> None, never the model's text.
-    rt = FakeRuntime({"diagnosis": [dx_answer(icd_code="XYZ.123", description="mine")]})
+    rt = Fake({"diagnosis": [dx_answer(icd_code="XYZ.123", description="mine")]})
     pd = analyse(make_case(), rt).insights["primary_diagnosis"]
     assert pd["icd_code"] is None and pd["description"] == "mine"
 
 
 def test_icd_table_missing_gives_none(monkeypatch):
     monkeypatch.setitem(sys.modules, "medmitra.pipeline.icd10", None)  # import -> ImportError
-    rt = FakeRuntime({"diagnosis": [dx_answer(icd_code="J18.9")]})
+    rt = Fake({"diagnosis": [dx_answer(icd_code="J18.9")]})
     assert analyse(make_case(), rt).insights["primary_diagnosis"]["icd_code"] is None
 
 
 # --------------------------------------------------------------------------- lab flags
 
-def test_deterministic_lab_flag_wins_over_the_model(icd):
-    model_rows = {"lab_values": [
-        {"test": "Ferritin", "value": "8", "unit": "ng/mL", "reference_range": "15-150",
-         "status": "normal"},                      # wrong: 8 < 15
-        {"test": "TSH", "value": "2.1", "unit": "mIU/L", "reference_range": "0.4-4.0",
-         "status": "critical"},                    # wrong: in range
-        {"test": "Culture", "value": "growth", "unit": "", "reference_range": "no growth",
-         "status": "abnormal"},                    # not computable: the model's flag stays
-    ], "summary": "Low ferritin", "key_abnormalities": ["Ferritin low"], "confidence_score": 0.7}
-    rt = FakeRuntime({"lab_analysis": [
-        '{"summary": "Anaemia", "key_abnormalities": ["WBC high"], "confidence_score": 0.8}',
-        json.dumps(model_rows)]})
+def test_deterministic_lab_flag_wins_and_the_model_never_sets_a_value(icd):
+    rt = Fake({"lab_analysis": [
+        '{"summary": "Anaemia with a low haemoglobin.", "key_abnormalities": ["WBC high"], '
+        '"confidence_score": 0.8}',
+        '{"summary": "Low ferritin, thyroid normal.", "key_abnormalities": ["Ferritin low"], '
+        '"confidence_score": 0.7, "lab_values": [{"test": "Ferritin", "value": "80"}]}']})
     result = analyse(make_case(), rt)
     csv = result.file_summaries["lab-1"]
     # Parsed rows keep their deterministic flags even though the model called WBC high.
     assert csv["lab_values"]["WBC"]["status"] == "normal"
     assert csv["lab_values"]["Hb"]["status"] == "abnormal"
     assert csv["key_abnormalities"] == ["Hb 9.1 g/dL (low)", "WBC high"]
-    assert csv["summary"] == "Anaemia" and csv["confidence_score"] == 0.8
-    pdf = result.file_summaries["lab-2"]["lab_values"]
-    assert pdf["Ferritin"]["status"] == "abnormal"
-    assert pdf["TSH"]["status"] == "normal"
-    assert pdf["Culture"]["status"] == "abnormal"
-    # The PDF prompt asks for values; the CSV prompt only for an interpretation.
-    lab_schemas = [c["schema"] for c in rt.calls if c["key"] == "lab_analysis"]
-    assert "lab_values" not in lab_schemas[0]["properties"]
-    assert "lab_values" in lab_schemas[1]["properties"]
+    assert csv["summary"] == "Anaemia with a low haemoglobin." and csv["confidence_score"] == 0.8
+    assert csv["labs"][0] == {"analyte": "Hb", "value": "9.1", "numeric": 9.1, "unit": "g/dL",
+                              "range": "12-16", "flag": "low", "lab_flag": None,
+                              "critical": False, "file_id": "lab-1", "page": None}
+    assert csv["lab_counts"] == {"rows_parsed": 2, "lines_not_parsed": 0}
+    # A file without parsed rows is summarised; values the model writes are not stored.
+    pdf = result.file_summaries["lab-2"]
+    assert pdf["lab_values"] == {} and pdf["labs"] == []
+    assert pdf["summary"] == "Low ferritin, thyroid normal."
+    for c in rt.calls:
+        if c["key"] == "lab_analysis":
+            assert "lab_values" not in c["schema"]["properties"]
+
+
+def test_every_abnormal_row_is_a_key_finding_whatever_the_model_writes(icd):
+    rows = [make_row(f"Analyte {i}", "20", "U/L", "1-10") for i in range(8)]
+    f = ExtractedFile(file_id="lab-9", category="lab", file_name="panel.csv", mime="text/csv",
+                      text="x", lab_rows=rows + [make_row("Normal one", "5", "U/L", "1-10")])
+    rt = Fake({"case_summary": [json.dumps(GOOD["case_summary"] | {
+        "key_findings": ["Analyte 0 is fine", "Fever"]})]})
+    ins = analyse(make_case(files=[f]), rt).insights
+    kf = ins["case_summary"]["key_findings"]
+    assert kf[:8] == [f"Analyte {i} 20 U/L (high)" for i in range(8)]
+    assert kf[8:] == ["Analyte 0 is fine", "Fever"]         # the model may add
+    assert [r["flag"] for r in ins["labs"]] == ["high"] * 8 + ["normal"]
+    assert ins["lab_counts"] == {"rows_parsed": 9, "lines_not_parsed": 0}
+    # Abstained summary: the facts are still the key findings.
+    rt = Fake({"case_summary": ["{"] * 3})
+    kf = analyse(make_case(files=[f]), rt).insights["case_summary"]["key_findings"]
+    assert kf == [f"Analyte {i} 20 U/L (high)" for i in range(8)]
 
 
 def test_lab_interpretation_off_makes_no_lab_call(icd):
-    rt = FakeRuntime()
+    rt = Fake()
     result = analyse(make_case(include_lab_interpretation=False), rt)
     assert "lab_analysis" not in [c["key"] for c in rt.calls]
     assert result.file_summaries["lab-1"]["lab_values"]["Hb"]["status"] == "abnormal"
-    assert result.file_summaries["lab-1"]["confidence_score"] == 0.0
+    assert result.file_summaries["lab-1"]["confidence_score"] is None
 
 
 # --------------------------------------------------------------------------- radiology
 
 def test_radiology_without_vision_says_the_image_was_not_read(icd):
-    rt = FakeRuntime(vision=False)
+    rt = Fake(vision=False)
     result = analyse(make_case(), rt)
     rad = result.file_summaries["rad-1"]
     assert rad["findings"] == NO_IMAGE_MODEL == \
@@ -395,7 +486,7 @@ def test_radiology_with_vision_reads_the_image(icd):
 
     f = xray()
     f.image = Image.new("RGB", (8, 8))
-    rt = FakeRuntime({"radiology_analysis": [
+    rt = Fake({"radiology_analysis": [
         '{"findings": "Right lower lobe opacity", "impressions": "Pneumonia", "summary": "s", '
         '"key_abnormalities": ["opacity"], "confidence_score": 3}']}, vision=True)
     result = analyse(make_case(files=[f]), rt)
@@ -404,7 +495,7 @@ def test_radiology_with_vision_reads_the_image(icd):
     (call,) = [c for c in rt.calls if c["key"] == "radiology_analysis"]
     assert call["kind"] == "image" and "Modality: CR" in call["messages"][0]["content"]
     # Imaging switched off: no call, and the record says why.
-    rt = FakeRuntime(vision=True)
+    rt = Fake(vision=True)
     result = analyse(make_case(files=[f], include_imaging=False), rt)
     assert result.file_summaries["rad-1"]["findings"] == IMAGING_NOT_REQUESTED
     assert all(c["kind"] == "text" for c in rt.calls)
@@ -413,18 +504,18 @@ def test_radiology_with_vision_reads_the_image(icd):
 # --------------------------------------------------------------------------- control
 
 def test_should_stop_cancels_between_stages(icd):
-    rt = FakeRuntime()
+    rt = Fake()
     with pytest.raises(Cancelled):
         analyse(make_case(), rt, stop=lambda: any(c["key"] == "soap_note" for c in rt.calls))
     assert [c["key"] for c in rt.calls][-1] == "soap_note"  # nothing ran after the stop
-    rt = FakeRuntime()
+    rt = Fake()
     with pytest.raises(Cancelled):
         analyse(make_case(), rt, stop=lambda: True)
     assert rt.calls == []
 
 
 def test_options_skip_differential_and_treatments(icd):
-    rt = FakeRuntime()
+    rt = Fake()
     result = analyse(make_case(include_differential=False, include_treatment=False), rt)
     keys = [c["key"] for c in rt.calls]
     assert "differential" not in keys
@@ -441,7 +532,7 @@ def test_options_skip_differential_and_treatments(icd):
 
 def test_long_document_is_trimmed_by_tokens_to_fit(icd):
     lines = [f"Line {i}: haemoglobin measured value {i} within panel" for i in range(2000)]
-    rt = FakeRuntime(n_ctx=2048)
+    rt = Fake(n_ctx=2048)
     llm = LLMSettings(n_ctx=2048)
     analyse(make_case(files=[lab_pdf("\n".join(lines)), lab_csv()]), rt, llm)
     for call in rt.calls:

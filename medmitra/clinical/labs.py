@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Literal
 
-from medmitra.clinical import ranges
+from medmitra.clinical import identity, ranges
 from medmitra.clinical.ranges import Direction, parse_range, to_number
 from medmitra.filetypes import detect_delimiter
 
@@ -48,6 +48,23 @@ class LabRow:
     @property
     def abnormal(self) -> bool:
         return self.flag in ("low", "high") or self.critical or self.marker_abnormal
+
+    def to_dict(self, file_id: str | None = None) -> dict:
+        """The row as stored (``insights.labs`` and the lab file's ``labs``)."""
+        return {"analyte": self.test, "value": self.value, "numeric": self.numeric,
+                "unit": self.unit, "range": self.reference_range, "flag": self.flag,
+                "lab_flag": self.lab_flag, "critical": self.critical, "file_id": file_id,
+                "page": self.page}
+
+    def finding(self) -> str:
+        """The row as a key finding, e.g. "Hb 9.1 g/dL (low; report marker L)"."""
+        marks = [self.flag if self.flag in ("low", "high") else "abnormal"]
+        if self.lab_flag:
+            marks.append(f"report marker {self.lab_flag}")
+        if self.critical:
+            marks.append("critical")
+        unit = f" {self.unit}" if self.unit else ""
+        return f"{self.test} {self.value}{unit} ({'; '.join(marks)})"
 
     @property
     def status(self) -> LabStatus:
@@ -144,7 +161,7 @@ def rows_from_table(rows: list[list[str]]) -> list[LabRow]:
         # No header: accept rows shaped test, value[, unit][, range] with a numeric value.
         for row in rows:
             if len(row) >= 2 and row[0] and to_number(row[1]) is not None \
-                    and to_number(row[0]) is None:
+                    and to_number(row[0]) is None and not identity.is_identity_label(row[0]):
                 unit = row[2] if len(row) > 2 and row[2] else None
                 rng = row[3] if len(row) > 3 and row[3] else None
                 if unit and parse_range(unit) and not rng:
@@ -154,13 +171,22 @@ def rows_from_table(rows: list[list[str]]) -> list[LabRow]:
     assert cols is not None
     for row in rows[header_at + 1:]:
         test, value = _cell(row, cols["test"]), _cell(row, cols["value"])
-        if not test or value is None:
+        if not test or value is None or identity.is_identity_label(test):
             continue
         unit = _cell(row, cols.get("unit"))
         rng = _cell(row, cols.get("range"))
         lab_flag = _cell(row, cols.get("flag"))
         out.append(make_row(test, value, unit, rng, lab_flag))
     return out[:MAX_ROWS]
+
+
+def unparsed_table_rows(table: list[list[str]], rows: list[LabRow]) -> int:
+    """Table rows holding a number that did not become lab rows (title, header and
+    identity rows aside)."""
+    numeric = sum(1 for row in table
+                  if row and not identity.is_identity_label(row[0])
+                  and any(to_number(c) is not None for c in row[1:]))
+    return max(0, numeric - len(rows))
 
 
 def parse_csv(text: str) -> list[LabRow]:
@@ -202,6 +228,8 @@ def _tokens(line: str) -> list[str]:
 
 
 def _parse_line(line: str, page: int | None = None) -> LabRow | None:
+    if identity.is_identity_line(line):
+        return None  # "Patient: <name> Age/Sex 45/M" is never a lab row
     tokens = _tokens(line)
     # The value is the first numeric token after a name that contains letters.
     for i, tok in enumerate(tokens):
@@ -246,6 +274,26 @@ def parse_text_lines(text: str, page: int | None = None) -> list[LabRow]:
             if len(out) >= MAX_ROWS:
                 break
     return out
+
+
+_RANGE_LIKE_RE = re.compile(rf"{_NUM}\s*[-–]\s*{_NUM}|[<>≤≥]\s*{_NUM}")
+
+
+def unparsed_result_lines(text: str) -> int:
+    """Lines that look like a result (a name, a number, and a range or a unit) but did not
+    become a row: what the parser missed, counted so a reader can see it."""
+    n = 0
+    for line in _iter_lines(text):
+        if identity.is_identity_line(line) or _parse_line(line) is not None:
+            continue
+        tokens = _tokens(line)
+        num_at = next((i for i, t in enumerate(tokens) if _NUM_TOKEN_RE.match(t)), None)
+        if num_at is None or num_at == 0 or not _TEST_RE.search(" ".join(tokens[:num_at])):
+            continue
+        after = tokens[num_at + 1:]
+        if _RANGE_LIKE_RE.search(" ".join(after)) or any(_looks_like_unit(t) for t in after):
+            n += 1
+    return n
 
 
 def parse_pages(pages: list[str]) -> list[LabRow]:

@@ -46,6 +46,8 @@ log = logging.getLogger("medmitra.jobs")
 REASON_MAX_CHARS = 1000
 # How long to wait for queued progress writes when a job ends; they are advisory.
 PROGRESS_DRAIN_S = 5.0
+# How long extraction waits for a file's text to be written before going on without it.
+TEXT_SAVE_S = 10.0
 EXTRACT_STAGE = "extract"
 
 _OPTION_FIELDS = {f.name for f in dataclasses.fields(AnalysisOptions)}
@@ -144,7 +146,9 @@ class ProgressPump:
 
 
 def _extract_all(storage: Storage, files: list[dict[str, Any]], report: Callable[[str, float],
-                 None], should_stop: Callable[[], bool]) -> list[ExtractedFile]:
+                 None], should_stop: Callable[[], bool],
+                 on_file: Callable[[ExtractedFile], None] = lambda f: None
+                 ) -> list[ExtractedFile]:
     out = []
     for i, f in enumerate(files):
         if should_stop():
@@ -155,6 +159,7 @@ def _extract_all(storage: Storage, files: list[dict[str, Any]], report: Callable
             path = storage.path_for(f["file_id"])
             out.append(extract_file(path, file_id=f["file_id"], category=f["file_category"],
                                     mime=f["file_type"], file_name=f["file_name"]))
+            on_file(out[-1])
         except Exception as exc:  # extract_file should not raise; a missing file can
             log.warning("file %s could not be read for analysis (%s)", f["file_id"],
                         type(exc).__name__)
@@ -204,9 +209,18 @@ async def run_job(job: Job, *, owner: str, runtime: LLMRuntime, storage: Storage
     def should_stop() -> bool:
         return cancel.is_set() or clock.expired()
 
+    def save_text(f: ExtractedFile) -> None:
+        # The text is kept as soon as a file is read, whatever happens to the analysis.
+        fut = asyncio.run_coroutine_threadsafe(_save_text(job, f), loop)
+        try:
+            fut.result(TEXT_SAVE_S)
+        except Exception as exc:  # advisory: the final transaction writes it again
+            fut.cancel()
+            log.debug("job %d: text of file %s not saved yet: %r", job.id, f.file_id, exc)
+
     def work() -> _Work:
         started = time.perf_counter()
-        extracted = _extract_all(storage, files, report, should_stop)
+        extracted = _extract_all(storage, files, report, should_stop, save_text)
         extract_s = time.perf_counter() - started
         if should_stop():
             raise Cancelled()
@@ -214,13 +228,15 @@ async def run_job(job: Job, *, owner: str, runtime: LLMRuntime, storage: Storage
                                patient_age=case.patient_age,
                                patient_gender=case.patient_gender,
                                doctor_notes=case.case_summary, files=extracted,
-                               options=options)
+                               options=options, attempt=max(1, job.attempts or 1))
         # A runtime that can stop mid-generation checks the same flag between tokens, so
         # a cancel, a stage deadline or a shutdown does not wait for a long answer.
         runtime.interrupt = should_stop
         try:
+            # Between stages only a cancel stops the run: a stage that overran its deadline
+            # was interrupted mid-answer and abstains; the next stage starts a new clock.
             result = run_analysis(case_input, runtime, llm, progress=report,
-                                  should_stop=should_stop)
+                                  should_stop=cancel.is_set)
         finally:
             runtime.interrupt = None
         return _Work(extracted, result, extract_s)
@@ -258,6 +274,11 @@ async def run_job(job: Job, *, owner: str, runtime: LLMRuntime, storage: Storage
     return await _save(job, owner, done)
 
 
+async def _save_text(job: Job, f: ExtractedFile) -> None:
+    await CaseFile.filter(file_id=f.file_id, case_id=job.case_id).update(
+        text_data=textsafe.scrub(f.text))
+
+
 async def _fail(job: Job, owner: str, reason: str) -> str:
     state = await queue.fail_attempt(job.id, owner, _reason(reason))
     if state is None:
@@ -272,7 +293,8 @@ def _stage_dicts(done: _Work) -> list[dict[str, Any]]:
     stages = [dataclasses.asdict(m) for m in done.result.stages]
     if not any(s.get("stage") == EXTRACT_STAGE for s in stages):
         stages.insert(0, {"stage": EXTRACT_STAGE, "duration_s": round(done.extract_s, 4),
-                          "prompt_tokens": 0, "completion_tokens": 0, "attempts": 1})
+                          "prompt_tokens": 0, "completion_tokens": 0, "attempts": 1,
+                          "status": "ok", "reason": None})
     return stages
 
 

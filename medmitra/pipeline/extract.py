@@ -116,6 +116,7 @@ def _extract_pdf(path: Path, out: ExtractedFile) -> None:
     out.text = PAGE_SEPARATOR.join(out.pages)
     if out.category == "lab":
         out.lab_rows = labs.parse_pages(out.pages)
+        out.lab_lines_unparsed = sum(labs.unparsed_result_lines(p) for p in out.pages)
 
 
 def _read_page(pdf, index: int, *, render: bool, out: ExtractedFile):
@@ -192,14 +193,18 @@ def _extract_text(path: Path, out: ExtractedFile) -> None:
     if out.mime == filetypes.CSV:
         table = labs.read_table(text)
         out.lab_rows = labs.rows_from_table(table)
+        out.lab_lines_unparsed = labs.unparsed_table_rows(table, out.lab_rows)
         rendered = _render_rows(out.lab_rows) if out.lab_rows else _render_table(table)
         if table and not out.lab_rows:
             out.notes.append("No lab result columns (test, value) were recognised.")
     else:
         rendered = text.strip()
         out.lab_rows = labs.parse_text_lines(text)
+        out.lab_lines_unparsed = labs.unparsed_result_lines(text)
         if not out.lab_rows and filetypes.detect_delimiter(text[:8192]):
-            out.lab_rows = labs.parse_csv(text)
+            table = labs.read_table(text)
+            out.lab_rows = labs.rows_from_table(table)
+            out.lab_lines_unparsed = labs.unparsed_table_rows(table, out.lab_rows)
     if len(rendered) > MAX_TEXT_CHARS:
         rendered = rendered[:MAX_TEXT_CHARS]
         out.notes.append(f"The text was cut at {MAX_TEXT_CHARS} characters.")
@@ -240,6 +245,7 @@ def _extract_image(path: Path, out: ExtractedFile) -> None:
     out.text = text[:MAX_TEXT_CHARS]
     out.pages = [out.text]
     out.lab_rows = labs.parse_pages(out.pages)
+    out.lab_lines_unparsed = labs.unparsed_result_lines(out.text)
 
 
 # -------------------------------------------------------------------------- DICOM

@@ -5,8 +5,10 @@ system message is byte-identical in all stages of a case, so llama.cpp evaluates
 and later stages only pay for their own short instruction (KV-cache prefix reuse).
 
 Facts are trimmed by tokens (``trim_to_tokens``) at line or word boundaries, once per case,
-so the prefix stays the same across stages. The patient's name is left out: the model
-does not need it, and it must not end up in generated text or logs.
+so the prefix stays the same across stages. No patient identity goes to the model: the
+case's name is left out, documents lose their identity header lines ("Patient: ...",
+"DOB ...", "MRN ...") and every name found in the case or those headers is replaced
+(``clinical.identity.Redactor``), file names included.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 from typing import Callable
 
 from medmitra.clinical import labs
+from medmitra.clinical.identity import Redactor
 from medmitra.pipeline.schemas import prompt_schema_text
 from medmitra.pipeline.types import CaseInput, ExtractedFile
 
@@ -62,38 +65,50 @@ def trim_to_tokens(text: str, max_tokens: int, count: CountFn) -> str:
     return " ".join(words[:n_words]) + " " + TRIM_MARK
 
 
-def lab_file_text(f: ExtractedFile) -> str:
+def redactor_for(case: CaseInput) -> Redactor:
+    """The names to keep from the model: the case's, and those printed in its documents."""
+    return Redactor.for_case(case.patient_name, [case.doctor_notes or ""]
+                             + [f.text or "" for f in case.files])
+
+
+def lab_file_text(f: ExtractedFile, redactor: Redactor | None = None) -> str:
     """A lab file as the model sees it: parsed rows when present, else its text."""
+    red = redactor or Redactor(())
     if f.lab_rows:
-        return "\n".join(f"- {labs.render_row(r)}" for r in f.lab_rows)
-    return (f.text or "").strip() or "(no readable text)"
+        return red.redact("\n".join(f"- {labs.render_row(r)}" for r in f.lab_rows))
+    return red.redact((f.text or "").strip()) or "(no readable text)"
 
 
-def radiology_file_text(f: ExtractedFile) -> str:
+def radiology_file_text(f: ExtractedFile, redactor: Redactor | None = None) -> str:
     """Non-identifying DICOM tags and any OCR text of a radiology file."""
+    red = redactor or Redactor(())
     parts = [f"{k}: {v}" for k, v in sorted(f.dicom_tags.items()) if v]
     if f.text and f.text.strip():
-        parts.append("Text on the image: " + f.text.strip())
-    return "\n".join(parts) or "(no tags or text)"
+        parts.append("Text on the image: " + red.redact(f.text.strip()))
+    return red.redact("\n".join(parts), document=False) or "(no tags or text)"
 
 
-def file_label(kind: str, index: int, f: ExtractedFile) -> str:
-    return f"{kind} file {index} ({f.file_name})"
+def file_label(kind: str, index: int, f: ExtractedFile, redactor: Redactor | None = None) -> str:
+    name = (redactor or Redactor(())).redact(f.file_name, document=False)
+    return f"{kind} file {index} ({name})"
 
 
-def case_facts(case: CaseInput, budget_tokens: int, count: CountFn) -> str:
+def case_facts(case: CaseInput, budget_tokens: int, count: CountFn,
+               redactor: Redactor | None = None) -> str:
     """The case facts block shared by every stage, at most ``budget_tokens`` tokens.
 
     The budget is shared out fairly: small documents keep their full text and what they
     don't use goes to the larger ones.
     """
+    red = redactor or redactor_for(case)
     header = [f"CASE FACTS\nPatient: age {case.patient_age}, gender {case.patient_gender}."]
-    docs: list[tuple[str, str]] = [("Doctor's notes", (case.doctor_notes or "").strip()
+    docs: list[tuple[str, str]] = [("Doctor's notes", red.redact((case.doctor_notes or "").strip(),
+                                                                  document=False)
                                     or "(none given)")]
     labs = [f for f in case.files if f.category == "lab"]
     rads = [f for f in case.files if f.category == "radiology"]
-    docs += [(file_label("Lab", i, f), lab_file_text(f)) for i, f in enumerate(labs, 1)]
-    docs += [(file_label("Radiology", i, f), radiology_file_text(f))
+    docs += [(file_label("Lab", i, f, red), lab_file_text(f, red)) for i, f in enumerate(labs, 1)]
+    docs += [(file_label("Radiology", i, f, red), radiology_file_text(f, red))
              for i, f in enumerate(rads, 1)]
     if not labs:
         header.append("Lab files: none.")
@@ -127,9 +142,6 @@ def task_message(task: str, schema: dict, context: str = "") -> dict:
 # One short instruction per stage.
 TASK_LAB = ("Interpret {label}. Write a short summary and list the key abnormal results. "
             "confidence_score is a number from 0 to 1.")
-TASK_LAB_TEXT = ("Read {label}. List its test results with value, unit, reference range "
-                 "and status, write a short summary and list the key abnormal results. "
-                 "confidence_score is a number from 0 to 1.")
 TASK_RADIOLOGY_IMAGE = ("Describe this medical image: findings, impressions, a short summary "
                         "and key abnormalities. Image details:\n{details}\n"
                         "confidence_score is a number from 0 to 1.")

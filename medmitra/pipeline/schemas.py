@@ -14,10 +14,10 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 from typing import Any
 
 SCORE = {"type": "number", "minimum": 0, "maximum": 1}
-LAB_STATUSES = ["normal", "abnormal", "critical", "unknown"]
 URGENCIES = ["urgent", "routine", "follow-up"]
 # Upper bound of one JSON number the grammar admits (sign, 16+16 digits, exponent).
 NUMBER_MAX_CHARS = 40
@@ -25,6 +25,7 @@ NUMBER_MAX_CHARS = 40
 MIN_STRING_CHARS = 24
 # Conservative characters per token for the worst-case length of an answer.
 CHARS_PER_TOKEN = 3.0
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 def _s(max_len: int, min_len: int = 0) -> dict:
@@ -52,17 +53,6 @@ def _obj(title: str | None, **props: dict) -> dict:
 LAB_INTERPRETATION = _obj(
     "lab_analysis",
     summary=_s(300, 1),
-    key_abnormalities=_list(_s(100), 4),
-    confidence_score=SCORE,
-)
-
-# A lab file known only as text (PDF, OCR): the model also lists the values it reads.
-LAB_FROM_TEXT = _obj(
-    "lab_analysis",
-    lab_values=_list(_obj(None, test=_s(40, 1), value=_s(20, 1), unit=_s(16),
-                          reference_range=_s(24),
-                          status={"type": "string", "enum": LAB_STATUSES}), 8),
-    summary=_s(240, 1),
     key_abnormalities=_list(_s(100), 4),
     confidence_score=SCORE,
 )
@@ -125,7 +115,7 @@ RECOMMENDATIONS_NO_TREATMENT = _obj(
     investigations=_list(_INVESTIGATION, 3),
 )
 
-ALL_SCHEMAS = (LAB_INTERPRETATION, LAB_FROM_TEXT, RADIOLOGY, CASE_SUMMARY, SOAP_NOTE, DIAGNOSIS,
+ALL_SCHEMAS = (LAB_INTERPRETATION, RADIOLOGY, CASE_SUMMARY, SOAP_NOTE, DIAGNOSIS,
                DIFFERENTIAL, RECOMMENDATIONS, RECOMMENDATIONS_NO_TREATMENT)
 
 
@@ -220,6 +210,9 @@ def parse_json_object(text: str) -> dict:
     """The first JSON object in ``text``; ``InvalidOutput`` with a readable reason if none.
 
     ``json`` maps ``Infinity``/``NaN``/``1e999`` to non-finite floats; ``coerce`` zeroes them.
+    Raw control characters inside strings (a newline or tab the model wrote literally) are
+    accepted here (``strict=False``) and removed by ``coerce``: they are a repairable
+    formatting slip, not a reason to throw the answer away.
     """
     stripped = (text or "").strip()
     if not stripped:
@@ -228,7 +221,7 @@ def parse_json_object(text: str) -> dict:
     if start < 0:
         raise InvalidOutput("the model's answer contains no JSON object")
     try:
-        value, _end = json.JSONDecoder().raw_decode(stripped, start)
+        value, _end = json.JSONDecoder(strict=False).raw_decode(stripped, start)
     except json.JSONDecodeError as exc:
         raise InvalidOutput(f"the model's answer is not valid JSON ({exc.msg} at "
                             f"character {exc.pos})") from None
@@ -295,7 +288,8 @@ def coerce(value: Any, schema: dict) -> Any:
     if typ == "string":
         if value is None or isinstance(value, (dict, list)):
             return ""
-        text = " ".join(str(value).split())  # collapse runs of whitespace and newlines
+        # Control characters become spaces, then runs of whitespace collapse to one.
+        text = " ".join(_CONTROL_RE.sub(" ", str(value)).split())
         return text[: int(schema.get("maxLength", len(text)))]
     if typ == "number":
         if schema.get("minimum") == 0 and schema.get("maximum") == 1:

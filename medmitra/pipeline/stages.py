@@ -3,10 +3,14 @@ recommendations, compile.
 
 ``run_analysis`` is synchronous and blocking (the worker runs it in a thread). Each model
 call decodes under the stage's JSON-schema grammar, then ``schemas.check_output`` parses,
-clamps and fills defaults. A bad answer is retried with another seed, at most
-MAX_ATTEMPTS times in all, then ``StageError(stage, reason)``. Deterministic facts win
-over the model: parsed lab flags, ICD-10 codes checked against the code table, and no
-radiology findings without an image model.
+clamps and fills defaults. A bad answer is retried with another seed and a higher
+temperature, at most MAX_ATTEMPTS times per job attempt (later job attempts continue the
+sequence instead of replaying it). A model answer that is still not acceptable is
+*abstained*: its fields say NOT_AVAILABLE (or null / empty lists), the stage records
+``status="abstained"`` and the reason, and the analysis goes on with the facts. Only a
+runtime that fails on every try (no model, broken backend) raises ``StageError``, which
+fails the job. Deterministic facts win over the model: parsed lab flags, ICD-10 codes
+checked against the code table, and no radiology findings without an image model.
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
-from medmitra.clinical import labs
+from medmitra.clinical import junk, labs
+from medmitra.clinical.identity import Redactor
 from medmitra.config import LLMSettings
 from medmitra.llm.runtime import LLMError, LLMRuntime, Usage
 from medmitra.pipeline import prompts, schemas
@@ -30,7 +35,13 @@ from medmitra.pipeline.types import (STAGES, AnalysisResult, Cancelled, CaseInpu
 log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 3                 # first try + 2 retries, each with a different seed
-SEED_STEP = 7919                 # seed offset between attempts
+SEED_STEP = 7919                 # seed offset between tries
+# Each further try (within a job attempt and across job attempts) decodes a little hotter,
+# so a retry is not the same greedy path again; capped at TEMPERATURE_MAX.
+TEMPERATURE_STEP = 0.15
+TEMPERATURE_MAX = 1.0
+# What an abstained text field says (the reason is in insights.stages).
+NOT_AVAILABLE = "Not available."
 # Room kept free in the context for the chat template's tokens, plus a safety share of
 # n_ctx because the token count of parts differs slightly from that of the whole.
 TEMPLATE_MARGIN_TOKENS = 48
@@ -38,6 +49,8 @@ SAFETY_CTX_DIVISOR = 50
 # Tokens reserved in every prompt for results of earlier stages (summaries, diagnosis).
 CONTEXT_RESERVE_TOKENS = 320
 KEY_ABNORMALITIES_MAX_ITEMS = 6
+# A differential needs at least this many distinct alternatives to the primary diagnosis.
+DIFFERENTIAL_MIN_KEPT = 2
 
 NO_IMAGE_MODEL = "No image model is configured; the image was not read."
 IMAGING_NOT_REQUESTED = "Imaging analysis was not requested; the image was not read."
@@ -83,6 +96,7 @@ class _Run:
     should_stop: StopFn
     system: dict = field(default_factory=dict)
     n_ctx: int = 0
+    redactor: Redactor = field(default_factory=lambda: Redactor(()))
     metrics: list[StageMetrics] = field(default_factory=list)
 
     def count(self, text: str) -> int:
@@ -106,55 +120,94 @@ class _Run:
         try:
             yield m
         finally:
+            if m.status == "ok" and m.attempts > 1:
+                m.status = "retried"
             m.duration_s = round(time.perf_counter() - started, 4)
             log.info("stage %s: %.2f s, %d prompt + %d completion tokens, %d attempt(s)",
                      m.stage, m.duration_s, m.prompt_tokens, m.completion_tokens, m.attempts)
 
+    def try_ask(self, stage: str, schema: dict, task: str, context: str, max_tokens: int,
+                m: StageMetrics, check: Callable[[dict], None] | None = None,
+                what: str = "") -> dict | None:
+        """``ask``, or None when the model gave no acceptable answer (the stage abstains
+        for ``what``; the reason is recorded in ``m``)."""
+        try:
+            return self.ask(stage, schema, task, context, max_tokens, m, check)
+        except _NoAnswer as exc:
+            m.abstain(f"{what}: {exc}" if what else str(exc))
+            return None
+
     def ask(self, stage: str, schema: dict, task: str, context: str, max_tokens: int,
             m: StageMetrics, check: Callable[[dict], None] | None = None) -> dict:
-        """One model answer for ``stage``, checked; retried with new seeds; else StageError."""
+        """One model answer for ``stage``, checked; retried with new seeds; else _NoAnswer
+        (or StageError when the runtime itself failed on every try)."""
         schema = fit_schema(schema, max_tokens)
         bare = prompts.task_message(task, schema)
         room = (self.n_ctx - max_tokens - self.count(self.system["content"])
                 - self.count(bare["content"]) - self.margin())
         context = prompts.trim_to_tokens(context, room, self.count)
-        messages = [self.system, prompts.task_message(task, schema, context)]
-        return self._attempts(stage, m, max_tokens, schema, lambda seed: self.runtime.complete_json(
-            messages, schema, max_tokens=max_tokens, temperature=self.llm.temperature,
-            seed=seed, repeat_penalty=self.llm.repeat_penalty), check)
+        # Last guard: no name of the case in any message (the facts are redacted already).
+        messages = [self.system, prompts.task_message(
+            task, schema, self.redactor.redact(context, document=False))]
+        return self._attempts(stage, m, max_tokens, schema,
+                              lambda seed, temp: self.runtime.complete_json(
+                                  messages, schema, max_tokens=max_tokens, temperature=temp,
+                                  seed=seed, repeat_penalty=self.llm.repeat_penalty), check,
+                              prompt_texts=(prompts.RULES, task))
 
     def ask_image(self, stage: str, schema: dict, image: Any, prompt: str, max_tokens: int,
-                  m: StageMetrics) -> dict:
+                  m: StageMetrics) -> dict | None:
         schema = fit_schema(schema, max_tokens)
+        prompt = self.redactor.redact(prompt, document=False)
         prompt = f"{prompt}\nJSON schema: {schemas.prompt_schema_text(schema)}"
-        return self._attempts(stage, m, max_tokens, schema,
-                              lambda seed: self.runtime.describe_image_json(
-                                  image, prompt, schema, max_tokens=max_tokens,
-                                  temperature=self.llm.temperature, seed=seed,
-                                  repeat_penalty=self.llm.repeat_penalty))
+        try:
+            return self._attempts(stage, m, max_tokens, schema,
+                                  lambda seed, temp: self.runtime.describe_image_json(
+                                      image, prompt, schema, max_tokens=max_tokens,
+                                      temperature=temp, seed=seed,
+                                      repeat_penalty=self.llm.repeat_penalty),
+                                  prompt_texts=(prompt,))
+        except _NoAnswer as exc:
+            m.abstain(str(exc))
+            return None
+
+    def sampling(self, attempt: int) -> tuple[int, float]:
+        """(seed, temperature) of try ``attempt`` of this job attempt: later job attempts
+        continue the sequence, so a re-queued job never replays the tries that failed."""
+        k = (max(1, self.case.attempt) - 1) * MAX_ATTEMPTS + attempt
+        base = self.llm.temperature
+        temp = min(max(TEMPERATURE_MAX, base), base + k * TEMPERATURE_STEP)
+        return self.llm.seed + k * SEED_STEP, round(temp, 4)
 
     def _attempts(self, stage: str, m: StageMetrics, max_tokens: int, schema: dict,
-                  call: Callable[[int], tuple[str, Usage]],
-                  check: Callable[[dict], None] | None = None) -> dict:
+                  call: Callable[[int, float], tuple[str, Usage]],
+                  check: Callable[[dict], None] | None = None,
+                  prompt_texts: tuple[str, ...] = ()) -> dict:
         started = time.monotonic()
         reason = "no attempt was made"
+        answered = False  # did the runtime give any text at all?
         for attempt in range(MAX_ATTEMPTS):
             if attempt and time.monotonic() - started > self.llm.stage_timeout_s:
                 reason = f"took longer than {self.llm.stage_timeout_s:g} s ({reason})"
                 break
             m.attempts = max(m.attempts, attempt + 1)
             try:
-                text, usage = call(self.llm.seed + attempt * SEED_STEP)
+                text, usage = call(*self.sampling(attempt))
             except LLMError as exc:
                 reason = f"the model runtime failed: {exc}"
                 log.warning("%s attempt %d: runtime error", stage, attempt + 1)
                 continue
+            answered = True
             m.prompt_tokens += usage.prompt_tokens
             m.completion_tokens += usage.completion_tokens
             m.cached_tokens += usage.cached_tokens
             m.prompt_eval_s += usage.prompt_eval_s
             try:
                 data = check_output(text, schema)
+                try:
+                    data = junk.screen_answer(data, schema, prompt_texts=prompt_texts)
+                except junk.JunkAnswer as exc:
+                    raise InvalidOutput(str(exc)) from None
                 if check is not None:
                     check(data)
                 return data
@@ -163,21 +216,29 @@ class _Run:
                 if usage.completion_tokens >= max_tokens:
                     reason += f" (cut off at the {max_tokens}-token limit)"
                 log.warning("%s attempt %d: invalid answer", stage, attempt + 1)
-        raise StageError(stage, f"no valid answer after {m.attempts} attempt(s): {reason}")
+        if not answered and reason.startswith("the model runtime failed"):
+            # Infrastructure, not prose: the job fails (and may be retried).
+            raise StageError(stage, f"no answer after {m.attempts} attempt(s): {reason}")
+        raise _NoAnswer(f"no acceptable answer after {m.attempts} attempt(s): {reason}")
+
+
+class _NoAnswer(Exception):
+    """The model answered, but nothing it wrote was acceptable: the stage abstains."""
 
 
 def _stage_fraction(stage: str, sub: float = 0.0) -> float:
     return (STAGES.index(stage) + sub) / len(STAGES)
 
 
-def _merge_abnormalities(first: list[str], second: list[str]) -> list[str]:
+def _merge_findings(facts: list[str], model: list[str]) -> list[str]:
+    """Every fact first, unchanged; then the model's items that are not already there."""
     seen: set[str] = set()
     out = []
-    for item in first + second:
+    for item in facts + model:
         if item and item.lower() not in seen:
             seen.add(item.lower())
             out.append(item)
-    return out[:KEY_ABNORMALITIES_MAX_ITEMS]
+    return out
 
 
 def _unique_key(values: dict, name: str) -> str:
@@ -188,41 +249,32 @@ def _unique_key(values: dict, name: str) -> str:
 
 
 def _lab_file(run: _Run, f: ExtractedFile, label: str, m: StageMetrics) -> dict:
+    """A lab file's record: its rows and flags (deterministic, final), every abnormal row
+    as a key abnormality, and the model's interpretation -- which never sets a value or a
+    flag: a file whose rows could not be parsed is summarised from its text, no more."""
     lab_values: dict[str, dict] = {}
-    rows_abnormal: list[str] = []
-    for r in f.lab_rows:  # parsed deterministically; their flags are final
-        key = _unique_key(lab_values, r.test)
-        lab_values[key] = {"value": r.value, "unit": r.unit or "",
-                           "reference_range": r.reference_range or "", "status": r.status}
-        if r.abnormal:
-            word = r.flag if r.flag in ("low", "high") else r.status
-            rows_abnormal.append(f"{r.test} {r.value}{' ' + r.unit if r.unit else ''} "
-                                 f"({word})")
+    for r in f.lab_rows:
+        lab_values[_unique_key(lab_values, r.test)] = {
+            "value": r.value, "unit": r.unit or "", "reference_range": r.reference_range or "",
+            "status": r.status}
+    rows_abnormal = [r.finding() for r in f.lab_rows if r.abnormal]
+    record = {"lab_values": lab_values,
+              "labs": [r.to_dict(f.file_id) for r in f.lab_rows],
+              "lab_counts": {"rows_parsed": len(f.lab_rows),
+                             "lines_not_parsed": f.lab_lines_unparsed}}
     if not run.case.options.include_lab_interpretation:
-        return {"lab_values": lab_values, "summary": LAB_NOT_REQUESTED,
-                "key_abnormalities": rows_abnormal[:KEY_ABNORMALITIES_MAX_ITEMS],
-                "confidence_score": 0.0}
-    if f.lab_rows:
-        data = run.ask("lab_analysis", schemas.LAB_INTERPRETATION,
-                       prompts.TASK_LAB.format(label=label), "", run.llm.max_tokens_lab, m)
-    else:
-        data = run.ask("lab_analysis", schemas.LAB_FROM_TEXT,
-                       prompts.TASK_LAB_TEXT.format(label=label), "", run.llm.max_tokens_lab, m)
-        for item in data["lab_values"]:
-            if not item["test"]:
-                continue
-            row = labs.make_row(item["test"], item["value"], item["unit"] or None,
-                                item["reference_range"] or None)
-            # The computed flag wins whenever value and range parse.
-            status = row.status if row.status != "unknown" else item["status"]
-            lab_values[_unique_key(lab_values, item["test"])] = {
-                "value": item["value"], "unit": item["unit"],
-                "reference_range": item["reference_range"], "status": status}
-            if status in ("abnormal", "critical"):
-                rows_abnormal.append(f"{item['test']} {item['value']} ({status})")
-    return {"lab_values": lab_values, "summary": data["summary"],
-            "key_abnormalities": _merge_abnormalities(rows_abnormal, data["key_abnormalities"]),
-            "confidence_score": clamp_score(data["confidence_score"])}
+        return record | {"summary": LAB_NOT_REQUESTED, "key_abnormalities": rows_abnormal,
+                         "confidence_score": None}
+    data = run.try_ask("lab_analysis", schemas.LAB_INTERPRETATION,
+                       prompts.TASK_LAB.format(label=label), "", run.llm.max_tokens_lab, m,
+                       what=label)
+    if data is None:
+        return record | {"summary": NOT_AVAILABLE, "key_abnormalities": rows_abnormal,
+                         "confidence_score": None}
+    extra = data["key_abnormalities"][:KEY_ABNORMALITIES_MAX_ITEMS]
+    return record | {"summary": data["summary"],
+                     "key_abnormalities": _merge_findings(rows_abnormal, extra),
+                     "confidence_score": clamp_score(data["confidence_score"])}
 
 
 def _tags_summary(f: ExtractedFile) -> str:
@@ -235,10 +287,14 @@ def _tags_summary(f: ExtractedFile) -> str:
 def _radiology_file(run: _Run, f: ExtractedFile, label: str, m: StageMetrics) -> dict:
     use_model = run.case.options.include_imaging and run.runtime.has_vision()
     if use_model and f.image is not None:
-        details = prompts.trim_to_tokens(prompts.radiology_file_text(f), 256, run.count)
+        details = prompts.trim_to_tokens(prompts.radiology_file_text(f, run.redactor), 256,
+                                         run.count)
         data = run.ask_image("radiology_analysis", schemas.RADIOLOGY, f.image,
                              prompts.TASK_RADIOLOGY_IMAGE.format(details=details),
                              run.llm.max_tokens_radiology, m)
+        if data is None:
+            return {"findings": NOT_AVAILABLE, "impressions": "", "summary": _tags_summary(f),
+                    "key_abnormalities": [], "confidence_score": None}
         data["confidence_score"] = clamp_score(data["confidence_score"])
         return data
     # No model reads the image: report what is known and say so plainly; never invent.
@@ -277,13 +333,37 @@ def _joined_summary(run: _Run, summaries: dict[str, dict], category: str, none: 
     return "\n".join(f"{f.file_name}: {summaries[f.file_id]['summary']}" for f in files)
 
 
-def _has_conditions(data: dict) -> None:
-    if not any(d["condition"] for d in data["differential_diagnoses"]):
-        raise InvalidOutput("the model's differential names no condition")
+def _differential_check(primary: str) -> Callable[[dict], None]:
+    """Duplicates and repeats of the primary diagnosis are dropped; fewer than
+    DIFFERENTIAL_MIN_KEPT distinct alternatives, or probabilities that are not a
+    distribution, reject the answer."""
+    def check(data: dict) -> None:
+        items = [d for d in data["differential_diagnoses"] if d["condition"]]
+        if not items:
+            raise InvalidOutput("the model's differential names no condition")
+        kept, dropped = junk.differential_problems(items, primary)
+        if len(kept) < DIFFERENTIAL_MIN_KEPT:
+            raise InvalidOutput(f"the differential names fewer than {DIFFERENTIAL_MIN_KEPT} "
+                                f"distinct alternatives ({'; '.join(dropped) or 'too few'})")
+        problem = junk.probabilities_problem([d["probability"] for d in kept])
+        if problem:
+            raise InvalidOutput(f"the differential's {problem}")
+        data["differential_diagnoses"] = kept
+    return check
 
 
-def _mean(xs: list[float]) -> float:
-    return sum(xs) / len(xs) if xs else 0.0
+def _redact_all(obj: Any, redactor: Redactor) -> Any:
+    if isinstance(obj, str):
+        return redactor.redact(obj, document=False)
+    if isinstance(obj, dict):
+        return {k: _redact_all(v, redactor) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_redact_all(v, redactor) for v in obj]
+    return obj
+
+
+def _mean(xs: list[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
 
 
 @dataclass
@@ -308,28 +388,37 @@ def _per_file(category: str, worker: Callable[[_Run, ExtractedFile, str, StageMe
         for i, f in enumerate(files, 1):
             if i > 1:
                 run.checkpoint(m.stage, _stage_fraction(m.stage, (i - 1) / len(files)))
-            label = prompts.file_label("Lab" if category == "lab" else "Radiology", i, f)
+            label = prompts.file_label("Lab" if category == "lab" else "Radiology", i, f,
+                                       run.redactor)
             st.summaries[f.file_id] = worker(run, f, label, m)
     return stage
 
 
 def _case_summary(run: _Run, st: _State, m: StageMetrics) -> None:
     st.files_ctx = _files_context(run, st.summaries)
-    st.summary = run.ask("case_summary", schemas.CASE_SUMMARY, prompts.TASK_SUMMARY,
-                         st.files_ctx, run.llm.max_tokens_summary, m)
+    st.summary = run.try_ask("case_summary", schemas.CASE_SUMMARY, prompts.TASK_SUMMARY,
+                             st.files_ctx, run.llm.max_tokens_summary, m) or {
+        "comprehensive_summary": NOT_AVAILABLE, "key_findings": [], "confidence_score": None}
     st.summary_ctx = (f"Case summary: {st.summary['comprehensive_summary']}\n"
                       f"Key findings: {'; '.join(st.summary['key_findings']) or 'none listed'}")
 
 
 def _soap_note(run: _Run, st: _State, m: StageMetrics) -> None:
-    st.soap = run.ask("soap_note", schemas.SOAP_NOTE, prompts.TASK_SOAP,
-                      f"{st.files_ctx}\n{st.summary_ctx}", run.llm.max_tokens_soap, m)
+    st.soap = run.try_ask("soap_note", schemas.SOAP_NOTE, prompts.TASK_SOAP,
+                          f"{st.files_ctx}\n{st.summary_ctx}", run.llm.max_tokens_soap, m) or (
+        dict.fromkeys(("subjective", "objective", "assessment", "plan"), NOT_AVAILABLE)
+        | {"confidence_score": None})
 
 
 def _diagnosis(run: _Run, st: _State, m: StageMetrics) -> None:
-    dx = run.ask("diagnosis", schemas.DIAGNOSIS, prompts.TASK_DIAGNOSIS,
-                 f"{st.summary_ctx}\nAssessment: {st.soap['assessment']}",
-                 run.llm.max_tokens_diagnosis, m)
+    dx = run.try_ask("diagnosis", schemas.DIAGNOSIS, prompts.TASK_DIAGNOSIS,
+                     f"{st.summary_ctx}\nAssessment: {st.soap['assessment']}",
+                     run.llm.max_tokens_diagnosis, m)
+    if dx is None:
+        st.dx = {"primary_diagnosis": NOT_AVAILABLE, "icd_code": None, "description": "",
+                 "supporting_evidence": [], "confidence_score": None}
+        st.dx_ctx = st.summary_ctx
+        return
     code, code_desc = resolve_icd(dx["icd_code"], dx["primary_diagnosis"])
     dx["icd_code"] = code
     dx["description"] = dx["description"] or code_desc
@@ -339,32 +428,44 @@ def _diagnosis(run: _Run, st: _State, m: StageMetrics) -> None:
 
 def _differential(run: _Run, st: _State, m: StageMetrics) -> None:
     if run.case.options.include_differential:
-        data = run.ask("differential", schemas.DIFFERENTIAL, prompts.TASK_DIFFERENTIAL,
-                       st.dx_ctx, run.llm.max_tokens_differential, m, _has_conditions)
-        st.differential = [d for d in data["differential_diagnoses"] if d["condition"]]
+        primary = st.dx["primary_diagnosis"] if st.dx["primary_diagnosis"] != NOT_AVAILABLE \
+            else ""
+        data = run.try_ask("differential", schemas.DIFFERENTIAL, prompts.TASK_DIFFERENTIAL,
+                           st.dx_ctx, run.llm.max_tokens_differential, m,
+                           _differential_check(primary))
+        if data is not None:
+            st.differential = data["differential_diagnoses"]
 
 
 def _recommendations(run: _Run, st: _State, m: StageMetrics) -> None:
     if run.case.options.include_treatment:
-        st.recs = run.ask("recommendations", schemas.RECOMMENDATIONS,
-                          prompts.TASK_RECOMMENDATIONS, st.dx_ctx,
-                          run.llm.max_tokens_recommendations, m)
+        recs = run.try_ask("recommendations", schemas.RECOMMENDATIONS,
+                           prompts.TASK_RECOMMENDATIONS, st.dx_ctx,
+                           run.llm.max_tokens_recommendations, m)
     else:
-        st.recs = run.ask("recommendations", schemas.RECOMMENDATIONS_NO_TREATMENT,
-                          prompts.TASK_RECOMMENDATIONS_NO_TREATMENT, st.dx_ctx,
-                          run.llm.max_tokens_recommendations, m)
+        recs = run.try_ask("recommendations", schemas.RECOMMENDATIONS_NO_TREATMENT,
+                           prompts.TASK_RECOMMENDATIONS_NO_TREATMENT, st.dx_ctx,
+                           run.llm.max_tokens_recommendations, m)
+    st.recs = {"investigations": [], "treatments": []} | (recs or {})
+    if not run.case.options.include_treatment:
         st.recs["treatments"] = []
 
 
 def _compile(run: _Run, st: _State, m: StageMetrics) -> None:
     case, summary, soap, dx = run.case, st.summary, st.soap, st.dx
-    scores = [clamp_score(summary["confidence_score"]), clamp_score(soap["confidence_score"]),
-              clamp_score(dx["confidence_score"])]
+    scores = [None if x["confidence_score"] is None else clamp_score(x["confidence_score"])
+              for x in (summary, soap, dx)]
+    lab_files = [f for f in case.files if f.category == "lab"]
+    rows = [(f, r) for f in lab_files for r in f.lab_rows]
+    # Every abnormal row is a key finding, whatever the model wrote; the model may add.
+    facts = [r.finding() for _, r in rows if r.abnormal]
     st.insights = {
         "case_summary": {
             "comprehensive_summary": summary["comprehensive_summary"],
-            "key_findings": summary["key_findings"],
-            "patient_context": {"age": case.patient_age, "gender": case.patient_gender},
+            "key_findings": _merge_findings(facts, summary["key_findings"]),
+            # Copied from the case (never model-written; the model never saw the name).
+            "patient_context": {"name": case.patient_name, "age": case.patient_age,
+                                "gender": case.patient_gender},
             "doctor_notes": case.doctor_notes or "",
             "lab_summary": _joined_summary(run, st.summaries, "lab",
                                            "No lab results were provided."),
@@ -382,8 +483,13 @@ def _compile(run: _Run, st: _State, m: StageMetrics) -> None:
         "differential_diagnoses": st.differential,
         "investigation_recommendations": st.recs["investigations"],
         "treatment_recommendations": st.recs["treatments"],
-        "overall_confidence_score": _mean(scores),
+        "overall_confidence_score": _mean([x for x in scores if x is not None]),
         "model": run.runtime.info.get("name", ""),
+        "stages": {m.stage: {"status": m.status, "reason": m.reason} for m in run.metrics
+                   if m.stage != "compile"},
+        "labs": [r.to_dict(f.file_id) for f, r in rows],
+        "lab_counts": {"rows_parsed": len(rows),
+                       "lines_not_parsed": sum(f.lab_lines_unparsed for f in lab_files)},
     }
 
 
@@ -415,16 +521,24 @@ def run_analysis(case: CaseInput, runtime: LLMRuntime, llm: LLMSettings, *,
                            llm.max_tokens_diagnosis, llm.max_tokens_differential,
                            llm.max_tokens_recommendations)
     task_tokens = max(run.count(prompts.task_message(t, fit_schema(s, stage_max_tokens))["content"])
-                      for t, s in ((prompts.TASK_LAB_TEXT, schemas.LAB_FROM_TEXT),
+                      for t, s in ((prompts.TASK_LAB, schemas.LAB_INTERPRETATION),
                                    (prompts.TASK_RECOMMENDATIONS, schemas.RECOMMENDATIONS),
                                    (prompts.TASK_DIFFERENTIAL, schemas.DIFFERENTIAL)))
     facts_budget = (run.n_ctx - stage_max_tokens - task_tokens - CONTEXT_RESERVE_TOKENS
                     - run.count(prompts.RULES) - run.margin())
-    run.system = prompts.system_message(prompts.case_facts(case, max(0, facts_budget), run.count))
+    run.redactor = prompts.redactor_for(case)
+    run.system = prompts.system_message(prompts.case_facts(case, max(0, facts_budget), run.count,
+                                                           run.redactor))
 
     st = _State()
     for name, body in STAGE_TABLE:
         with run.stage(name) as m:
             body(run, st, m)
+    # The model never saw a name; should one appear anyway, it is not stored.
+    # (patient_context and doctor_notes are the case's own fields, copied as they are.)
+    kept = {k: st.insights["case_summary"].pop(k) for k in ("patient_context", "doctor_notes")}
+    st.insights = _redact_all(st.insights, run.redactor)
+    st.insights["case_summary"].update(kept)
+    st.summaries = _redact_all(st.summaries, run.redactor)
     return AnalysisResult(file_summaries=st.summaries, insights=st.insights,
                           stages=run.metrics, model=dict(runtime.info))

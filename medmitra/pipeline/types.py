@@ -24,6 +24,8 @@ class ExtractedFile:
     text: str | None = None                 # stored in case_files.text_data
     pages: list[str] = field(default_factory=list)
     lab_rows: list[LabRow] = field(default_factory=list)
+    # Result-like lines (a name, a number, a range or unit) that did not become rows.
+    lab_lines_unparsed: int = 0
     ocr_used: bool = False
     # Normalised RGB image (PIL.Image.Image) for a vision model, EXIF removed; or None.
     image: Any = None
@@ -51,6 +53,8 @@ class CaseInput:
     doctor_notes: str | None
     files: list[ExtractedFile]
     options: AnalysisOptions = field(default_factory=AnalysisOptions)
+    # The job's attempt number (1 = first); retries continue the seed/temperature sequence.
+    attempt: int = 1
 
 
 @dataclass
@@ -64,6 +68,14 @@ class StageMetrics:
     # duration_s they split a stage into prompt reading and generation.
     cached_tokens: int = 0
     prompt_eval_s: float = 0.0
+    # ok | retried (an answer was accepted after a retry) | abstained (no acceptable
+    # answer: the stage's fields say "not available"); reason says why.
+    status: str = "ok"
+    reason: str | None = None
+
+    def abstain(self, reason: str) -> None:
+        self.status = "abstained"
+        self.reason = reason if not self.reason else f"{self.reason}; {reason}"
 
 
 @dataclass
@@ -78,7 +90,7 @@ class AnalysisResult:
 
 
 class StageError(Exception):
-    """A stage could not produce a valid result; the job may retry."""
+    """The model runtime failed (infrastructure, not prose); the job may retry."""
 
     def __init__(self, stage: str, reason: str):
         self.stage = stage
