@@ -79,7 +79,10 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             print("medmitra: a password is required", file=sys.stderr)
             return EXIT_USAGE
         args.password = password
-    return asyncio.run(_with_db(settings, lambda: _refusals(handler(args, settings))))
+    from medmitra.ops.audit import audited_admin   # the audit trail records the command
+
+    return asyncio.run(_with_db(settings, lambda: audited_admin(
+        args, settings, _refusals(handler(args, settings)))))
 
 
 async def _with_db(settings: Settings, body: Callable[[], Awaitable[int]]) -> int:

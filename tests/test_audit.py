@@ -297,3 +297,23 @@ def test_trail_on_postgresql(pg_url, start_server, tmp_path: Path, monkeypatch, 
     rows = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert [r["action"] for r in rows] == ["list", "list", "list", "create"]
     assert PATIENT not in json.dumps(rows)
+
+
+def test_account_and_key_administration_is_recorded(tmp_path: Path, monkeypatch,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    data = ["--data-dir", str(tmp_path / "data")]
+    assert main(["users", "add", "--email", "Nurse@Clinic.test", "--password",
+                 "a long enough password 42"] + data) == 0
+    assert main(["users", "add", "--email", "nurse@clinic.test", "--password",
+                 "a long enough password 42"] + data) == 1          # exists: refused
+    assert main(["users", "list"] + data) == 0                     # reading: not recorded
+    assert main(["users", "disable", "--email", "nurse@clinic.test"] + data) == 0
+    assert main(["keys", "rotate"] + data) == 0
+    rows = _rows(tmp_path / "data")
+    assert [(r["action"], r["status"], r["auth_kind"]) for r in rows] == [
+        ("user-add", 0, "cli"), ("user-add", 1, "cli"), ("user-disable", 0, "cli"),
+        ("key-rotate", 0, "cli")]
+    assert rows[0]["detail"] == "account=nurse@clinic.test"
+    assert "password" not in json.dumps(rows)
+    capsys.readouterr()
+    assert main(["audit", "verify"] + data) == 0

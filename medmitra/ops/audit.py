@@ -496,6 +496,27 @@ async def record_cli_event(settings: Any, action: str, *, user_id: str | None = 
                       load_or_create_key(data), data / HEAD_FILE)
 
 
+# (command, sub-command) of the account and key administration CLI -> audit action.
+ADMIN_ACTIONS = {("users", "add"): "user-add", ("users", "disable"): "user-disable",
+                 ("users", "enable"): "user-enable",
+                 ("users", "reset-password"): "user-password-reset",
+                 ("keys", "rotate"): "key-rotate"}
+
+
+async def audited_admin(args: Any, settings: Any, command: Any) -> int:
+    """Run an administration command (cli_auth.py) and record it: action, exit status
+    (0 done, 1 refused, 2 usage) and the account it named. Listing is not recorded."""
+    code = await command
+    sub = getattr(args, "users_command", None) or getattr(args, "keys_command", None)
+    action = ADMIN_ACTIONS.get((args.command, sub))
+    if action is not None:
+        email = getattr(args, "email", None)
+        await record_cli_event(settings, action, status=code,
+                               detail=f"account={email.strip().lower()}"[:256] if email
+                               else None)
+    return code
+
+
 # -- command line ----------------------------------------------------------------------------
 
 
