@@ -31,15 +31,17 @@ from sanic import Blueprint, Request
 from sanic.response import HTTPResponse, raw
 
 from medmitra.config import Settings
+from medmitra.contract import JobState, ModelState, WorkerState
 from medmitra.errors import Forbidden, NotFound, Unauthorized
 
 METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10,
                      30)
 STAGE_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
-JOB_STATES = ("queued", "running", "completed", "failed", "cancelled")
-WORKER_STATES = ("idle", "busy", "loading", "stopped")
-MODEL_STATES = ("loading", "ready", "missing", "error", "disabled")
+# Label values: every state of the contract's enums, so a state with no member shows 0.
+JOB_STATES = tuple(s.value for s in JobState)
+WORKER_STATES = tuple(s.value for s in WorkerState)
+MODEL_STATES = tuple(s.value for s in ModelState)
 # Stored analyses read per scrape at most (the rest are read by the next scrape).
 STAGE_ROWS_PER_SCRAPE = 500
 
@@ -156,8 +158,8 @@ class Metrics:
                 self._observe_stage(st)
         settings: Settings = app.ctx.settings
         pool = getattr(app.ctx, "pool", None)
-        state = pool.status()["model"]["state"] if pool is not None else "disabled"
-        self.model.state(state if state in MODEL_STATES else "error")
+        state = pool.status()["model"]["state"] if pool is not None else ModelState.DISABLED
+        self.model.state(state if state in MODEL_STATES else ModelState.ERROR)
         try:
             self.disk_free.set(shutil.disk_usage(settings.data_path).free)
         except OSError:
