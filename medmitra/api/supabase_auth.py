@@ -14,7 +14,7 @@ with the CLI (``medmitra users add``); self sign-up is off unless ``auth.signup_
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sanic import Blueprint, Request, Sanic
 from sanic.response import HTTPResponse, empty, json as json_response
@@ -22,17 +22,19 @@ from sanic.response import HTTPResponse, empty, json as json_response
 from medmitra import __version__
 from medmitra.auth import sessions as sessions_mod
 from medmitra.auth import users
-from medmitra.auth.gotrue import (DEFAULT_AUDIENCE, AuthApiError, AuthState, check_metadata,
-                                  issue_session, local_issuer, password_grant, pkce_grant,
-                                  refresh_grant, str_field, validation_error,
+from medmitra.auth.gotrue import (DEFAULT_AUDIENCE, AuthApiError, AuthState, account_of,
+                                  check_metadata, issue_session, local_issuer, password_grant,
+                                  pkce_grant, refresh_grant, str_field, validation_error,
                                   weak_password_error)
 from medmitra.auth.jwt import Principal
 from medmitra.auth.ratelimit import SignInGuard, retry_after_header
 from medmitra.auth.sessions import BANNED, REVOKED, SessionChecker
 from medmitra.auth.signing import KeyRing
 from medmitra.config import Settings
-from medmitra.db.auth_models import AuthUser
 from medmitra.errors import Unauthorized
+
+if TYPE_CHECKING:
+    from medmitra.db.auth_models import AuthUser
 
 PREFIX = "/auth/v1"
 LOGOUT_SCOPES = ("global", "local", "others")
@@ -97,12 +99,7 @@ async def _require_user(request: Request) -> tuple[Principal, AuthUser]:
                                         and state.sessions.is_local(principal.claims)):
             raise AuthApiError(403, "session_not_found",
                                "Session from session_id claim in JWT does not exist")
-    user = await AuthUser.get_or_none(id=principal.user_id)
-    if user is None:
-        raise AuthApiError(403, "user_not_found", "User from sub claim in JWT does not exist")
-    if user.disabled_at is not None:
-        raise AuthApiError(403, "user_banned", "User is banned")
-    return principal, user
+    return principal, await account_of(principal)
 
 
 def _make_blueprint() -> Blueprint:

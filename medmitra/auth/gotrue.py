@@ -19,6 +19,7 @@ from medmitra import textsafe
 from medmitra.auth import pkce
 from medmitra.auth import sessions as sessions_mod
 from medmitra.auth import users
+from medmitra.auth.jwt import Principal
 from medmitra.auth.sessions import RefreshError, SessionChecker
 from medmitra.auth.signing import KeyRing
 from medmitra.config import Settings
@@ -173,3 +174,13 @@ def check_metadata(metadata: Any) -> None:
         raise validation_error("data contains characters that are not valid text")
     if len(json.dumps(metadata)) > MAX_USER_METADATA_BYTES:
         raise validation_error(f"data is larger than {MAX_USER_METADATA_BYTES} bytes")
+
+
+async def account_of(principal: Principal) -> AuthUser:
+    """The live account a verified access token names (its ``sub``)."""
+    user = await AuthUser.get_or_none(id=principal.user_id)
+    if user is None:
+        raise AuthApiError(403, "user_not_found", "User from sub claim in JWT does not exist")
+    if user.disabled_at is not None:
+        raise AuthApiError(403, "user_banned", "User is banned")
+    return user
