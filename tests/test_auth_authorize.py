@@ -321,6 +321,18 @@ def test_old_codes_are_swept(start_server, tmp_path):
         assert count_codes(server) == 1          # the old one went, the new one stays
 
 
+def test_oversized_form_is_refused_unread(start_server, tmp_path):
+    server = start(start_server, tmp_path)
+    _, challenge = verifier_and_challenge()
+    with server.client() as c:
+        page = open_page(c, challenge)
+        action, token = form_of(page)
+        r = c.post(action, data={"csrf_token": token, "email": EMAIL,
+                                 "password": "x" * (64 * 1024)})
+        assert r.status_code == 413
+        assert submit(c, open_page(c, challenge)).status_code == 302   # the server is fine
+
+
 @pytest.mark.parametrize("params, text", [
     ({"code_challenge": ""}, "flowType: 'pkce'"),
     ({"code_challenge_method": "plain"}, "auth.pkce_allow_plain"),

@@ -33,11 +33,14 @@ from sanic.response import HTTPResponse, html as html_response, redirect
 from medmitra.auth import pkce, users
 from medmitra.auth.pkce import CSRF_COOKIE, FORM_TTL_S, FormTokens
 from medmitra.auth.ratelimit import retry_after_header
+from medmitra.api.multipart import limit_body
 from medmitra.api.supabase_auth import PREFIX, client_address, sign_in_account
 
 log = logging.getLogger(__name__)
 
 bp = Blueprint("auth_authorize", url_prefix=PREFIX)
+# The form is an email, a password (both bounded) and a token: 16 KiB is plenty.
+MAX_FORM_BYTES = 16 * 1024
 FLOW_PARAMS = ("provider", "redirect_to", "code_challenge", "code_challenge_method", "scopes")
 
 
@@ -195,12 +198,15 @@ async def authorize_page(request: Request) -> HTTPResponse:
     return flow.refusal(request) or _form_page(request, flow)
 
 
-@bp.post("/authorize")
+@bp.post("/authorize", stream=True)
 async def authorize_submit(request: Request) -> HTTPResponse:
+    # Anonymous: at most MAX_FORM_BYTES of body is ever read (413 beyond).
+    limit_body(request, MAX_FORM_BYTES)
     flow = _Flow(request)
     refused = flow.refusal(request)
     if refused is not None:
         return refused
+    await request.receive_body()
     form = request.form if request.content_type.startswith(
         "application/x-www-form-urlencoded") else {}
     email = (form.get("email") or "").strip()[:users.MAX_EMAIL_CHARS]
