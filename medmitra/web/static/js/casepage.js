@@ -47,6 +47,7 @@ export async function render(main, [caseId], state) {
         h("button", { type: "button", class: "danger", text: "Delete case", onclick: () => deleteCase() }))),
     notice, banner, progressBox, patientBox, filesBox, insightsBox);
   if (state.created) notice.append(alertBox("Case created. The analysis has started; its progress shows below.", "info"));
+  history.replaceState(null, "", location.href); // a one-time notice: not again after a reload
 
   // ---- analysis progress ------------------------------------------------------------
   function drawProgress() {

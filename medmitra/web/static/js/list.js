@@ -86,6 +86,8 @@ export async function render(main, _params, pageState = {}) {
     pageState.message ? alertBox(pageState.message, "info") : null,
     form, results].filter(Boolean));
 
+  if (pageState.message) history.replaceState(null, "", location.href); // shown once
+
   function fromForm() {
     const data = new FormData(form);
     for (const k of FILTERS) state[k] = String(data.get(k) || "");
