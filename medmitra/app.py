@@ -89,6 +89,8 @@ def create_app(settings: Settings, *, start_workers: bool = True,
     app.config.FALLBACK_ERROR_FORMAT = "json"
     app.config.TOUCHUP = False          # no source inspection at start (frozen binary)
     app.config.ACCESS_LOG = settings.server.access_log
+    if settings.server.trusted_proxies:   # else X-Forwarded-For is ignored (spoofable)
+        app.config.PROXIES_COUNT = settings.server.trusted_proxies
     app.config.MOTD = False
     # sanic-ext, when installed in the same env, would add CDN-backed /docs and
     # /openapi.json of its own; the project serves offline ones (api/docs.py).

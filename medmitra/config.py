@@ -90,6 +90,10 @@ class ServerSettings(Section):
         "", 'base of signed file links, e.g. "http://clinic-server:8000"; empty = from the '
         "request")
     access_log: bool = setting(False, "log one line per request")
+    trusted_proxies: int = setting(
+        0, "reverse proxies in front of the server whose X-Forwarded-For is believed for "
+           "the client address (sign-in rate limits, logs); 0 = the socket's peer",
+        min=0, max=10)
     request_max_bytes: int = setting(120 * MiB, "one request's body, all files together",
                                      min=1024)
     cors_origins: str = setting(

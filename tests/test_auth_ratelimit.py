@@ -223,3 +223,27 @@ def test_twenty_quick_page_views_of_a_frontend_server_stay_signed_in(start_serve
         headers = {"Authorization": f"Bearer {session['access_token']}"}
         assert next_server.get("/auth/v1/user", headers=headers).status_code == 200
         assert next_server.post("/auth/v1/logout", headers=headers).status_code == 204
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("trusted_proxies", [0, 1])
+def test_client_address_behind_a_reverse_proxy(start_server, tmp_path, trusted_proxies):
+    """Behind a configured proxy each client's X-Forwarded-For address is its own bucket;
+    without one the header is ignored, so a guesser cannot change address by writing it."""
+    server = start_server(make_settings(tmp_path, auth={"account_address_failures_per_hour": 2,
+                                                        "account_failures_per_hour": 50},
+                                        server={"trusted_proxies": trusted_proxies}))
+    server.run(users.create_user(EMAIL, PASSWORD))
+    with server.client() as proxy:
+        guesser = {"X-Forwarded-For": "192.0.2.10"}
+        for _ in range(2):
+            r = proxy.post("/auth/v1/token", params={"grant_type": "password"},
+                           json={"email": EMAIL, "password": "guess"}, headers=guesser)
+            assert r.status_code == 400
+        r = proxy.post("/auth/v1/token", params={"grant_type": "password"},
+                       json={"email": EMAIL, "password": PASSWORD},
+                       headers={"X-Forwarded-For": "192.0.2.99"})
+        if trusted_proxies:
+            assert r.status_code == 200         # another client behind the proxy
+        else:
+            assert_429(r)                        # the same socket peer: the header is ignored
