@@ -39,6 +39,7 @@ REQUIRED_OPERATIONS = {
     ("get", "/cases/file/{file_id}"), ("delete", "/cases/file/{file_id}"),
     ("get", "/cases/file/{file_id}/preview.png"),
     ("get", "/files/download/{token}"),
+    ("get", "/cases/cases/{case_id}/fhir"), ("get", "/metrics"),
     ("post", "/auth/v1/signup"), ("post", "/auth/v1/token"), ("get", "/auth/v1/user"),
     ("put", "/auth/v1/user"), ("post", "/auth/v1/logout"), ("get", "/auth/v1/settings"),
     ("get", "/auth/v1/health"), ("get", "/auth/v1/.well-known/jwks.json"),

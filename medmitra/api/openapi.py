@@ -547,6 +547,27 @@ def _system_paths() -> dict[str, Schema]:
     }
 
 
+def _ops_paths() -> dict[str, Schema]:
+    """The FHIR export and the metrics scrape (medmitra/ops/, docs/operations.md)."""
+    return {
+        "/cases/cases/{case_id}/fhir": {
+            "parameters": [CASE_ID_PARAM],
+            "get": _op("Cases", "exportCaseFhir", "The case as a FHIR R4 Bundle (collection)",
+                       _protected({"200": {"description": "A FHIR R4 Bundle: Patient, lab "
+                                           "Observations, DiagnosticReports, Condition, and "
+                                           "Provenance/Device for the model's content.",
+                                           "content": {"application/fhir+json": {"schema": {
+                                               "type": "object"}}}}}))},
+        "/metrics": {"get": _op("System", "metrics", "Prometheus metrics (text format)", {
+            "200": {"description": "Prometheus text exposition format.",
+                    "content": {"text/plain": {"schema": {"type": "string"}}}},
+            "401": _r("Unauthorized"), "403": _r("Forbidden"), "404": _r("NotFound"),
+        }, security=NO_AUTH, description="Served to `metrics.allow_from` addresses only "
+                                         "(loopback by default), with the bearer token of "
+                                         "`metrics.bearer_token` when one is set.")},
+    }
+
+
 def _auth_paths() -> dict[str, Schema]:
     user = _json(_ref("User"))
     limited = {"400": _r("AuthBadRequest"), "429": _r("AuthTooManyRequests")}
@@ -657,7 +678,7 @@ def _build(server_url: str | None) -> Schema:
             {"name": "Auth", "description": "Local subset of the Supabase Auth REST API "
                                             "(for supabase-js clients)."},
         ],
-        "paths": {**_cases_paths(), **_system_paths(), **_auth_paths()},
+        "paths": {**_cases_paths(), **_system_paths(), **_ops_paths(), **_auth_paths()},
         "components": {
             "schemas": _schemas(),
             "responses": _responses(),

@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from prometheus_client import (
-    CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Enum, Gauge, Histogram, generate_latest,
+    CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Enum, Gauge, Histogram,
+    disable_created_metrics, generate_latest,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from sanic import Blueprint, Request
@@ -91,6 +92,8 @@ class _LiveCollector:
 
 class Metrics:
     def __init__(self, app: Any):
+        # No *_created series: they double every line of the scrape and say little here.
+        disable_created_metrics()
         self.registry = r = CollectorRegistry()
         self.requests = Counter("medmitra_http_requests", "HTTP requests",
                                 ["method", "route", "status"], registry=r)
