@@ -8,10 +8,7 @@ model writes nonsense either way, the tests prove the machinery and the shapes.
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -21,9 +18,10 @@ import httpx
 import pytest
 
 import docfactory as df
-from conftest import MODEL_PATH, ROOT, LiveServer, free_port, make_settings, make_user
+from conftest import (MODEL_PATH, Served, cli_token, free_port, kill_group, make_settings,
+                      make_user, spawn_server, wait_healthy)
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(not MODEL_PATH.is_file(),
+pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.skipif(not MODEL_PATH.is_file(),
                                                    reason="default model not installed")]
 
 # Small output budgets keep a real analysis to seconds; schema bounds keep JSON complete.
@@ -66,7 +64,7 @@ def _create(client: httpx.Client, files: list[tuple[str, tuple[str, bytes, str]]
 def test_full_case_reaches_completed_with_every_field(start_server, tmp_path: Path) -> None:
     from medmitra.pipeline import icd10
 
-    server: LiveServer = start_server(_settings(tmp_path, workers=1))
+    server: Served = start_server(_settings(tmp_path, workers=1))
     user = make_user()
     files = [
         ("lab_files", ("cbc.pdf", df.text_pdf(df.DEFAULT_LAB_LINES), "application/pdf")),
@@ -228,7 +226,7 @@ def test_a_name_in_a_pdf_header_never_reaches_the_model_or_the_output(tmp_path: 
 
 
 def test_api_stays_responsive_while_two_analyses_run(start_server, tmp_path: Path) -> None:
-    server: LiveServer = start_server(_settings(tmp_path, workers=2))
+    server: Served = start_server(_settings(tmp_path, workers=2))
     user = make_user()
     with server.client(user.token) as c:
         ids = [_create(c, [("lab_files", ("labs.csv", df.lab_csv(), "text/csv"))],
@@ -257,42 +255,20 @@ def test_api_stays_responsive_while_two_analyses_run(start_server, tmp_path: Pat
             assert _wait_done(c, i)["case"]["status"] == "completed"
 
 
-def _start_process(data: Path, port: int, log: Path) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MEDMITRA_")}
-    env.update({"MEDMITRA_STORAGE_DATA_DIR": str(data), "MEDMITRA_SERVER_PORT": str(port),
-                "MEDMITRA_LLM_WORKERS": "1", "MEDMITRA_LLM_MODEL_PATH": str(MODEL_PATH),
-                "MEDMITRA_JOBS_LEASE_S": "30", "MEDMITRA_JOBS_HEARTBEAT_S": "1"})
-    env.update({f"MEDMITRA_LLM_{k.upper()}": str(v) for k, v in FAST_LLM.items()})
-    with log.open("ab") as out:   # the child keeps its own copy of the descriptor
-        return subprocess.Popen([sys.executable, "-m", "medmitra", "serve"], cwd=ROOT,
-                                env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-
-
-def _wait_http(url: str, proc: subprocess.Popen, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, "server exited"
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError("server did not come up")
+PROCESS_ENV = {"MEDMITRA_LLM_WORKERS": "1", "MEDMITRA_LLM_MODEL_PATH": str(MODEL_PATH),
+               "MEDMITRA_JOBS_LEASE_S": "30", "MEDMITRA_JOBS_HEARTBEAT_S": "1",
+               **{f"MEDMITRA_LLM_{k.upper()}": str(v) for k, v in FAST_LLM.items()}}
 
 
 def test_sigkill_during_analysis_then_restart_completes(tmp_path: Path) -> None:
     data, port, log = tmp_path / "data", free_port(), tmp_path / "server.log"
     url = f"http://127.0.0.1:{port}"
     user = str(uuid.uuid4())
-    token = subprocess.run([sys.executable, "-m", "medmitra", "token", "create", "--user-id",
-                            user, "--data-dir", str(data)], cwd=ROOT, capture_output=True,
-                           text=True, check=True).stdout.strip()
+    token = cli_token(data, user)
     h = {"Authorization": f"Bearer {token}"}
-    proc = _start_process(data, port, log)
+    proc = spawn_server(data, port, log, **PROCESS_ENV)
     try:
-        _wait_http(url, proc)
+        wait_healthy(url, proc, timeout_s=60)
         r = httpx.post(f"{url}/cases/create_case", headers=h, timeout=30,
                        data={"patient_name": "Kill Test", "patient_age": "40",
                              "patient_gender": "male"},
@@ -309,16 +285,12 @@ def test_sigkill_during_analysis_then_restart_completes(tmp_path: Path) -> None:
                 break
             time.sleep(0.05)
         assert stage not in (None, "extract"), "analysis never got to a model stage"
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(10)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        kill_group(proc)
 
-    proc = _start_process(data, port, log)
+    proc = spawn_server(data, port, log, **PROCESS_ENV)
     try:
-        _wait_http(url, proc)
+        wait_healthy(url, proc, timeout_s=60)
         with httpx.Client(base_url=url, headers=h, timeout=10) as c:
             body = _wait_done(c, case_id)
             assert body["case"]["status"] == "completed", body["analysis"]

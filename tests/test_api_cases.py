@@ -1,4 +1,4 @@
-"""Every case route of the contract (api.md sections 3, 4 and 6) against a real server:
+"""Every case route of the contract (api.md sections 3, 4 and 6) against the app (in process):
 the success shape field by field, list filters, integer and UUID ids, and what create,
 update, analyze, upload and delete do to the rows and to the bytes on disk."""
 
@@ -12,7 +12,7 @@ from typing import Any, Iterator
 import httpx
 import pytest
 
-from conftest import LiveServer, User, _serve_in_thread, free_port, make_settings, make_user
+from conftest import Served, User, make_settings, make_user, serve_in_process
 from medmitra import contract
 from medmitra.db.models import CaseFile, Insight, Job
 from tests import docfactory as df
@@ -37,21 +37,10 @@ def ts(value: Any) -> datetime:
     return dt
 
 
-def connect(server: Any, token: str | None = None) -> httpx.Client:
-    # Plain HTTP on loopback: skipping the TLS set-up saves ~0.1 s per client.
-    return server.client(token, verify=False)
-
-
-def fetch(url: str) -> httpx.Response:
+def fetch(server: Served, url: str) -> httpx.Response:
     """GET with no Authorization header, as a browser tab opening file_url."""
-    return httpx.get(url, verify=False)
-
-
-def db(server: Any, query: Any) -> Any:
-    """Await an ORM query (a QuerySet is awaitable, not a coroutine) on the server's loop."""
-    async def run() -> Any:
-        return await query
-    return server.run(run())
+    with server.client() as c:
+        return c.get(url)
 
 
 def is_uuid(value: Any) -> bool:
@@ -106,7 +95,7 @@ def check_file(f: dict[str, Any], server: Any, case_uuid: str) -> None:
 # -- root and create ---------------------------------------------------------------------
 
 def test_root_answers_like_the_original(server) -> None:
-    r = fetch(server.url + "/")
+    r = fetch(server, server.url + "/")
     assert r.status_code == 200
     assert r.json() == {"message": "MedMitra Backend API is running!"}
 
@@ -116,7 +105,7 @@ def test_create_case_with_files_shape_field_by_field(server, alice) -> None:
                lab("report.pdf", df.text_pdf(), "application/pdf"),
                rad("chest.png", df.xray_png(), "image/png"),
                rad("scan.dcm", df.dicom(), "application/dicom")]
-    with connect(server, alice.token) as c:
+    with server.client(alice.token) as c:
         body = create(c, uploads)
     assert set(body) == {"message", "case", "uploaded_files"}
     assert body["message"] == "Case created successfully"
@@ -146,7 +135,7 @@ def test_create_case_with_files_shape_field_by_field(server, alice) -> None:
         # The bytes live under a path made of the file id only.
         assert stored_path(server, f["file_id"]).read_bytes() == data
         # file_url downloads the same bytes with no Authorization header at all.
-        r = fetch(f["file_url"])
+        r = fetch(server, f["file_url"])
         assert r.status_code == 200
         assert r.content == data
         assert r.headers["content-type"].split(";")[0] == mime
@@ -155,7 +144,7 @@ def test_create_case_with_files_shape_field_by_field(server, alice) -> None:
 
 
 def test_create_case_without_files_or_summary(server, alice) -> None:
-    with connect(server, alice.token) as c:
+    with server.client(alice.token) as c:
         body = create(c, case_summary="")
     assert body["uploaded_files"] == []
     assert body["case"]["case_summary"] is None
@@ -163,7 +152,7 @@ def test_create_case_without_files_or_summary(server, alice) -> None:
 
 
 def test_user_id_field_naming_the_caller_is_accepted(server, alice) -> None:
-    with connect(server, alice.token) as c:
+    with server.client(alice.token) as c:
         body = create(c, user_id=alice.id.upper())
         assert body["case"]["user_id"] == alice.id
         r = c.get("/cases/all_cases", params={"user_id": alice.id})
@@ -171,14 +160,14 @@ def test_user_id_field_naming_the_caller_is_accepted(server, alice) -> None:
 
 
 def test_png_declared_as_pdf_is_stored_as_png(server, alice) -> None:
-    with connect(server, alice.token) as c:
+    with server.client(alice.token) as c:
         body = create(c, [lab("scan.pdf", df.report_photo_png(), "application/pdf")])
     f = body["uploaded_files"][0]
     assert (f["file_type"], f["file_category"], f["file_name"]) == ("image/png", "lab", "scan.pdf")
 
 
 def test_two_files_with_the_same_name_are_both_kept(server, alice) -> None:
-    with connect(server, alice.token) as c:
+    with server.client(alice.token) as c:
         body = create(c, [lab("r.csv", df.lab_csv()), lab("r.csv", df.lab_csv(bom=True))])
     a, b = body["uploaded_files"]
     assert a["file_name"] == b["file_name"] == "r.csv"
@@ -190,7 +179,7 @@ def test_two_files_with_the_same_name_are_both_kept(server, alice) -> None:
 # -- get case ----------------------------------------------------------------------------
 
 def test_get_case_before_analysis(server, alice) -> None:
-    with connect(server, alice.token) as c:
+    with server.client(alice.token) as c:
         created = create(c, [lab("cbc.csv", df.lab_csv()), rad("chest.png", df.xray_png())])
         case_uuid = created["case"]["case_id"]
         r = c.get(f"/cases/cases/{case_uuid}")
@@ -232,7 +221,7 @@ NESTED = {
 
 
 def test_get_case_renders_insights_flat_and_nested(server, alice) -> None:
-    with connect(server, alice.token) as c:
+    with server.client(alice.token) as c:
         case = create(c)["case"]
         now = datetime.now(timezone.utc)
         server.run(Insight.create(case_id=case["id"], data=NESTED,
@@ -260,7 +249,7 @@ def test_get_case_renders_insights_flat_and_nested(server, alice) -> None:
 # -- update, analyze ---------------------------------------------------------------------
 
 def test_update_case_changes_fields_and_moves_updated_at(server, alice) -> None:
-    with connect(server, alice.token) as c:
+    with server.client(alice.token) as c:
         case = create(c)["case"]
         r = c.put(f"/cases/cases/{case['case_id']}",
                   json={"patient_name": " Asha R. ", "patient_age": 53, "patient_gender": "F",
@@ -289,7 +278,7 @@ def test_update_case_changes_fields_and_moves_updated_at(server, alice) -> None:
 
 
 def test_analyze_queues_a_fresh_run(server, alice) -> None:
-    with connect(server, alice.token) as c:
+    with server.client(alice.token) as c:
         case = create(c)["case"]
         c.put(f"/cases/cases/{case['case_id']}", json={"status": "failed"})
         r = c.post(f"/cases/analyze/{case['case_id']}",
@@ -304,7 +293,7 @@ def test_analyze_queues_a_fresh_run(server, alice) -> None:
         # No body at all is fine too, and by integer id.
         assert c.post(f"/cases/analyze/{case['id']}").status_code == 200
         analysis = c.get(f"/cases/cases/{case['case_id']}").json()["analysis"]
-    jobs = db(server, Job.filter(case_id=case["id"]).order_by("id").values("state", "options"))
+    jobs = server.run(Job.filter(case_id=case["id"]).order_by("id").values("state", "options"))
     assert [j["state"] for j in jobs] == ["cancelled", "cancelled", "queued"]
     assert jobs[1]["options"] == {"include_differential": False, "include_treatment": True,
                                   "confidence_threshold": 0.5}
@@ -315,7 +304,7 @@ def test_analyze_queues_a_fresh_run(server, alice) -> None:
 # -- upload ------------------------------------------------------------------------------
 
 def test_upload_one_file_and_many(server, alice) -> None:
-    with connect(server, alice.token) as c:
+    with server.client(alice.token) as c:
         case = create(c, [lab("cbc.csv", df.lab_csv())])["case"]
         c.put(f"/cases/cases/{case['case_id']}", json={"status": "completed"})
         r = c.post("/cases/upload", data={"case_id": case["case_id"], "category": "lab"},
@@ -329,7 +318,7 @@ def test_upload_one_file_and_many(server, alice) -> None:
         check_file(f, server, case["case_id"])
         assert (f["file_name"], f["file_type"], f["file_category"], f["file_size"]) == \
             ("photo.png", "image/png", "lab", len(df.report_photo_png()))
-        assert fetch(f["file_url"]).content == df.report_photo_png()
+        assert fetch(server, f["file_url"]).content == df.report_photo_png()
 
         # Repeated ``files`` with no category, by integer case id: category from content.
         r = c.post("/cases/upload", data={"case_id": str(case["id"])},
@@ -353,7 +342,7 @@ def test_upload_one_file_and_many(server, alice) -> None:
 # -- files list, file get, file delete ---------------------------------------------------
 
 def test_files_list_and_single_file(server, alice) -> None:
-    with connect(server, alice.token) as c:
+    with server.client(alice.token) as c:
         created = create(c, [lab("cbc.csv", df.lab_csv()), rad("chest.png", df.xray_png())])
         case = created["case"]
         listed = c.get(f"/cases/files/{case['case_id']}")
@@ -372,11 +361,11 @@ def test_files_list_and_single_file(server, alice) -> None:
                 check_file(one, server, case["case_id"])
                 assert {k: v for k, v in one.items() if k != "file_url"} == \
                     {k: v for k, v in f.items() if k != "file_url"}
-                assert fetch(one["file_url"]).status_code == 200
+                assert fetch(server, one["file_url"]).status_code == 200
 
 
 def test_delete_file_removes_row_and_bytes(server, alice) -> None:
-    with connect(server, alice.token) as c:
+    with server.client(alice.token) as c:
         created = create(c, [lab("cbc.csv", df.lab_csv()), rad("chest.png", df.xray_png())])
         case = created["case"]
         first, second = created["uploaded_files"]
@@ -387,7 +376,7 @@ def test_delete_file_removes_row_and_bytes(server, alice) -> None:
         assert r.json() == {"message": "File deleted successfully"}
         assert not path.exists()
         assert c.get(f"/cases/file/{first['file_id']}").status_code == 404
-        assert fetch(first["file_url"]).status_code == 404
+        assert fetch(server, first["file_url"]).status_code == 404
         after = c.get(f"/cases/cases/{case['case_id']}").json()
         assert [f["file_id"] for f in after["files"]] == [second["file_id"]]
         assert ts(after["case"]["updated_at"]) > ts(case["updated_at"])
@@ -395,11 +384,11 @@ def test_delete_file_removes_row_and_bytes(server, alice) -> None:
         r = c.delete(f"/cases/file/{second['id']}", params={"case_id": case["case_id"]})
         assert r.status_code == 200
     assert stored_files(server) == []
-    assert db(server, CaseFile.filter(case_id=case["id"]).count()) == 0
+    assert server.run(CaseFile.filter(case_id=case["id"]).count()) == 0
 
 
 def test_delete_case_removes_rows_and_bytes(server, alice) -> None:
-    with connect(server, alice.token) as c:
+    with server.client(alice.token) as c:
         keep = create(c, [lab("keep.csv", df.lab_csv())])
         gone = create(c, [lab("cbc.csv", df.lab_csv()), rad("chest.dcm", df.dicom())])
         case = gone["case"]
@@ -413,14 +402,14 @@ def test_delete_case_removes_rows_and_bytes(server, alice) -> None:
         assert c.get(f"/cases/files/{case['case_id']}").status_code == 404
         for f in gone["uploaded_files"]:
             assert c.get(f"/cases/file/{f['file_id']}").status_code == 404
-            assert fetch(f["file_url"]).status_code == 404
+            assert fetch(server, f["file_url"]).status_code == 404
         # The integer id works for delete too.
         other = create(c)["case"]
         assert c.delete(f"/cases/cases/{other['id']}").status_code == 200
         remaining = c.get("/cases/all_cases").json()["cases"]
     assert [x["case_id"] for x in remaining] == [keep["case"]["case_id"]]
     for model in (CaseFile, Insight, Job):
-        assert db(server, model.filter(case_id=case["id"]).count()) == 0
+        assert server.run(model.filter(case_id=case["id"]).count()) == 0
     assert stored_files(server) == [stored_path(server, keep["uploaded_files"][0]["file_id"])]
 
 
@@ -443,23 +432,18 @@ def list_owner() -> User:
 def listed(tmp_path_factory, list_owner) -> Iterator[tuple[Any, list[dict[str, Any]]]]:
     """One server for the read-only list tests: the owner's four cases (oldest first) and
     one case of another user's."""
-    from medmitra.app import create_app
-
     settings = make_settings(tmp_path_factory.mktemp("list"))
-    port = free_port()
-    _, stop, loop = _serve_in_thread(create_app(settings, start_workers=False), port)
-    server = LiveServer(f"http://127.0.0.1:{port}", None, settings, loop)
-    alice, bob = list_owner, make_user()
-    out = []
-    with connect(server, alice.token) as c:
-        for name, age, gender, summary in PEOPLE:
-            out.append(create(c, patient_name=name, patient_age=str(age),
-                              patient_gender=gender, case_summary=summary or "")["case"])
-        c.put(f"/cases/cases/{out[1]['case_id']}", json={"status": "completed"})
-    with connect(server, bob.token) as c:
-        create(c, patient_name="Ravi Kumar")
-    yield server, out
-    stop()
+    with serve_in_process(settings, start_workers=False) as server:
+        alice, bob = list_owner, make_user()
+        out = []
+        with server.client(alice.token) as c:
+            for name, age, gender, summary in PEOPLE:
+                out.append(create(c, patient_name=name, patient_age=str(age),
+                                  patient_gender=gender, case_summary=summary or "")["case"])
+            c.put(f"/cases/cases/{out[1]['case_id']}", json={"status": "completed"})
+        with server.client(bob.token) as c:
+            create(c, patient_name="Ravi Kumar")
+        yield server, out
 
 
 def names(r: httpx.Response) -> list[str]:
@@ -470,7 +454,7 @@ def names(r: httpx.Response) -> list[str]:
 def test_list_defaults_newest_first_with_totals(listed, list_owner) -> None:
     server, cases = listed
     alice = list_owner
-    with connect(server, alice.token) as c:
+    with server.client(alice.token) as c:
         r = c.get("/cases/all_cases")
     body = r.json()
     assert set(body) == {"cases", "total", "page", "limit"}
@@ -508,7 +492,7 @@ def test_list_defaults_newest_first_with_totals(listed, list_owner) -> None:
 def test_list_filters_sorting_and_aliases(listed, list_owner, params, expected) -> None:
     server, _ = listed
     alice = list_owner
-    with connect(server, alice.token) as c:
+    with server.client(alice.token) as c:
         r = c.get("/cases/all_cases", params=params)
     assert names(r) == expected
     body = r.json()
@@ -524,7 +508,7 @@ def test_list_date_range_on_created_at(listed, list_owner) -> None:
     server, cases = listed
     alice = list_owner
     second, third = cases[1]["created_at"], cases[2]["created_at"]
-    with connect(server, alice.token) as c:
+    with server.client(alice.token) as c:
         assert names(c.get("/cases/all_cases", params={"start_date": second,
                                                        "end_date": third})) == \
             ["Meena Iyer", "asha rao"]

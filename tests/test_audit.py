@@ -24,7 +24,7 @@ import httpx
 import pytest
 
 import docfactory as df
-from conftest import ROOT, TEST_SECRET, LiveServer, free_port, make_settings, make_user
+from conftest import ROOT, TEST_SECRET, Served, free_port, make_settings, make_user
 from medmitra.cli import main
 from medmitra.ops import audit
 from tests.pg import pg_server, pg_url  # noqa: F401  (fixtures)
@@ -42,7 +42,7 @@ def _rows(data: Path) -> list[dict[str, Any]]:
         conn.close()
 
 
-def _exercise(server: LiveServer) -> dict[str, Any]:
+def _exercise(server: Served) -> dict[str, Any]:
     """One of each action by alice, one refused token, one probe by bob."""
     alice, bob = make_user(), make_user()
     with server.client(alice.token) as c:
@@ -60,7 +60,7 @@ def _exercise(server: LiveServer) -> dict[str, Any]:
                     files=[("file", ("x.png", df.xray_png(), "image/png"))])
         assert up.status_code == 201
         new_file = up.json()["file"]["file_id"]
-        assert httpx.get(first_file["file_url"]).status_code == 200
+        assert server.client().get(first_file["file_url"]).status_code == 200
         assert c.delete(f"/cases/file/{new_file}").status_code == 200
         assert c.post(f"/cases/analyze/{case}").status_code == 200
     with server.client("not.a.token") as c:
@@ -74,7 +74,7 @@ def _exercise(server: LiveServer) -> dict[str, Any]:
             "new_file": new_file}
 
 
-def test_every_access_is_recorded_with_ids_only(server: LiveServer) -> None:
+def test_every_access_is_recorded_with_ids_only(server: Served) -> None:
     ids = _exercise(server)
     rows = _rows(server.settings.data_path)
     got = [(r["action"], r["status"], r["user_id"], r["case_ref"]) for r in rows]
@@ -106,17 +106,17 @@ def test_every_access_is_recorded_with_ids_only(server: LiveServer) -> None:
         assert secret not in dump
 
 
-def test_sign_ins_are_recorded_without_the_email(server: LiveServer) -> None:
+def test_sign_ins_are_recorded_without_the_email(server: Served) -> None:
     email = "auditor.probe@clinic.test"
-    r = httpx.post(server.url + "/auth/v1/token?grant_type=password",
-                   json={"email": email, "password": "wrong password 123"})
+    r = server.client().post("/auth/v1/token?grant_type=password",
+                             json={"email": email, "password": "wrong password 123"})
     assert r.status_code == 400
     (row,) = _rows(server.settings.data_path)
     assert (row["action"], row["status"], row["user_id"]) == ("sign-in", 400, None)
     assert email not in json.dumps(row) and "auditor" not in json.dumps(row)
 
 
-def test_verify_names_edited_deleted_and_inserted_rows(server: LiveServer,
+def test_verify_names_edited_deleted_and_inserted_rows(server: Served,
                                                        capsys: pytest.CaptureFixture[str]
                                                        ) -> None:
     _exercise(server)
@@ -162,7 +162,7 @@ def test_verify_names_edited_deleted_and_inserted_rows(server: LiveServer,
     db.close()
 
 
-def test_list_filters_and_formats(server: LiveServer,
+def test_list_filters_and_formats(server: Served,
                                   capsys: pytest.CaptureFixture[str]) -> None:
     ids = _exercise(server)
     data = ["--data-dir", str(server.settings.data_path)]
@@ -217,9 +217,9 @@ def test_retention_removes_old_rows_and_keeps_the_chain_verifiable(
     assert "rows 1-6 are missing" in capsys.readouterr().out
 
 
-def test_batch_mode_commits_within_flush_interval(start_server, tmp_path: Path) -> None:
-    server = start_server(make_settings(tmp_path, audit={"durability": "batch",
-                                                         "flush_ms": 100}))
+def test_batch_mode_commits_within_flush_interval(start_app, tmp_path: Path) -> None:
+    server = start_app(make_settings(tmp_path, audit={"durability": "batch",
+                                                      "flush_ms": 100}))
     user = make_user()
     with server.client(user.token) as c:
         for _ in range(20):
@@ -231,8 +231,8 @@ def test_batch_mode_commits_within_flush_interval(start_server, tmp_path: Path) 
     assert server.app.ctx.audit.written == 20
 
 
-def test_disabled_trail_writes_nothing(start_server, tmp_path: Path) -> None:
-    server = start_server(make_settings(tmp_path, audit={"enabled": False}))
+def test_disabled_trail_writes_nothing(start_app, tmp_path: Path) -> None:
+    server = start_app(make_settings(tmp_path, audit={"enabled": False}))
     with server.client(make_user().token) as c:
         assert c.get("/cases/all_cases").status_code == 200
     assert _rows(server.settings.data_path) == []
@@ -280,9 +280,9 @@ def test_sigkill_after_responses_loses_no_acknowledged_row(tmp_path: Path) -> No
     assert answered == 200 and len(rows) == 200
 
 
-def test_trail_on_postgresql(pg_url, start_server, tmp_path: Path, monkeypatch,  # noqa: F811
+def test_trail_on_postgresql(pg_url, start_app, tmp_path: Path, monkeypatch,  # noqa: F811
                              capsys: pytest.CaptureFixture[str]) -> None:
-    server = start_server(make_settings(tmp_path, database={"url": pg_url}))
+    server = start_app(make_settings(tmp_path, database={"url": pg_url}))
     user = make_user()
     with server.client(user.token) as c:
         for _ in range(3):

@@ -37,9 +37,9 @@ JS_HEADERS = {"apikey": "local-anon-key", "x-client-info": "supabase-js-node/2.1
 
 # --- helpers ------------------------------------------------------------------------------
 
-def start(start_server: Any, tmp_path: Path, **auth: Any) -> Any:
+def start(start_app: Any, tmp_path: Path, **auth: Any) -> Any:
     auth.setdefault("rate_limit_per_min", 100000)   # only the rate-limit test hits the limit
-    return start_server(make_settings(tmp_path, auth=auth))
+    return start_app(make_settings(tmp_path, auth=auth))
 
 
 def add_user(server: Any, email: str = EMAIL, password: str = PASSWORD) -> Any:
@@ -88,8 +88,8 @@ def decode(client: httpx.Client, token: str) -> tuple[dict, dict]:
 
 # --- sign-in and token shape --------------------------------------------------------------
 
-def test_password_grant_returns_supabase_session_with_es256_token(start_server, tmp_path):
-    server = start(start_server, tmp_path)
+def test_password_grant_returns_supabase_session_with_es256_token(start_app, tmp_path):
+    server = start(start_app, tmp_path)
     user = add_user(server)
     with server.client() as c:
         before_s = int(time.time())
@@ -112,8 +112,8 @@ def test_password_grant_returns_supabase_session_with_es256_token(start_server, 
 
 
 def test_wrong_password_and_unknown_email_get_identical_answers_in_similar_time(
-        start_server, tmp_path):
-    server = start(start_server, tmp_path)
+        start_app, tmp_path):
+    server = start(start_app, tmp_path)
     add_user(server)
     with server.client() as c:
         wrong = sign_in(c, password="not the password")
@@ -132,8 +132,8 @@ def test_wrong_password_and_unknown_email_get_identical_answers_in_similar_time(
         assert 1 / 3 < ratio < 3, (wrong_s, unknown_s)
 
 
-def test_token_endpoint_validation_errors(start_server, tmp_path):
-    server = start(start_server, tmp_path)
+def test_token_endpoint_validation_errors(start_app, tmp_path):
+    server = start(start_app, tmp_path)
     with server.client() as c:
         assert_auth_error(c.post("/auth/v1/token?grant_type=password", json={"email": EMAIL}),
                           400, "validation_failed")
@@ -154,8 +154,8 @@ def test_token_endpoint_validation_errors(start_server, tmp_path):
 
 # --- refresh-token rotation ---------------------------------------------------------------
 
-def test_refresh_rotates_and_allows_reuse_within_window(start_server, tmp_path):
-    server = start(start_server, tmp_path, refresh_reuse_window_s=60)
+def test_refresh_rotates_and_allows_reuse_within_window(start_app, tmp_path):
+    server = start(start_app, tmp_path, refresh_reuse_window_s=60)
     add_user(server)
     with server.client() as c:
         first = tokens(c)
@@ -174,8 +174,8 @@ def test_refresh_rotates_and_allows_reuse_within_window(start_server, tmp_path):
         assert cases_status(c, first["access_token"]) == 200
 
 
-def test_refresh_replay_outside_window_revokes_the_whole_session(start_server, tmp_path):
-    server = start(start_server, tmp_path, refresh_reuse_window_s=0)
+def test_refresh_replay_outside_window_revokes_the_whole_session(start_app, tmp_path):
+    server = start(start_app, tmp_path, refresh_reuse_window_s=0)
     add_user(server)
     with server.client() as c:
         first = tokens(c)
@@ -194,8 +194,8 @@ def test_refresh_replay_outside_window_revokes_the_whole_session(start_server, t
 
 # --- user endpoints -----------------------------------------------------------------------
 
-def test_get_user_and_its_errors(start_server, tmp_path):
-    server = start(start_server, tmp_path)
+def test_get_user_and_its_errors(start_app, tmp_path):
+    server = start(start_app, tmp_path)
     user = add_user(server)
     with server.client() as c:
         body = tokens(c)
@@ -211,8 +211,8 @@ def test_get_user_and_its_errors(start_server, tmp_path):
                           403, "user_not_found")
 
 
-def test_password_change_revokes_other_sessions(start_server, tmp_path):
-    server = start(start_server, tmp_path)
+def test_password_change_revokes_other_sessions(start_app, tmp_path):
+    server = start(start_app, tmp_path)
     add_user(server)
     new_password = "a brand new passphrase"
     with server.client() as c:
@@ -235,8 +235,8 @@ def test_password_change_revokes_other_sessions(start_server, tmp_path):
             "full_name": "Dr Rao"}
 
 
-def test_logout_scopes(start_server, tmp_path):
-    server = start(start_server, tmp_path)
+def test_logout_scopes(start_app, tmp_path):
+    server = start(start_app, tmp_path)
     add_user(server)
     with server.client() as c:
         a, b, d = tokens(c), tokens(c), tokens(c)
@@ -257,8 +257,8 @@ def test_logout_scopes(start_server, tmp_path):
         assert_auth_error(r, 401, "no_authorization")
 
 
-def test_disabled_user_cannot_sign_in_and_loses_sessions(start_server, tmp_path):
-    server = start(start_server, tmp_path)
+def test_disabled_user_cannot_sign_in_and_loses_sessions(start_app, tmp_path):
+    server = start(start_app, tmp_path)
     user = add_user(server)
     with server.client() as c:
         held = tokens(c)
@@ -278,8 +278,8 @@ def test_disabled_user_cannot_sign_in_and_loses_sessions(start_server, tmp_path)
 
 # --- signup, settings, health, CORS, rate limit -------------------------------------------
 
-def test_signup_disabled_by_default(start_server, tmp_path):
-    server = start(start_server, tmp_path)
+def test_signup_disabled_by_default(start_app, tmp_path):
+    server = start(start_app, tmp_path)
     with server.client() as c:
         r = c.post("/auth/v1/signup", json={"email": EMAIL, "password": PASSWORD})
         assert_auth_error(r, 422, "signup_disabled")
@@ -287,8 +287,8 @@ def test_signup_disabled_by_default(start_server, tmp_path):
         assert c.get("/auth/v1/settings").json()["disable_signup"] is True
 
 
-def test_signup_when_enabled(start_server, tmp_path):
-    server = start(start_server, tmp_path, signup_enabled=True)
+def test_signup_when_enabled(start_app, tmp_path):
+    server = start(start_app, tmp_path, signup_enabled=True)
     with server.client() as c:
         settings = c.get("/auth/v1/settings").json()
         assert settings["disable_signup"] is False and settings["external"]["email"] is True
@@ -306,8 +306,8 @@ def test_signup_when_enabled(start_server, tmp_path):
         assert_auth_error(r, 400, "validation_failed")
 
 
-def test_health_and_cors_preflight_for_supabase_js(start_server, tmp_path):
-    server = start(start_server, tmp_path)
+def test_health_and_cors_preflight_for_supabase_js(start_app, tmp_path):
+    server = start(start_app, tmp_path)
     with server.client() as c:
         r = c.get("/auth/v1/health")
         assert r.status_code == 200 and r.json()["name"] == "GoTrue"
@@ -332,9 +332,9 @@ def test_health_and_cors_preflight_for_supabase_js(start_server, tmp_path):
         assert "access-control-allow-origin" not in sign_in(c).headers
 
 
-def test_rate_limit_answers_429_in_supabase_shape(start_server, tmp_path):
+def test_rate_limit_answers_429_in_supabase_shape(start_app, tmp_path):
     # Only failed sign-ins count (tests/test_auth_ratelimit.py has the rules).
-    server = start(start_server, tmp_path, rate_limit_per_min=3)
+    server = start(start_app, tmp_path, rate_limit_per_min=3)
     add_user(server)
     with server.client() as c:
         assert [sign_in(c, password=f"guess{i}").status_code for i in range(3)] == [400] * 3
@@ -349,8 +349,8 @@ def test_rate_limit_answers_429_in_supabase_shape(start_server, tmp_path):
 
 # --- sessions seen by the case API --------------------------------------------------------
 
-def test_case_api_session_rules_for_local_and_foreign_tokens(start_server, tmp_path):
-    server = start(start_server, tmp_path)
+def test_case_api_session_rules_for_local_and_foreign_tokens(start_app, tmp_path):
+    server = start(start_app, tmp_path)
     user = add_user(server)
     with server.client() as c:
         # A real Supabase project's HS256 token: its session is not ours, so it is accepted.
@@ -367,8 +367,8 @@ def test_case_api_session_rules_for_local_and_foreign_tokens(start_server, tmp_p
 
 # --- signing keys -------------------------------------------------------------------------
 
-def test_key_file_and_rotation_keep_old_tokens_valid(start_server, tmp_path):
-    server = start(start_server, tmp_path)
+def test_key_file_and_rotation_keep_old_tokens_valid(start_app, tmp_path):
+    server = start(start_app, tmp_path)
     add_user(server)
     keys_dir = server.settings.data_path / KEYS_DIR_NAME
     with server.client() as c:
@@ -414,7 +414,7 @@ def cli(tmp_path: Path, *args: str) -> int:
     return main([*args, "--config", str(config), "--data-dir", str(tmp_path / "data")])
 
 
-def test_cli_users_and_keys(start_server, tmp_path, capsys, monkeypatch):
+def test_cli_users_and_keys(start_app, tmp_path, capsys, monkeypatch):
     assert cli(tmp_path, "users", "add", "--email", "Doctor@Clinic.test",
                "--password", PASSWORD) == 0
     assert "doctor@clinic.test" in capsys.readouterr().out
@@ -448,7 +448,7 @@ def test_cli_users_and_keys(start_server, tmp_path, capsys, monkeypatch):
         assert stat.S_IMODE(pems[0].parent.stat().st_mode) & 0o077 == 0
 
     # The server uses what the CLI wrote.
-    server = start_server(make_settings(tmp_path, auth={"rate_limit_per_min": 100000}))
+    server = start_app(make_settings(tmp_path, auth={"rate_limit_per_min": 100000}))
     with server.client() as c:
         assert_auth_error(sign_in(c, "doctor@clinic.test", PASSWORD), 400,
                           "invalid_credentials")

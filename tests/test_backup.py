@@ -27,7 +27,7 @@ import httpx
 import pytest
 
 import docfactory as df
-from conftest import MODEL_PATH, ROOT, TEST_SECRET, LiveServer, free_port, make_settings, make_user
+from conftest import MODEL_PATH, ROOT, TEST_SECRET, Served, free_port, make_settings, make_user
 from medmitra.cli import main
 from medmitra.llm.runtime import FakeRuntime
 from medmitra.ops.backup import MANIFEST, make_backup, verify_backup
@@ -72,10 +72,10 @@ OWNERS: dict[str, Any] = {}
 
 
 @pytest.fixture
-def populated(start_server, tmp_path: Path) -> tuple[LiveServer, dict[str, bytes]]:
+def populated(start_app, tmp_path: Path) -> tuple[Served, dict[str, bytes]]:
     """A running server (no workers) with 4 cases of two users, 8 files. OWNERS maps each
     case to its user."""
-    server = start_server(make_settings(tmp_path))
+    server = start_app(make_settings(tmp_path))
     sent: dict[str, bytes] = {}
     OWNERS.clear()
     for user in (make_user(), make_user()):
@@ -89,7 +89,7 @@ def populated(start_server, tmp_path: Path) -> tuple[LiveServer, dict[str, bytes
     return server, sent
 
 
-def test_backup_verify_restore_round_trip(populated, tmp_path: Path, start_server,
+def test_backup_verify_restore_round_trip(populated, tmp_path: Path,
                                           capsys: pytest.CaptureFixture[str]) -> None:
     server, sent = populated
     data = server.settings.data_path
@@ -260,9 +260,9 @@ def test_prune_keeps_the_newest(tmp_path: Path) -> None:
         ".medmitra-x.partial-1", "medmitra-20260102", "medmitra-20260103"]
 
 
-def test_server_makes_scheduled_backups(start_server, tmp_path: Path) -> None:
+def test_server_makes_scheduled_backups(start_app, tmp_path: Path) -> None:
     # every_h is in hours; 0.0003 h is about 1.1 s. Wait for three backups; two are kept.
-    server = start_server(make_settings(tmp_path, backup={"every_h": 0.0003, "keep": 2}))
+    server = start_app(make_settings(tmp_path, backup={"every_h": 0.0003, "keep": 2}))
     seen: set[float] = set()
     deadline = time.monotonic() + 90
     while len(seen) < 3 and time.monotonic() < deadline:
@@ -444,7 +444,7 @@ def serve(data: Path) -> Iterator[str]:
             proc.wait(10)
 
 
-def _running(server: LiveServer) -> int:
+def _running(server: Served) -> int:
     pool = server.app.ctx.pool
     return sum(1 for w in pool.status()["workers"] if w["state"] == "busy") if pool else 0
 

@@ -2,12 +2,13 @@
 asserts the exact status, the error body {"detail", "error"} with equal strings,
 ``WWW-Authenticate: Bearer`` on 401, and that nothing changed: no case, file or job row,
 no bytes under data_dir/files, nothing left in data_dir/tmp, the existing case untouched.
-Then file names, exact limits, and how streaming routes refuse a request early."""
+Then file names and exact limits. The app is served in process; what only Sanic's HTTP
+server does (the whole-request cap, early refusals on a kept connection) is in
+tests/test_http_wire.py."""
 
 from __future__ import annotations
 
 import json
-import socket
 import time
 import unicodedata
 import uuid
@@ -17,8 +18,7 @@ from typing import Any, Callable, Iterator
 import httpx
 import pytest
 
-from conftest import (TEST_SECRET, LiveServer, User, _serve_in_thread, free_port, make_settings,
-                      make_user)
+from conftest import TEST_SECRET, Served, User, make_settings, make_user, serve_in_process
 from medmitra.auth.jwt import issue_token
 from medmitra.db.models import Case, CaseFile, Job
 from tests import docfactory as df
@@ -34,16 +34,6 @@ CREATE = "/cases/create_case"
 GOOD = {"patient_name": "Ok Patient", "patient_age": "40", "patient_gender": "male"}
 
 
-def connect(server: Any, token: str | None = None, **kw: Any) -> httpx.Client:
-    return server.client(token, verify=False, **kw)   # plain HTTP: skip the TLS set-up
-
-
-def db(server: Any, query: Any) -> Any:
-    async def run() -> Any:
-        return await query
-    return server.run(run())
-
-
 def pad_pdf(size: int) -> bytes:
     head = df.text_pdf()
     return head + b"%" * (size - len(head))
@@ -56,7 +46,7 @@ def pad_png(size: int) -> bytes:
 
 @dataclass
 class World:
-    server: LiveServer
+    server: Served
     alice: User
     case: dict[str, Any]
     file: dict[str, Any]
@@ -64,37 +54,37 @@ class World:
     def snapshot(self) -> dict[str, Any]:
         data = self.server.settings.data_path
         return {
-            "cases": db(self.server, Case.all().order_by("id").values()),
-            "files": db(self.server, CaseFile.all().order_by("id").values()),
-            "jobs": db(self.server, Job.all().order_by("id").values()),
+            "cases": self.server.run(Case.all().order_by("id").values()),
+            "files": self.server.run(CaseFile.all().order_by("id").values()),
+            "jobs": self.server.run(Job.all().order_by("id").values()),
             "disk": sorted(str(p) for p in (data / "files").rglob("*") if p.is_file()),
             "tmp": sorted(p.name for p in (data / "tmp").iterdir()),
         }
 
 
-def start(tmp_path_factory: Any, name: str, **sections: Any) -> tuple[LiveServer, Callable]:
-    from medmitra.app import create_app
+def world_settings(tmp_path_factory: Any, name: str) -> Any:
+    """Small file limits and a 1 MiB request cap."""
+    return make_settings(tmp_path_factory.mktemp(name), limits=LIMITS,
+                         server={"request_max_bytes": CAP})
 
-    settings = make_settings(tmp_path_factory.mktemp(name), **sections)
-    port = free_port()
-    _, stop, loop = _serve_in_thread(create_app(settings, start_workers=False), port)
-    return LiveServer(f"http://127.0.0.1:{port}", None, settings, loop), stop
+
+def make_world(server: Served) -> World:
+    """One existing case with one file, which every bad request must leave as it was."""
+    alice = make_user()
+    with server.client(alice.token) as c:
+        r = c.post(CREATE, data={**GOOD, "case_summary": "baseline"},
+                   files={"lab_files": ("base.csv", df.lab_csv())})
+    assert r.status_code == 201, r.text
+    return World(server, alice, r.json()["case"], r.json()["uploaded_files"][0])
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Iterator[World]:
-    """One server for the whole module (tortoise keeps one global connection set, so two
-    live servers must not overlap): small file limits, a 1 MiB request cap, and one
-    existing case with one file, which every request below must leave exactly as it was."""
-    server, stop = start(tmp_path_factory, "bad", limits=LIMITS,
-                         server={"request_max_bytes": CAP})
-    alice = make_user()
-    with connect(server, alice.token) as c:
-        r = c.post(CREATE, data={**GOOD, "case_summary": "baseline"},
-                   files={"lab_files": ("base.csv", df.lab_csv())})
-    assert r.status_code == 201, r.text
-    yield World(server, alice, r.json()["case"], r.json()["uploaded_files"][0])
-    stop()
+    """One app for the whole module (tortoise keeps one global connection set, so two apps
+    must not overlap)."""
+    with serve_in_process(world_settings(tmp_path_factory, "bad"),
+                          start_workers=False) as server:
+        yield make_world(server)
 
 
 def assert_error(r: httpx.Response, status: int) -> dict[str, Any]:
@@ -224,11 +214,7 @@ ROWS: list[tuple[str, Call, int]] = [
     ("patient_name only control chars", create(patient_name="\x01\x02"), 400),
     ("patient_gender empty", create(patient_gender=""), 400),
     ("patient_name too long", create(patient_name="n" * 201), 400),
-    ("case_summary of several MB", create([lab("a.csv", df.lab_csv())],
-                                          case_summary="x" * (5 * MiB)), 413),
     ("case_summary of several MB, urlencoded", create(case_summary="x" * (5 * MiB)), 413),
-    ("fields each fine, together over the request cap",
-     create([lab("a.csv", df.lab_csv())], **NOTES), 413),
     ("case_summary of 200 KB", create([lab("a.csv", df.lab_csv())],
                                       case_summary="x" * (200 * 1024)), 400),
     ("case_summary of 200 KB, urlencoded", create(case_summary="x" * (200 * 1024)), 400),
@@ -292,7 +278,6 @@ ROWS: list[tuple[str, Call, int]] = [
     ("PUT null patient_gender", put({"patient_gender": None}), 400),
     ("PUT numeric case_summary", put({"case_summary": 5}), 400),
     ("PUT huge case_summary", put({"case_summary": "y" * (200 * 1024)}), 400),
-    ("PUT body over the request cap", put({"case_summary": "y" * (3 * MiB)}), 413),
     ("PUT one good field and one bad", put({"patient_name": "New", "patient_age": "x"}), 400),
     # analyze
     ("analyze bad JSON", analyze(b"{oops"), 400),
@@ -342,15 +327,31 @@ for method, path in ID_ROUTES:
                          method, path.format(ident)), status))
 
 
+# Over the whole-request cap (server.request_max_bytes), which Sanic's HTTP server counts
+# as the body arrives: these run on a socket, in tests/test_http_wire.py.
+CAP_ROWS: list[tuple[str, Call, int]] = [
+    ("case_summary of several MB", create([lab("a.csv", df.lab_csv())],
+                                          case_summary="x" * (5 * MiB)), 413),
+    ("fields each fine, together over the request cap",
+     create([lab("a.csv", df.lab_csv())], **NOTES), 413),
+    ("PUT body over the request cap", put({"case_summary": "y" * (3 * MiB)}), 413),
+]
+
+
 def test_table_names_are_unique() -> None:
-    names = [r[0] for r in ROWS]
+    names = [r[0] for r in ROWS + CAP_ROWS]
     assert len(names) == len(set(names))
 
 
 @pytest.mark.parametrize("name, call, status", ROWS, ids=[r[0] for r in ROWS])
 def test_bad_request_changes_nothing(world: World, name: str, call: Call, status: int) -> None:
+    refused_without_a_trace(world, call, status)
+
+
+def refused_without_a_trace(world: World, call: Call, status: int) -> None:
+    """``call`` answers ``status`` with the error body, and nothing changed."""
     before = world.snapshot()
-    with connect(world.server, world.alice.token) as c:
+    with world.server.client(world.alice.token) as c:
         r = call(c, world)
     body = assert_error(r, status)
     if status == 400 and "errors" in body:
@@ -359,14 +360,14 @@ def test_bad_request_changes_nothing(world: World, name: str, call: Call, status
 
 
 def test_empty_update_message(world: World) -> None:
-    with connect(world.server, world.alice.token) as c:
+    with world.server.client(world.alice.token) as c:
         r = put({})(c, world)
     assert assert_error(r, 400)["detail"] == "No data provided for update"
 
 
 @pytest.mark.parametrize("value", ["abc", "-1", "151", "4.5", ""])
 def test_age_errors_name_the_field(world: World, value: str) -> None:
-    with connect(world.server, world.alice.token) as c:
+    with world.server.client(world.alice.token) as c:
         r = create(patient_age=value)(c, world)
     body = assert_error(r, 400)
     assert body["errors"][0]["loc"] == ["form", "patient_age"]
@@ -410,7 +411,7 @@ def test_bad_tokens_answer_401(world: World, method: str, path: str, kind: str) 
               "files": {"lab_files" if path == CREATE else "file": ("a.csv", df.lab_csv())}}
     elif method == "PUT":
         kw = {"json": {"status": "completed"}}
-    with connect(world.server) as c:
+    with world.server.client() as c:
         r = c.request(method, url, headers=headers, **kw)
     assert_error(r, 401)
     assert world.snapshot() == before
@@ -435,7 +436,7 @@ NAMES = [  # as sent (raw bytes of the multipart header), stored display name
 
 def test_hostile_file_names_are_sanitised_and_stored_by_uuid(world: World) -> None:
     data = world.server.settings.data_path
-    with connect(world.server, world.alice.token) as c:
+    with world.server.client(world.alice.token) as c:
         stored = []
         for i in range(0, len(NAMES), FILES_MAX):
             chunk = NAMES[i:i + FILES_MAX]
@@ -459,7 +460,7 @@ def test_stored_path_is_the_file_uuid(world: World) -> None:
     data = world.server.settings.data_path
     before = {p for p in (data / "files").rglob("*") if p.is_file()}
     parts = [*GOOD_PARTS, file_part("lab_files", "../../../../tmp/evil.csv", df.lab_csv())]
-    with connect(world.server, world.alice.token) as c:
+    with world.server.client(world.alice.token) as c:
         r = raw(CREATE, mp(*parts), MP)(c, world)
         assert r.status_code == 201, r.text
         fid = r.json()["uploaded_files"][0]["file_id"]
@@ -472,7 +473,7 @@ def test_stored_path_is_the_file_uuid(world: World) -> None:
 # -- exact limits ------------------------------------------------------------------------
 
 def test_files_exactly_at_their_limits_are_accepted(world: World) -> None:
-    with connect(world.server, world.alice.token) as c:
+    with world.server.client(world.alice.token) as c:
         r = create([lab("at.pdf", pad_pdf(LAB_MAX)), rad("at.png", pad_png(RAD_MAX)),
                     lab("c.csv", df.lab_csv())])(c, world)
         assert r.status_code == 201, r.text
@@ -482,98 +483,9 @@ def test_files_exactly_at_their_limits_are_accepted(world: World) -> None:
 
 
 def test_boundary_ages_are_accepted(world: World) -> None:
-    with connect(world.server, world.alice.token) as c:
+    with world.server.client(world.alice.token) as c:
         for age in ("0", "150", " 007 "):
             r = create(patient_age=age)(c, world)
             assert r.status_code == 201, r.text
             assert r.json()["case"]["patient_age"] == int(age)
             c.delete(f"/cases/cases/{r.json()['case']['case_id']}")
-
-
-# -- the whole request over its cap; early refusals on streaming routes -------------------
-
-def test_chunked_body_over_the_request_cap_is_413(world: World) -> None:
-    """No Content-Length to refuse up front: the cap is counted as the chunks arrive. Every
-    part is within its own limit; only the whole is too big."""
-    before = world.snapshot()
-    body = mp(*GOOD_PARTS, *OVER_CAP_NOTES, file_part("lab_files", "a.csv", df.lab_csv()))
-    assert len(body) > CAP
-
-    def chunks() -> Iterator[bytes]:
-        for i in range(0, len(body), 16384):
-            yield body[i:i + 16384]
-
-    with connect(world.server, world.alice.token) as c:
-        r = c.post(CREATE, content=chunks(), headers={"content-type": MP})
-    assert_error(r, 413)
-    assert world.snapshot() == before
-
-
-def _http(sock: socket.socket, request: bytes) -> tuple[int, dict[str, str], bytes]:
-    """Send one request (tolerating a peer that stops reading) and read one response."""
-    try:
-        sock.sendall(request)
-    except OSError:
-        pass   # the server answered early and closed; its answer is still in our buffer
-    buf = b""
-    while b"\r\n\r\n" not in buf:
-        data = sock.recv(65536)
-        assert data, f"connection closed before a response: {buf!r}"
-        buf += data
-    head, _, rest = buf.partition(b"\r\n\r\n")
-    lines = head.decode().split("\r\n")
-    headers = {k.lower(): v.strip() for k, v in (ln.split(":", 1) for ln in lines[1:])}
-    length = int(headers.get("content-length", "0"))
-    while len(rest) < length:
-        data = sock.recv(65536)
-        assert data, "connection closed inside the response body"
-        rest += data
-    return int(lines[0].split()[1]), headers, rest[:length]
-
-
-def _create_request(body: bytes, token: str | None) -> bytes:
-    auth = f"Authorization: Bearer {token}\r\n" if token else ""
-    return (f"POST {CREATE} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {MP}\r\n"
-            f"Content-Length: {len(body)}\r\n{auth}\r\n").encode() + body
-
-
-@pytest.mark.parametrize("token, file_bytes, status", [
-    (None, 600 * 1024, 401),          # refused before the body is read
-    ("alice", 600 * 1024, 413),       # one file over its 8 KiB limit, mid-body
-    ("alice", 100, 415),              # refused after the whole body (baseline)
-])
-def test_early_refusal_is_clean_and_keeps_the_connection(world: World, token, file_bytes,
-                                                         status) -> None:
-    """The client gets the whole error response, and the connection stays usable: the
-    server read (drained) the rest of the body instead of resetting the connection."""
-    before = world.snapshot()
-    body = mp(*GOOD_PARTS, file_part("lab_files", "x.pdf", df.elf_exe()[:file_bytes]
-                                     if file_bytes <= 576 else pad_pdf(file_bytes)))
-    assert len(body) < CAP
-    with socket.create_connection(("127.0.0.1", int(world.server.url.rsplit(":", 1)[1])),
-                                  timeout=30) as sock:
-        code, headers, payload = _http(sock, _create_request(
-            body, world.alice.token if token else None))
-        assert code == status
-        doc = json.loads(payload)
-        assert doc["detail"] == doc["error"]
-        assert headers.get("connection", "keep-alive") == "keep-alive"
-        code, _, payload = _http(sock, b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-        assert code == 200 and b"running" in payload
-    assert world.snapshot() == before
-
-
-@pytest.mark.parametrize("token", [None, "alice"])
-def test_declared_body_over_the_cap_gets_its_answer(world: World, token) -> None:
-    """Content-Length over request_max_bytes: refused without reading the body; the answer
-    (401 or 413) still reaches a client that is busy sending, then the server closes."""
-    before = world.snapshot()
-    body = mp(*GOOD_PARTS, file_part("lab_files", "x.pdf", pad_pdf(4 * MiB)))
-    with socket.create_connection(("127.0.0.1", int(world.server.url.rsplit(":", 1)[1])),
-                                  timeout=30) as sock:
-        code, headers, payload = _http(sock, _create_request(
-            body, world.alice.token if token else None))
-    assert code == (413 if token else 401)
-    assert json.loads(payload)["detail"]
-    assert headers["connection"] == "close"    # the unread body makes the connection unusable
-    assert world.snapshot() == before

@@ -35,8 +35,6 @@ import docfactory as df
 from conftest import MODEL_PATH, ROOT, free_port
 from medmitra import __version__
 
-pytestmark = [pytest.mark.binary, pytest.mark.slow]
-
 BINARY = ROOT / "dist" / "medmitra"
 EXE_NAME = "medmitra"
 # Inputs of the binary: a change to any of them makes dist/medmitra stale.
@@ -47,6 +45,9 @@ ANALYSIS_TIMEOUT_S = 600
 STOP_TIMEOUT_S = 60
 POLL_S = 0.05
 CLONE_NEWNET = 0x40000000
+# The first test may build the binary, then start it and run an analysis.
+pytestmark = [pytest.mark.binary, pytest.mark.slow,
+              pytest.mark.timeout(BUILD_TIMEOUT_S + ANALYSIS_TIMEOUT_S + 4 * START_TIMEOUT_S)]
 
 
 # -- the binary -------------------------------------------------------------------------------

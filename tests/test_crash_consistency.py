@@ -9,7 +9,6 @@ import errno
 import os
 from typing import Any
 
-import httpx
 import pytest
 
 from medmitra import storage as storage_mod
@@ -23,22 +22,12 @@ GOOD_TWO = [("lab_files", ("cbc.csv", df.lab_csv())),
             ("radiology_files", ("cxr.png", df.xray_png()))]
 
 
-def connect(server: Any, token: str) -> httpx.Client:
-    return server.client(token, verify=False)   # plain HTTP: skip the TLS set-up
-
-
-def db(server: Any, query: Any) -> Any:
-    async def run() -> Any:
-        return await query
-    return server.run(run())
-
-
 def state(server: Any) -> dict[str, Any]:
     data = server.settings.data_path
     return {
-        "cases": db(server, Case.all().order_by("id").values()),
-        "files": db(server, CaseFile.all().order_by("id").values()),
-        "jobs": db(server, Job.all().order_by("id").values()),
+        "cases": server.run(Case.all().order_by("id").values()),
+        "files": server.run(CaseFile.all().order_by("id").values()),
+        "jobs": server.run(Job.all().order_by("id").values()),
         "disk": sorted(str(p.relative_to(data)) for p in (data / "files").rglob("*")
                        if p.is_file()),
         "tmp": sorted(p.name for p in (data / "tmp").iterdir()),
@@ -54,12 +43,12 @@ EMPTY = {"cases": [], "files": [], "jobs": [], "disk": [], "tmp": []}
     (("lab_files", ("scan.dcm", df.dicom())), 415),
     (("radiology_files", ("big.png", df.xray_png() + b"\x00" * 20000)), 413),
 ])
-def test_create_with_a_bad_third_file_leaves_nothing(start_server, tmp_path, alice, third,
+def test_create_with_a_bad_third_file_leaves_nothing(start_app, tmp_path, alice, third,
                                                      status) -> None:
     from conftest import make_settings
 
-    server = start_server(make_settings(tmp_path, limits={"radiology_max_bytes": 16384}))
-    with connect(server, alice.token) as c:
+    server = start_app(make_settings(tmp_path, limits={"radiology_max_bytes": 16384}))
+    with server.client(alice.token) as c:
         r = c.post("/cases/create_case", data=FIELDS, files=[*GOOD_TWO, third])
         assert r.status_code == status, r.text
         assert c.get("/cases/all_cases").json()["total"] == 0
@@ -68,7 +57,7 @@ def test_create_with_a_bad_third_file_leaves_nothing(start_server, tmp_path, ali
 
 @pytest.fixture
 def existing(server, alice) -> dict[str, Any]:
-    with connect(server, alice.token) as c:
+    with server.client(alice.token) as c:
         r = c.post("/cases/create_case", data=FIELDS, files=[GOOD_TWO[0]])
         assert r.status_code == 201, r.text
         c.put(f"/cases/cases/{r.json()['case']['case_id']}", json={"status": "completed"})
@@ -80,7 +69,7 @@ def test_upload_with_a_bad_third_file_leaves_the_case_as_it_was(server, alice,
     before = state(server)
     files = [("files", ("a.pdf", df.text_pdf())), ("files", ("b.png", df.xray_png())),
              ("files", ("c.pdf", df.elf_exe()))]
-    with connect(server, alice.token) as c:
+    with server.client(alice.token) as c:
         r = c.post("/cases/upload", data={"case_id": existing["case_id"]}, files=files)
         assert r.status_code == 415, r.text
         case = c.get(f"/cases/cases/{existing['case_id']}").json()["case"]
@@ -107,7 +96,7 @@ def test_failure_inside_the_transaction_leaves_no_bytes(server, alice, monkeypat
     transaction rolls back (no case row) and the moved bytes are removed."""
     wrap, calls = _fail_on_call(2, RuntimeError("disk I/O error (injected)"))
     monkeypatch.setattr(CaseFile, "save", wrap(CaseFile.save))
-    with connect(server, alice.token) as c:
+    with server.client(alice.token) as c:
         r = c.post("/cases/create_case", data=FIELDS,
                    files=[*GOOD_TWO, ("lab_files", ("c.pdf", df.text_pdf()))])
     assert calls["n"] == 2
@@ -119,7 +108,7 @@ def test_failure_inside_the_transaction_leaves_no_bytes(server, alice, monkeypat
 def test_failure_queueing_the_job_rolls_back_the_case(server, alice, monkeypatch) -> None:
     wrap, calls = _fail_on_call(1, RuntimeError("queue broken (injected)"))
     monkeypatch.setattr(queue, "enqueue", wrap(queue.enqueue))
-    with connect(server, alice.token) as c:
+    with server.client(alice.token) as c:
         r = c.post("/cases/create_case", data=FIELDS, files=GOOD_TWO)
     assert calls["n"] == 1 and r.status_code == 500
     assert "injected" not in r.text
@@ -131,7 +120,7 @@ def test_failure_inside_the_upload_transaction_leaves_no_bytes(server, alice, ex
     before = state(server)
     wrap, calls = _fail_on_call(1, RuntimeError("queue broken (injected)"))
     monkeypatch.setattr(queue, "enqueue", wrap(queue.enqueue))
-    with connect(server, alice.token) as c:
+    with server.client(alice.token) as c:
         r = c.post("/cases/upload", data={"case_id": existing["case_id"]},
                    files=[("files", ("a.pdf", df.text_pdf())),
                           ("files", ("b.png", df.xray_png()))])
@@ -153,7 +142,7 @@ def test_disk_full_while_moving_files_into_place(server, alice, monkeypatch) -> 
         real_replace(src, dst, *a, **kw)
 
     monkeypatch.setattr(storage_mod.os, "replace", replace)
-    with connect(server, alice.token) as c:
+    with server.client(alice.token) as c:
         r = c.post("/cases/create_case", data=FIELDS,
                    files=[*GOOD_TWO, ("lab_files", ("c.pdf", df.text_pdf()))])
     monkeypatch.undo()

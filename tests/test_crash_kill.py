@@ -22,7 +22,6 @@ import random
 import signal
 import sqlite3
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -33,16 +32,18 @@ import httpx
 import pytest
 
 import docfactory as df
-from conftest import ROOT, free_port
+from conftest import free_port, kill_group, spawn_server, wait_healthy
 from medmitra.auth.jwt import issue_token
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 ROUNDS = int(os.environ.get("MEDMITRA_CRASH_ROUNDS", "5"))
 SEED = int(os.environ.get("MEDMITRA_CRASH_SEED", "20260601"))
 SECRET = "crash-kill-secret-" + "k" * 40
 START_TIMEOUT_S = 180.0
 DRAIN_TIMEOUT_S = 240.0
+# Each round may wait for a start and a drain; the final restart once more.
+pytestmark = [pytest.mark.e2e, pytest.mark.slow,
+              pytest.mark.timeout((ROUNDS + 1) * (START_TIMEOUT_S + DRAIN_TIMEOUT_S))]
 # The kill lands this long after the round's traffic starts (uniform).
 KILL_AFTER_S = (0.05, 2.5)
 # Per-round work is small: every queued analysis costs real model time before the drain.
@@ -56,44 +57,11 @@ FAST_LLM = {f"MEDMITRA_LLM_MAX_TOKENS_{k}": "16" for k in (
 
 # ------------------------------------------------------------------ server processes
 
-def server_env(data: Path, port: int, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MEDMITRA_")}
-    env.update({"MEDMITRA_STORAGE_DATA_DIR": str(data), "MEDMITRA_SERVER_PORT": str(port),
-                "MEDMITRA_AUTH_JWT_SECRET": SECRET, "MEDMITRA_STORAGE_MIN_FREE_BYTES": "0",
-                "MEDMITRA_LLM_WORKERS": "1", "MEDMITRA_JOBS_POLL_S": "0.1",
-                "MEDMITRA_JOBS_HEARTBEAT_S": "0.5", "MEDMITRA_JOBS_LEASE_S": "5",
-                "MEDMITRA_JOBS_MAX_ATTEMPTS": "1", "MEDMITRA_LLM_STAGE_TIMEOUT_S": "1",
-                "MEDMITRA_LLM_N_CTX": "1024", **FAST_LLM})
-    env.update(extra)
-    return env
-
-
-def start_server(data: Path, port: int, log: Path, **extra: str) -> subprocess.Popen:
-    with log.open("ab") as out:   # the child keeps its own copy of the descriptor
-        return subprocess.Popen([sys.executable, "-m", "medmitra", "serve"], cwd=ROOT,
-                                env=server_env(data, port, **extra), stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def wait_ready(url: str, proc: subprocess.Popen, *, model: bool) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"server exited early with {proc.returncode}")
-        try:
-            r = httpx.get(f"{url}/health", timeout=2)
-            if r.status_code == 200 and (not model or r.json()["model"]["state"] == "ready"):
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)   # polling a starting process
-    raise AssertionError("server did not become ready")
-
-
-def kill(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(30)
+SERVER_ENV = {"MEDMITRA_AUTH_JWT_SECRET": SECRET, "MEDMITRA_STORAGE_MIN_FREE_BYTES": "0",
+              "MEDMITRA_LLM_WORKERS": "1", "MEDMITRA_JOBS_POLL_S": "0.1",
+              "MEDMITRA_JOBS_HEARTBEAT_S": "0.5", "MEDMITRA_JOBS_LEASE_S": "5",
+              "MEDMITRA_JOBS_MAX_ATTEMPTS": "1", "MEDMITRA_LLM_STAGE_TIMEOUT_S": "1",
+              "MEDMITRA_LLM_N_CTX": "1024", **FAST_LLM}
 
 
 # ------------------------------------------------------------------ the world model
@@ -283,9 +251,9 @@ def test_sigkill_at_random_moments_loses_nothing(tmp_path: Path, capsys) -> None
     t_all = time.monotonic()
     for rnd in range(ROUNDS):
         rng = random.Random(master.getrandbits(64))
-        proc = start_server(data, port, log)
+        proc = spawn_server(data, port, log, **SERVER_ENV)
         try:
-            wait_ready(url, proc, model=True)
+            wait_healthy(url, proc, timeout_s=START_TIMEOUT_S, model=True)
             if rnd:   # the previous round ended in a kill: check what the restart found
                 counts = check_store(data, ledger)
                 drained_s = drain(data, proc)
@@ -297,17 +265,17 @@ def test_sigkill_at_random_moments_loses_nothing(tmp_path: Path, capsys) -> None
             kill_after = rng.uniform(*KILL_AFTER_S)
             worker.start()
             worker.join(kill_after)
-            kill(proc)
+            kill_group(proc)
             stop.set()
             worker.join(HTTP_TIMEOUT_S + 5)
             assert not worker.is_alive()
             assert not errors, f"round {rnd}: unexpected answers: {errors}"
         finally:
-            kill(proc)
+            kill_group(proc)
     # Final restart: the last kill is recovered too.
-    proc = start_server(data, port, log)
+    proc = spawn_server(data, port, log, **SERVER_ENV)
     try:
-        wait_ready(url, proc, model=True)
+        wait_healthy(url, proc, timeout_s=START_TIMEOUT_S, model=True)
         check_store(data, ledger)
         drained_s = drain(data, proc)
         counts = check_store(data, ledger)
@@ -320,7 +288,7 @@ def test_sigkill_at_random_moments_loses_nothing(tmp_path: Path, capsys) -> None
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
     finally:
-        kill(proc)
+        kill_group(proc)
     text = log.read_text(errors="replace")
     assert "database is locked" not in text
     assert "Crash Test" not in text   # no patient names above DEBUG

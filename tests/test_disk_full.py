@@ -21,7 +21,7 @@ import httpx
 import pytest
 
 import docfactory as df
-from conftest import LiveServer, make_settings, make_user
+from conftest import Served, make_settings, make_user
 
 pytestmark = [pytest.mark.e2e]
 
@@ -48,7 +48,7 @@ def mount(tmp_path: Path) -> Iterator[Path]:
             subprocess.run(["umount", "-l", str(where)], check=True)   # still busy: detach
 
 
-def _serve(mount: Path, start_server: Any, tmp_path: Path, min_free_bytes: int) -> LiveServer:
+def _serve(mount: Path, start_server: Any, tmp_path: Path, min_free_bytes: int) -> Served:
     # Radiology files are capped below the free space, so an over-limit file meets its
     # limit (413) before the disk fills (which would be an equally honest 507).
     settings = make_settings(tmp_path, storage={"data_dir": str(mount / "data"),

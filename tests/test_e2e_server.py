@@ -3,64 +3,29 @@ loopback port, driven over HTTP; then stopped with SIGTERM and restarted on the 
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
-import time
 import uuid
 from pathlib import Path
 
 import httpx
 import pytest
 
-from conftest import ROOT, free_port
+from conftest import cli_token, free_port, kill_group, spawn_server, wait_healthy
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
-
-
-def _start(cmd: list[str], data: Path, port: int, log: Path, **env: str) -> subprocess.Popen:
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("MEDMITRA_")}
-    full_env.update({"MEDMITRA_STORAGE_DATA_DIR": str(data), "MEDMITRA_SERVER_PORT": str(port),
-                     "MEDMITRA_LLM_WORKERS": "1"}, **env)
-    with log.open("ab") as out:   # the child keeps its own copy of the descriptor
-        return subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def _wait_health(url: str, proc: subprocess.Popen, timeout_s: float = 180) -> dict:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"server exited early with {proc.returncode}")
-        try:
-            r = httpx.get(f"{url}/health", timeout=2)
-            if r.status_code == 200:
-                return r.json()
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)   # polling a process that is starting, not covering a race
-    raise AssertionError("server did not become healthy")
-
-
-def _token(data: Path, user: str) -> str:
-    out = subprocess.run([sys.executable, "-m", "medmitra", "token", "create", "--user-id", user,
-                          "--data-dir", str(data)], cwd=ROOT, capture_output=True, text=True,
-                         check=True)
-    return out.stdout.strip()
 
 
 def test_readme_server_end_to_end(tmp_path: Path) -> None:
     data, port, log = tmp_path / "data", free_port(), tmp_path / "server.log"
     url = f"http://127.0.0.1:{port}"
-    proc = _start(["scripts/serve.sh"], data, port, log)
+    proc = spawn_server(data, port, log, cmd=["scripts/serve.sh"], MEDMITRA_LLM_WORKERS="1")
     try:
-        health = _wait_health(url, proc)
+        health = wait_healthy(url, proc)
         assert health["database"]["status"] == "ok"
         banner = log.read_text()
         assert f"http://localhost:{port}/" in banner and str(data) in banner
         user = str(uuid.uuid4())
-        h = {"Authorization": f"Bearer {_token(data, user)}"}
+        h = {"Authorization": f"Bearer {cli_token(data, user)}"}
         csv = b"test,value,unit,reference_range\nHemoglobin,9.1,g/dL,13.5-17.5\n"
         r = httpx.post(f"{url}/cases/create_case", headers=h, timeout=30,
                        data={"patient_name": "E2E Patient", "patient_age": "61",
@@ -77,13 +42,11 @@ def test_readme_server_end_to_end(tmp_path: Path) -> None:
         text = log.read_text()
         assert "E2E Patient" not in text and "fatigue" not in text
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        kill_group(proc)
 
-    proc = _start([sys.executable, "-m", "medmitra", "serve"], data, port, log)
+    proc = spawn_server(data, port, log, MEDMITRA_LLM_WORKERS="1")
     try:
-        _wait_health(url, proc)
+        wait_healthy(url, proc)
         r = httpx.get(f"{url}/cases/cases/{case_id}", headers=h, timeout=10)
         assert r.status_code == 200 and r.json()["case"]["patient_name"] == "E2E Patient"
         assert r.json()["files"][0]["file_size"] == len(csv)

@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 import docfactory as df
-from conftest import LiveServer, make_settings, make_user
+from conftest import Served, make_settings, make_user
 from medmitra.cli import main
 from medmitra.llm.runtime import FakeRuntime
 from medmitra.ops import fhir
@@ -53,9 +53,9 @@ def _create(c: httpx.Client) -> str:
     return r.json()["case"]["case_id"]
 
 
-def test_case_without_insights_exports_a_valid_bundle(start_server, tmp_path: Path) -> None:
+def test_case_without_insights_exports_a_valid_bundle(start_app, tmp_path: Path) -> None:
     # No workers: nothing extracted or analysed yet; the bundle still validates.
-    server = start_server(make_settings(tmp_path))
+    server = start_app(make_settings(tmp_path))
     user = make_user()
     with server.client(user.token) as c:
         case = _create(c)
@@ -73,8 +73,8 @@ def test_case_without_insights_exports_a_valid_bundle(start_server, tmp_path: Pa
     assert not _of(bundle, "Condition") and not _of(bundle, "Provenance")
 
 
-def test_analysed_case_has_labs_condition_and_provenance(start_server, tmp_path: Path) -> None:
-    server = start_server(make_settings(tmp_path, llm={"workers": 1},
+def test_analysed_case_has_labs_condition_and_provenance(start_app, tmp_path: Path) -> None:
+    server = start_app(make_settings(tmp_path, llm={"workers": 1},
                                         jobs={"poll_s": 0.05}), runtime_factory=FakeRuntime)
     user = make_user()
     with server.client(user.token) as c:
@@ -126,20 +126,20 @@ def test_analysed_case_has_labs_condition_and_provenance(start_server, tmp_path:
     assert device["deviceName"][0]["name"] == view["insights"]["model"]
 
 
-def test_other_users_case_is_404_and_no_token_401(server: LiveServer) -> None:
+def test_other_users_case_is_404_and_no_token_401(server: Served) -> None:
     alice, bob = make_user(), make_user()
     with server.client(alice.token) as c:
         case = _create(c)
     with server.client(bob.token) as c:
         r = c.get(f"/cases/cases/{case}/fhir")
         assert r.status_code == 404 and r.json()["detail"] == "Case not found"
-    assert httpx.get(f"{server.url}/cases/cases/{case}/fhir").status_code == 401
+    assert server.client().get(f"/cases/cases/{case}/fhir").status_code == 401
     with server.client(alice.token) as c:
         assert c.get("/cases/cases/00000000-0000-0000-0000-000000000000/fhir"
                      ).status_code == 404
 
 
-def test_cli_export_writes_the_same_bundle(server: LiveServer, tmp_path: Path,
+def test_cli_export_writes_the_same_bundle(server: Served, tmp_path: Path,
                                            capsys: pytest.CaptureFixture[str]) -> None:
     user = make_user()
     with server.client(user.token) as c:

@@ -30,7 +30,7 @@ from schemathesis.specs.openapi.checks import (content_type_conformance,
                                                status_code_conformance)
 
 import docfactory as df
-from conftest import LiveServer, make_settings, make_user
+from conftest import Served, make_settings, make_user
 
 pytestmark = [pytest.mark.e2e]
 
@@ -43,13 +43,13 @@ HTTP_TIMEOUT_S = 30.0
 
 
 @pytest.fixture
-def live(start_server, tmp_path) -> LiveServer:
+def live(start_server, tmp_path) -> Served:
     # Auth rate limit raised so /auth/v1 is fuzzed past its first 30 requests; the
     # 429 path is documented and covered by tests/test_auth_api.py.
     return start_server(make_settings(tmp_path, auth={"rate_limit_per_min": 100000}))
 
 
-def _seed(live: LiveServer, token: str) -> dict[str, list[Any]]:
+def _seed(live: Served, token: str) -> dict[str, list[Any]]:
     """A few cases with a file each: real targets for path/form ids and download tokens."""
     ids: dict[str, list[Any]] = {"case": [], "file": [], "token": []}
     with live.client(token) as c:
@@ -98,7 +98,7 @@ def _fuzzer(strategy: Any, label: str, ids: dict[str, list[Any]], auth: dict[str
     return run
 
 
-def test_served_openapi_document_validates(live: LiveServer) -> None:
+def test_served_openapi_document_validates(live: Served) -> None:
     doc = httpx.get(f"{live.url}/openapi.json", timeout=HTTP_TIMEOUT_S).json()
     validate_spec(doc)   # raises on any violation of the OpenAPI 3.1 meta-schema
     schema = schemathesis.openapi.from_dict(doc)
@@ -113,7 +113,7 @@ def test_served_openapi_document_validates(live: LiveServer) -> None:
     assert {"search", "status", "page", "limit", "sort_by"} <= names
 
 
-def test_every_operation_survives_the_fuzzer(live: LiveServer, capsys) -> None:
+def test_every_operation_survives_the_fuzzer(live: Served, capsys) -> None:
     user = make_user()
     schema = schemathesis.openapi.from_url(f"{live.url}/openapi.json", timeout=HTTP_TIMEOUT_S)
     auth = {"Authorization": f"Bearer {user.token}"}

@@ -25,7 +25,7 @@ import httpx
 import pytest
 
 import docfactory as df
-from conftest import ROOT, LiveServer, make_settings, make_user
+from conftest import ROOT, Served, make_settings, make_user
 from medmitra.llm.runtime import FakeRuntime
 
 pytestmark = [pytest.mark.e2e]
@@ -135,7 +135,7 @@ PATIENT = [(b"patient_name", b"Hostile Patient"), (b"patient_age", b"44"),
 # ---------------------------------------------------------------- helpers
 
 @pytest.fixture
-def live(start_server, tmp_path) -> LiveServer:
+def live(start_server, tmp_path) -> Served:
     settings = make_settings(tmp_path, llm={"workers": 1},
                              jobs={"max_attempts": 1, "poll_s": 0.05})
     return start_server(settings, runtime_factory=FakeRuntime)
@@ -212,7 +212,7 @@ def _extract_in_child(items: list[dict[str, str]]) -> list[dict[str, Any]]:
 
 # ---------------------------------------------------------------- the tests
 
-def test_hostile_files_are_refused_or_processed_in_bounds(live: LiveServer, capsys) -> None:
+def test_hostile_files_are_refused_or_processed_in_bounds(live: Served, capsys) -> None:
     user = make_user()
     rows: list[str] = []
     accepted: dict[str, tuple[str, str, str]] = {}   # case_id -> (name, category, file_id)
@@ -264,7 +264,7 @@ def test_hostile_files_are_refused_or_processed_in_bounds(live: LiveServer, caps
                   f"{m['rss_mb']:6.0f} MB  text {m['text_chars']} chars  {m['notes'][:1]}")
 
 
-def test_hostile_text_fields_and_names(live: LiveServer, capsys) -> None:
+def test_hostile_text_fields_and_names(live: Served, capsys) -> None:
     user = make_user()
     ten_mb = "A" * (10 * MiB)
     results: dict[str, int] = {}

@@ -12,7 +12,7 @@ from typing import Any, Iterator
 import httpx
 import pytest
 
-from conftest import LiveServer, User, _serve_in_thread, free_port, make_settings, make_user
+from conftest import Served, User, make_settings, make_user, serve_in_process
 from medmitra.db.models import Case, CaseFile, Job
 from medmitra.services.links import LinkSigner
 from tests import docfactory as df
@@ -20,24 +20,16 @@ from tests import docfactory as df
 SECRET_NAME = "Kavya Menon-Isolated"
 
 
-def connect(server: Any, token: str | None = None) -> httpx.Client:
-    return server.client(token, verify=False)   # plain HTTP: skip the TLS set-up cost
-
-
-def fetch(url: str) -> httpx.Response:
-    return httpx.get(url, verify=False)
-
-
-def db(server: Any, query: Any) -> Any:
-    async def run() -> Any:
-        return await query
-    return server.run(run())
+def fetch(server: Served, url: str) -> httpx.Response:
+    """GET with no Authorization header, as a browser tab opening file_url."""
+    with server.client() as c:
+        return c.get(url)
 
 
 class World:
     """Alice's case with two files and Bob's case with one, on one shared server."""
 
-    def __init__(self, server: LiveServer):
+    def __init__(self, server: Served):
         self.server = server
         self.alice, self.bob = make_user(), make_user()
         self.a_case, self.a_files = self._create(self.alice, SECRET_NAME,
@@ -47,7 +39,7 @@ class World:
                                                  [("lab_files", ("b.pdf", df.text_pdf()))])
 
     def _create(self, user: User, name: str, files: list) -> tuple[dict, list[dict]]:
-        with connect(self.server, user.token) as c:
+        with self.server.client(user.token) as c:
             r = c.post("/cases/create_case", files=files,
                        data={"patient_name": name, "patient_age": "40",
                              "patient_gender": "female", "case_summary": "private history"})
@@ -58,9 +50,9 @@ class World:
         """Everything a stray request could change."""
         s = self.server
         return {
-            "cases": db(s, Case.all().order_by("id").values()),
-            "files": db(s, CaseFile.all().order_by("id").values()),
-            "jobs": db(s, Job.all().order_by("id").values("id", "case_id", "state")),
+            "cases": s.run(Case.all().order_by("id").values()),
+            "files": s.run(CaseFile.all().order_by("id").values()),
+            "jobs": s.run(Job.all().order_by("id").values("id", "case_id", "state")),
             "disk": sorted(p.name for p in (s.settings.data_path / "files").rglob("*")
                            if p.is_file()),
             "tmp": sorted(p.name for p in (s.settings.data_path / "tmp").iterdir()),
@@ -69,13 +61,9 @@ class World:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Iterator[World]:
-    from medmitra.app import create_app
-
     settings = make_settings(tmp_path_factory.mktemp("iso"))
-    port = free_port()
-    _, stop, loop = _serve_in_thread(create_app(settings, start_workers=False), port)
-    yield World(LiveServer(f"http://127.0.0.1:{port}", None, settings, loop))
-    stop()
+    with serve_in_process(settings, start_workers=False) as server:
+        yield World(server)
 
 
 # Each row: how Bob (or anyone) reaches for one of Alice's things. ``w`` is the World.
@@ -116,7 +104,7 @@ MATRIX = {
 @pytest.mark.parametrize("name", list(MATRIX))
 def test_other_users_things_answer_404(world: World, name: str) -> None:
     before = world.snapshot()
-    with connect(world.server, world.bob.token) as c:
+    with world.server.client(world.bob.token) as c:
         r = MATRIX[name](c, world)
     assert r.status_code == 404, r.text
     body = r.json()
@@ -130,12 +118,12 @@ def test_other_users_things_answer_404(world: World, name: str) -> None:
     # The same request by the owner works (so the 404 is about ownership, not the route);
     # read-only routes only, so the shared world stays intact.
     if r.request.method == "GET":
-        with connect(world.server, world.alice.token) as c:
+        with world.server.client(world.alice.token) as c:
             assert MATRIX[name](c, world).status_code == 200
 
 
 def test_list_shows_only_own_cases(world: World) -> None:
-    with connect(world.server, world.bob.token) as c:
+    with world.server.client(world.bob.token) as c:
         r = c.get("/cases/all_cases")
         searched = c.get("/cases/all_cases", params={"search": "Kavya"})
     assert r.status_code == 200
@@ -143,7 +131,7 @@ def test_list_shows_only_own_cases(world: World) -> None:
     assert r.json()["total"] == 1
     assert SECRET_NAME not in r.text
     assert searched.json() == {"cases": [], "total": 0, "page": 1, "limit": 0}
-    with connect(world.server, world.alice.token) as c:
+    with world.server.client(world.alice.token) as c:
         assert [x["case_id"] for x in c.get("/cases/all_cases").json()["cases"]] == \
             [world.a_case["case_id"]]
 
@@ -164,11 +152,11 @@ def _token(file_url: str) -> str:
 
 def test_link_downloads_its_own_file_without_a_header(world: World) -> None:
     f = world.a_files[0]
-    r = fetch(f["file_url"])
+    r = fetch(world.server, f["file_url"])
     assert r.status_code == 200 and r.content == df.lab_csv()
     # Another user's token in the header changes nothing: the link carries the permission.
-    r = httpx.get(f["file_url"], headers={"Authorization": f"Bearer {world.bob.token}"},
-                  verify=False)
+    with world.server.client(world.bob.token) as c:
+        r = c.get(f["file_url"])
     assert r.status_code == 200 and r.content == df.lab_csv()
 
 
@@ -191,14 +179,14 @@ def test_tampered_links_never_open_another_file(world: World) -> None:
         "extra byte": raw + b"\x00",
     }
     for label, data in forged.items():
-        r = fetch(f"{base}/{_encode(data)}")
+        r = fetch(world.server, f"{base}/{_encode(data)}")
         assert r.status_code == 404, label
         assert set(r.json()) == {"detail", "error"}, label
     for junk in ("", "x", "not-a-token", "A" * 75, "A" * 500, token[:-2], token + "AA",
                  "%00" + token, "..%2F..%2Fetc%2Fpasswd"):
-        r = fetch(f"{base}/{junk}")
+        r = fetch(world.server, f"{base}/{junk}")
         assert r.status_code == 404, junk
-    assert fetch(url).status_code == 200   # the real one still works
+    assert fetch(world.server, url).status_code == 200   # the real one still works
 
 
 def test_signed_link_names_file_and_owner(world: World) -> None:
@@ -207,11 +195,11 @@ def test_signed_link_names_file_and_owner(world: World) -> None:
                        world.server.settings.limits.file_url_ttl_s)
     base = world.a_files[0]["file_url"].rsplit("/", 1)[0]
     a_file = world.a_files[0]["file_id"]
-    assert fetch(f"{base}/{links.sign(a_file, world.alice.id)}").status_code == 200
-    assert fetch(f"{base}/{links.sign(a_file, world.bob.id)}").status_code == 404
-    assert fetch(f"{base}/{links.sign(str(uuid.uuid4()), world.alice.id)}").status_code == 404
+    assert fetch(world.server, f"{base}/{links.sign(a_file, world.alice.id)}").status_code == 200
+    assert fetch(world.server, f"{base}/{links.sign(a_file, world.bob.id)}").status_code == 404
+    assert fetch(world.server, f"{base}/{links.sign(str(uuid.uuid4()), world.alice.id)}").status_code == 404
     other_key = LinkSigner("another-secret-" + "y" * 40, 3600)
-    assert fetch(f"{base}/{other_key.sign(a_file, world.alice.id)}").status_code == 404
+    assert fetch(world.server, f"{base}/{other_key.sign(a_file, world.alice.id)}").status_code == 404
 
 
 def test_expired_link_answers_404(world: World) -> None:
@@ -221,10 +209,10 @@ def test_expired_link_answers_404(world: World) -> None:
     a_file = world.a_files[0]["file_id"]
     expired = links.sign(a_file, world.alice.id, now=time.time() - s.limits.file_url_ttl_s - 5)
     fresh = links.sign(a_file, world.alice.id, now=time.time() - s.limits.file_url_ttl_s + 60)
-    r = fetch(f"{base}/{expired}")
+    r = fetch(world.server, f"{base}/{expired}")
     assert r.status_code == 404
     assert r.json()["detail"] == r.json()["error"]
-    assert fetch(f"{base}/{fresh}").status_code == 200
+    assert fetch(world.server, f"{base}/{fresh}").status_code == 200
 
 
 def test_file_url_expires_after_the_configured_ttl(world: World) -> None:
@@ -240,7 +228,7 @@ def test_file_url_expires_after_the_configured_ttl(world: World) -> None:
 def test_user_id_naming_someone_else_is_403(world: World) -> None:
     before = world.snapshot()
     alice = world.alice.id
-    with connect(world.server, world.bob.token) as c:
+    with world.server.client(world.bob.token) as c:
         responses = {
             "list user_id": c.get("/cases/all_cases", params={"user_id": alice}),
             "list userId": c.get("/cases/all_cases", params={"userId": alice}),

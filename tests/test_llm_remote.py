@@ -8,7 +8,6 @@ connection or hides the tokenize endpoints; only the unreachable case has no ser
 
 from __future__ import annotations
 
-import asyncio
 import importlib.util
 import json
 import logging
@@ -16,8 +15,6 @@ import os
 import subprocess
 import sys
 import time
-import uuid
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
 
@@ -27,7 +24,6 @@ import pytest
 from medmitra import filetypes
 from medmitra.config import LLMSettings, Settings, app_root
 from medmitra.db.models import Case, CaseFile, Insight, Job
-from medmitra.db.setup import close_db, open_db
 from medmitra.jobs import queue
 from medmitra.jobs.pool import WorkerPool
 from medmitra.llm.remote import (ESTIMATE_BYTES_PER_TOKEN, RemoteRuntime, base_url,
@@ -38,6 +34,7 @@ from medmitra.pipeline import schemas
 from medmitra.pipeline.stages import NO_IMAGE_MODEL, run_analysis
 from medmitra.pipeline.types import CaseInput, ExtractedFile, LabRow
 from medmitra.storage import Storage
+from tests.conftest import add_file, new_case, run_with_db, wait_until
 
 MODEL = app_root() / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 SERVER_N_CTX = 2048
@@ -490,46 +487,13 @@ def _pool_settings(tmp_path: Path, remote_url: str) -> Settings:
                          "max_tokens_recommendations")})
 
 
-def _run_db(settings: Settings, body):
-    async def main():
-        await open_db(settings)
-        storage = Storage(settings.data_path)
-        storage.open()
-        try:
-            return await body(storage)
-        finally:
-            await close_db()
-    return asyncio.run(main())
-
-
 async def _new_case(storage: Storage) -> tuple[Case, Job]:
-    now = datetime.now(timezone.utc)
-    case = await Case.create(case_id=str(uuid.uuid4()), user_id=str(uuid.uuid4()),
-                             patient_name=PATIENT, patient_age=52, patient_gender="male",
-                             case_summary="Cough and fever for 3 days.",
-                             status="processing", created_at=now, updated_at=now)
-    file_id = str(uuid.uuid4())
-    path = storage.path_for(file_id)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(CSV_BYTES)
-    await CaseFile.create(file_id=file_id, case=case, user_id=case.user_id,
-                          file_name="labs.csv", file_type=filetypes.CSV,
-                          file_size=len(CSV_BYTES), file_category="lab", sha256="0" * 64,
-                          uploaded_at=now)
+    case = await new_case(PATIENT, patient_age=52, patient_gender="male",
+                          case_summary="Cough and fever for 3 days.")
+    await add_file(storage, case, "lab", filetypes.CSV, "labs.csv", CSV_BYTES)
     # Fewer model calls keep the test short: summary, SOAP, diagnosis, recommendations.
     options = {"include_differential": False, "include_lab_interpretation": False}
     return case, await queue.enqueue(case, options, max_attempts=2)
-
-
-async def _wait_for(pred, what: str, timeout_s: float = WAIT_S):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = await pred()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 @pytest.mark.slow
@@ -548,7 +512,7 @@ def test_pool_runs_a_case_job_on_the_remote_server(tmp_path, server_url, caplog)
             async def done():
                 row = await Job.get_or_none(id=job.id)
                 return row is not None and row.state in ("completed", "failed")
-            await _wait_for(done, "the job to finish")
+            await wait_until(done, "the job to finish", WAIT_S)
             status = pool.status()
         finally:
             await pool.stop()
@@ -568,7 +532,7 @@ def test_pool_runs_a_case_job_on_the_remote_server(tmp_path, server_url, caplog)
         [f] = await CaseFile.filter(case_id=case.id)
         assert "lab_values" in json.loads(f.ai_summary)
 
-    _run_db(settings, body)
+    run_with_db(settings, body, storage=True)
     assert PATIENT not in caplog.text
     assert "llama_cpp" not in caplog.text
 
@@ -583,7 +547,7 @@ def test_pool_reports_an_unreachable_server_as_missing(tmp_path):
         try:
             async def failed():
                 return pool.status()["model"]["state"] == "missing"
-            await _wait_for(failed, "the model state to be missing", 20)
+            await wait_until(failed, "the model state to be missing", 20)
             status = pool.status()
         finally:
             await pool.stop()
@@ -591,4 +555,4 @@ def test_pool_reports_an_unreachable_server_as_missing(tmp_path):
         assert "unreachable" in status["model"]["error"]
         assert (await Job.get(id=job.id)).state == "queued"   # waits for the server
 
-    _run_db(settings, body)
+    run_with_db(settings, body, storage=True)

@@ -15,7 +15,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import docfactory as df
-from conftest import ROOT, TEST_SECRET, LiveServer, free_port, make_settings, make_user
+from conftest import ROOT, TEST_SECRET, Served, free_port, make_settings, make_user
 from medmitra.llm.runtime import FakeRuntime
 from medmitra.ops.logs import REQUEST_ID, JsonFormatter
 
@@ -28,8 +28,8 @@ def _samples(text: str) -> dict[tuple[str, tuple], float]:
     return out
 
 
-def test_metrics_scrape_has_every_family(start_server, tmp_path: Path) -> None:
-    server = start_server(make_settings(tmp_path, llm={"workers": 1},
+def test_metrics_scrape_has_every_family(start_app, tmp_path: Path) -> None:
+    server = start_app(make_settings(tmp_path, llm={"workers": 1},
                                         jobs={"poll_s": 0.05}),
                           runtime_factory=FakeRuntime)
     user = make_user()
@@ -44,7 +44,7 @@ def test_metrics_scrape_has_every_family(start_server, tmp_path: Path) -> None:
             assert time.monotonic() < deadline
             time.sleep(0.1)
         assert c.get("/no/such/route").status_code == 404
-    r = httpx.get(server.url + "/metrics")
+    r = server.client().get("/metrics")
     assert r.status_code == 200
     assert r.headers["content-type"].startswith("text/plain; version=")
     s = _samples(r.text)
@@ -68,40 +68,40 @@ def test_metrics_scrape_has_every_family(start_server, tmp_path: Path) -> None:
     assert any(k[0] == "medmitra_llm_tokens_per_second" for k in s)
     assert s[("medmitra_audit_rows_written_total", ())] >= 3
     # Stages are counted once, not again at the next scrape.
-    again = _samples(httpx.get(server.url + "/metrics").text)
+    again = _samples(server.client().get("/metrics").text)
     key = next(k for k in s if k[0] == "medmitra_analysis_stage_duration_seconds_count")
     assert again[key] == s[key]
 
 
-def test_metrics_refused_outside_allow_list(start_server, tmp_path: Path) -> None:
-    server = start_server(make_settings(tmp_path, metrics={"allow_from": "10.1.2.0/24"}))
-    r = httpx.get(server.url + "/metrics")
+def test_metrics_refused_outside_allow_list(start_app, tmp_path: Path) -> None:
+    server = start_app(make_settings(tmp_path, metrics={"allow_from": "10.1.2.0/24"}))
+    r = server.client().get("/metrics")
     assert r.status_code == 403 and "allow_from" in r.json()["detail"]
 
 
-def test_metrics_bearer_token(start_server, tmp_path: Path) -> None:
-    server = start_server(make_settings(tmp_path, metrics={"bearer_token": "scrape-secret"}))
-    assert httpx.get(server.url + "/metrics").status_code == 401
-    assert httpx.get(server.url + "/metrics",
+def test_metrics_bearer_token(start_app, tmp_path: Path) -> None:
+    server = start_app(make_settings(tmp_path, metrics={"bearer_token": "scrape-secret"}))
+    assert server.client().get("/metrics").status_code == 401
+    assert server.client().get("/metrics",
                      headers={"Authorization": "Bearer wrong"}).status_code == 401
-    r = httpx.get(server.url + "/metrics", headers={"Authorization": "Bearer scrape-secret"})
+    r = server.client().get("/metrics", headers={"Authorization": "Bearer scrape-secret"})
     assert r.status_code == 200 and "medmitra_http_requests_total" in r.text
 
 
-def test_metrics_can_be_disabled(start_server, tmp_path: Path) -> None:
-    server = start_server(make_settings(tmp_path, metrics={"enabled": False}))
-    assert httpx.get(server.url + "/metrics").status_code == 404
+def test_metrics_can_be_disabled(start_app, tmp_path: Path) -> None:
+    server = start_app(make_settings(tmp_path, metrics={"enabled": False}))
+    assert server.client().get("/metrics").status_code == 404
 
 
-def test_request_id_is_echoed_or_made(server: LiveServer) -> None:
-    r = httpx.get(server.url + "/", headers={"X-Request-Id": "abc-123.x"})
+def test_request_id_is_echoed_or_made(server: Served) -> None:
+    r = server.client().get("/", headers={"X-Request-Id": "abc-123.x"})
     assert r.headers["x-request-id"] == "abc-123.x"
-    r = httpx.get(server.url + "/", headers={"X-Request-Id": "bad id\twith spaces"})
+    r = server.client().get("/", headers={"X-Request-Id": "bad id\twith spaces"})
     assert r.headers["x-request-id"] != "bad id\twith spaces"
     assert len(r.headers["x-request-id"]) == 32
-    r1, r2 = httpx.get(server.url + "/health"), httpx.get(server.url + "/health")
+    r1, r2 = server.client().get("/health"), server.client().get("/health")
     assert r1.headers["x-request-id"] != r2.headers["x-request-id"]
-    r = httpx.get(server.url + "/cases/all_cases")      # errors carry it too
+    r = server.client().get("/cases/all_cases")      # errors carry it too
     assert r.status_code == 401 and len(r.headers["x-request-id"]) == 32
 
 

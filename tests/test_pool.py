@@ -5,15 +5,12 @@ inside a stage, simulate compute, fail, and report which instance served which c
 from __future__ import annotations
 
 import asyncio
-import inspect
 import io
 import json
 import logging
 import re
 import threading
 import time
-import uuid
-from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -22,7 +19,6 @@ from PIL import Image
 from medmitra import filetypes
 from medmitra.config import Settings
 from medmitra.db.models import Case, CaseFile, Insight, Job
-from medmitra.db.setup import close_db, open_db
 from medmitra.jobs import queue
 from medmitra.jobs import pool as pool_mod
 from medmitra.jobs.pool import WorkerPool
@@ -31,6 +27,8 @@ from medmitra.llm.runtime import FakeRuntime, LLMError, ModelUnavailable, Usage
 from medmitra.pipeline import stages
 from medmitra.pipeline.types import STAGES
 from medmitra.storage import Storage
+from tests.conftest import add_file, run_with_db, wait_until
+from tests.conftest import new_case as sample_case
 
 WAIT_S = 20.0
 PATIENT = "Zebulon Quartermaine"
@@ -134,57 +132,16 @@ def make_settings(tmp_path: Path, *, workers: int = 1, max_attempts: int = 3,
     return s.replace("llm", **llm)
 
 
-def run(settings: Settings, body):
-    """asyncio.run(body(storage)) with the database open and storage ready."""
-    async def main():
-        await open_db(settings)
-        storage = Storage(settings.data_path)
-        storage.open()
-        try:
-            return await body(storage)
-        finally:
-            await close_db()
-    return asyncio.run(main())
-
-
-async def wait_until(pred, what: str, timeout_s: float = WAIT_S):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = pred()
-        if inspect.isawaitable(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        await asyncio.sleep(0.01)
-
-
 def _png() -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (16, 16), (200, 30, 30)).save(buf, format="PNG")
     return buf.getvalue()
 
 
-async def add_file(storage: Storage, case: Case, category: str, mime: str, name: str,
-                   data: bytes) -> CaseFile:
-    file_id = str(uuid.uuid4())
-    path = storage.path_for(file_id)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-    return await CaseFile.create(file_id=file_id, case=case, user_id=case.user_id,
-                                 file_name=name, file_type=mime, file_size=len(data),
-                                 file_category=category, sha256="0" * 64,
-                                 uploaded_at=datetime.now(timezone.utc))
-
-
 async def new_case(storage: Storage, n: int, *, files: bool = True,
                    max_attempts: int = 3) -> tuple[Case, Job]:
-    now = datetime.now(timezone.utc)
-    case = await Case.create(case_id=str(uuid.uuid4()), user_id=str(uuid.uuid4()),
-                             patient_name=PATIENT, patient_age=52, patient_gender="male",
-                             case_summary=f"marker-{n}: cough and fever for 3 days",
-                             status="processing", created_at=now, updated_at=now)
+    case = await sample_case(PATIENT, patient_age=52, patient_gender="male",
+                             case_summary=f"marker-{n}: cough and fever for 3 days")
     if files:
         await add_file(storage, case, "lab", filetypes.CSV, "labs.csv", CSV_BYTES)
         await add_file(storage, case, "radiology", filetypes.PNG, "chest.png", _png())
@@ -259,7 +216,7 @@ def test_job_runs_to_completed_and_writes_insights_and_files(tmp_path):
         assert pool.status()["workers"][0]["state"] == "stopped"
         return elapsed_s
 
-    elapsed_s = run(settings, body)
+    elapsed_s = run_with_db(settings, body, storage=True)
     assert elapsed_s < 5
 
 
@@ -290,7 +247,7 @@ def test_progress_is_visible_while_running(tmp_path):
         finally:
             gate.release.set()
             await pool.stop()
-    run(settings, body)
+    run_with_db(settings, body, storage=True)
 
 
 def test_two_workers_each_own_runtime_and_never_share_a_job(tmp_path):
@@ -320,7 +277,7 @@ def test_two_workers_each_own_runtime_and_never_share_a_job(tmp_path):
         assert all(r.attempts == 1 for r in rows)            # no job ran twice
         for job in jobs:
             assert await Insight.filter(case_id=job.case_id).count() == 1
-    run(settings, body)
+    run_with_db(settings, body, storage=True)
 
 
 def test_job_of_a_dead_worker_is_run_again(tmp_path):
@@ -341,7 +298,7 @@ def test_job_of_a_dead_worker_is_run_again(tmp_path):
         row = await Job.get(id=job.id)
         assert row.attempts == 2 and row.lease_owner is None
         assert [i.job_id for i in await Insight.filter(case_id=case.id)] == [job.id]
-    run(settings, body)
+    run_with_db(settings, body, storage=True)
 
 
 def test_case_deleted_while_queued_never_gets_insights(tmp_path):
@@ -363,7 +320,7 @@ def test_case_deleted_while_queued_never_gets_insights(tmp_path):
         assert await Job.get_or_none(id=gone_job.id) is None
         [rt] = factory.made
         assert all(m != "marker-1" for _, m in rt.served)    # never analysed
-    run(settings, body)
+    run_with_db(settings, body, storage=True)
 
 
 def test_case_deleted_while_running_stops_at_checkpoint_and_writes_nothing(tmp_path):
@@ -394,7 +351,7 @@ def test_case_deleted_while_running_stops_at_checkpoint_and_writes_nothing(tmp_p
         assert stage_calls(rt, "diagnosis", "marker-1") == 0   # stopped at the checkpoint
         assert await Insight.all().count() == 0
         assert await Job.all().count() == 0
-    run(settings, body)
+    run_with_db(settings, body, storage=True)
 
 
 def test_superseded_run_writes_nothing_and_the_new_run_completes(tmp_path):
@@ -425,7 +382,7 @@ def test_superseded_run_writes_nothing_and_the_new_run_completes(tmp_path):
         [rt] = factory.made
         assert stage_calls(rt, "diagnosis", "marker-1") == 1      # the new run's only
         assert (await Case.get(id=case.id)).status == "completed"
-    run(settings, body)
+    run_with_db(settings, body, storage=True)
 
 
 def test_run_superseded_after_its_last_checkpoint_is_rolled_back(tmp_path):
@@ -453,7 +410,7 @@ def test_run_superseded_after_its_last_checkpoint_is_rolled_back(tmp_path):
         assert ins.job_id == new.id and ins.data["differential_diagnoses"] == []
         row = await Job.get(id=old.id)
         assert row.state == "cancelled" and row.finished_at is not None
-    run(settings, body)
+    run_with_db(settings, body, storage=True)
 
 
 def test_a_stage_that_always_answers_junk_is_abstained_and_the_case_completes(tmp_path):
@@ -480,7 +437,7 @@ def test_a_stage_that_always_answers_junk_is_abstained_and_the_case_completes(tm
         [rt] = factory.made
         assert stage_calls(rt, "diagnosis", "marker-1") == stages.MAX_ATTEMPTS
         assert stage_calls(rt, "differential", "marker-1") == 1   # the run went on
-    run(settings, body)
+    run_with_db(settings, body, storage=True)
 
 
 class BrokenRuntime(StubRuntime):
@@ -520,7 +477,7 @@ def test_a_runtime_failing_on_every_try_fails_the_case_but_keeps_the_extracted_t
         files = await CaseFile.filter(case_id=case.id)
         assert files and all(f.text_data for f in files if f.file_category == "lab")
         assert all(f.ai_summary is None for f in files)
-    run(settings, body)
+    run_with_db(settings, body, storage=True)
 
 
 def test_unexpected_exception_fails_the_attempt_without_leaking_patient_data(tmp_path,
@@ -541,7 +498,7 @@ def test_unexpected_exception_fails_the_attempt_without_leaking_patient_data(tmp
         assert row.error == ("case_summary: internal error (RuntimeError) "
                              "(gave up after 1 attempts)")
         assert (await Case.get(id=case.id)).status == "failed"
-    run(settings, body)
+    run_with_db(settings, body, storage=True)
     above_debug = [r.getMessage() for r in caplog.records if r.levelno > logging.DEBUG]
     assert any("RuntimeError" in m for m in above_debug)
     assert not any(PATIENT in m or "marker-1" in m for m in above_debug)
@@ -566,7 +523,7 @@ def test_a_stage_past_its_deadline_is_abstained_and_the_next_stage_runs(tmp_path
         [rt] = factory.made
         assert stage_calls(rt, "soap_note", "marker-1") == 1
         assert stage_calls(rt, "diagnosis", "marker-1") == 1
-    run(settings, body)
+    run_with_db(settings, body, storage=True)
 
 
 def test_stop_requeues_a_running_job_and_a_new_pool_completes_it(tmp_path):
@@ -605,7 +562,7 @@ def test_stop_requeues_a_running_job_and_a_new_pool_completes_it(tmp_path):
         finally:
             await again.stop()
         assert [i.job_id for i in await Insight.filter(case_id=case.id)] == [job.id]
-    run(settings, body)
+    run_with_db(settings, body, storage=True)
 
 
 def test_stop_does_not_wait_forever_for_a_stuck_model_call(tmp_path, monkeypatch):
@@ -631,7 +588,7 @@ def test_stop_does_not_wait_forever_for_a_stuck_model_call(tmp_path, monkeypatch
         await wait_until(lambda: not pool._workers[0].thread_busy, "the call to return")
         assert await Insight.all().count() == 0
         assert await job_state(job.id) == "queued"
-    run(settings, body)
+    run_with_db(settings, body, storage=True)
 
 
 def test_stop_lets_a_running_job_finish_within_the_grace_period(tmp_path):
@@ -650,7 +607,7 @@ def test_stop_lets_a_running_job_finish_within_the_grace_period(tmp_path):
         await asyncio.wait_for(stopping, WAIT_S)
         assert await job_state(job.id) == "completed"
         assert await Insight.filter(case_id=case.id).count() == 1
-    run(settings, body)
+    run_with_db(settings, body, storage=True)
 
 
 def test_event_loop_stays_responsive_while_a_job_computes(tmp_path):
@@ -682,7 +639,7 @@ def test_event_loop_stays_responsive_while_a_job_computes(tmp_path):
             await pool.stop()
         return time.perf_counter() - started, lags
 
-    elapsed_s, lags = run(settings, body)
+    elapsed_s, lags = run_with_db(settings, body, storage=True)
     assert elapsed_s >= 2 * compute_s                # the compute really happened
     assert len(lags) > 50
     assert max(lags) < 0.2, f"event loop blocked for {max(lags):.3f} s"
@@ -704,7 +661,7 @@ def test_notify_wakes_an_idle_worker_before_its_poll(tmp_path):
             await wait_until(state_is(job.id, "completed"), "the job", timeout_s=10)
         finally:
             await pool.stop()
-    run(settings, body)
+    run_with_db(settings, body, storage=True)
 
 
 def test_stop_while_the_model_loads_returns_at_once_and_frees_the_model(tmp_path):
@@ -734,7 +691,7 @@ def test_stop_while_the_model_loads_returns_at_once_and_frees_the_model(tmp_path
         assert await job_state(job.id) == "queued"
         return stop_s
 
-    assert run(settings, body) < 5          # not the 30 s grace period: no job to wait for
+    assert run_with_db(settings, body, storage=True) < 5          # not the 30 s grace period: no job to wait for
 
 
 def test_missing_model_leaves_jobs_queued(tmp_path):
@@ -758,7 +715,7 @@ def test_missing_model_leaves_jobs_queued(tmp_path):
         assert [w["state"] for w in pool.status()["workers"]] == ["stopped", "stopped"]
         row = await Job.get(id=job.id)
         assert (row.state, row.attempts) == ("queued", 0)
-    run(settings, body)
+    run_with_db(settings, body, storage=True)
 
 
 def test_failing_factory_reports_missing_and_error(tmp_path):
@@ -781,7 +738,7 @@ def test_failing_factory_reports_missing_and_error(tmp_path):
             await pool.stop()
         return out
 
-    missing_status, broken_status = run(settings, body)
+    missing_status, broken_status = run_with_db(settings, body, storage=True)
     assert (missing_status["state"], missing_status["error"]) == (
         "missing", "model file not found: /models/x.gguf")
     assert broken_status["state"] == "error" and "out of memory" in broken_status["error"]
@@ -816,7 +773,7 @@ def test_a_model_that_appears_later_is_picked_up_without_restart(tmp_path, monke
             await wait_until(state_is(job.id, "completed"), "the waiting job to complete")
         finally:
             await pool.stop()
-    run(settings, body)
+    run_with_db(settings, body, storage=True)
 
 
 def test_zero_workers_is_an_api_only_node(tmp_path):
@@ -834,7 +791,7 @@ def test_zero_workers_is_an_api_only_node(tmp_path):
         assert await job_state(job.id) == "queued"
         return status
 
-    status = run(settings, body)
+    status = run_with_db(settings, body, storage=True)
     assert status == {"model": {"state": "disabled", "name": None,
                                 "path": status["model"]["path"], "error": None},
                       "workers": [], "ready": True}

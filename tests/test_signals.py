@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import httpx
-
-from conftest import _serve_in_thread, free_port, make_settings
+from conftest import make_settings, serve_in_process
 from medmitra.app import create_app
 
 
@@ -18,14 +16,9 @@ def test_handlers_still_fire_and_unhandled_events_are_remembered(tmp_path: Path)
     async def on_response(request, response) -> None:
         seen.append(request.path)
 
-    port = free_port()
-    _, stop, _ = _serve_in_thread(app, port)
-    try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}") as c:
-            for _ in range(3):
-                assert c.get("/").status_code == 200
-    finally:
-        stop()
+    with serve_in_process(app=app) as server, server.client() as c:
+        for _ in range(3):
+            assert c.get("/").status_code == 200
     assert seen.count("/") == 3                        # a handled event is never skipped
     skipped = app.signal_router._no_handlers
     assert ("http.routing.before", None) in skipped    # an unhandled one is remembered

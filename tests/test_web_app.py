@@ -22,7 +22,7 @@ import httpx
 import pytest
 
 import docfactory as df
-from conftest import MODEL_PATH, ROOT, LiveServer, make_settings, make_user
+from conftest import MODEL_PATH, ROOT, Served, make_settings, make_user
 from test_docs_browser import CHROMIUM, CHROMIUM_ARGS
 
 AXE = ROOT / "tests" / "js" / "node_modules" / "axe-core" / "axe.min.js"
@@ -90,7 +90,7 @@ class Watch:
         assert not self.errors, self.errors
 
 
-def new_page(browser: Any, server: LiveServer, size: tuple[int, int] = SIZES[0]):
+def new_page(browser: Any, server: Served, size: tuple[int, int] = SIZES[0]):
     context = browser.new_context(viewport={"width": size[0], "height": size[1]})
     page = context.new_page()
     page.set_default_timeout(TIMEOUT_MS)
@@ -119,7 +119,7 @@ def axe_check(page: Any, where: str) -> None:
     assert not bad, f"{where}: {bad}"
 
 
-def add_user(server: LiveServer, email: str | None = None, *, disabled: bool = False) -> str:
+def add_user(server: Served, email: str | None = None, *, disabled: bool = False) -> str:
     from medmitra.auth import users
 
     email = email or f"dr-{uuid.uuid4().hex[:8]}@clinic.test"
@@ -133,14 +133,14 @@ def add_user(server: LiveServer, email: str | None = None, *, disabled: bool = F
     return email
 
 
-def api_token(server: LiveServer, email: str) -> str:
+def api_token(server: Served, email: str) -> str:
     r = httpx.post(f"{server.url}/auth/v1/token?grant_type=password",
                    json={"email": email, "password": PASSWORD}, timeout=30)
     assert r.status_code == 200, r.text
     return r.json()["access_token"]
 
 
-def sign_in(page: Any, server: LiveServer, email: str, password: str = PASSWORD) -> None:
+def sign_in(page: Any, server: Served, email: str, password: str = PASSWORD) -> None:
     page.goto(f"{server.url}/")
     page.wait_for_url("**/app/signin**")
     page.get_by_label("Email").fill(email)
@@ -223,7 +223,7 @@ def test_root_redirects_browsers_and_serves_the_shell(start_server, tmp_path: Pa
         assert ".pdf" in cfg["accepted"]["lab"]["extensions"]
 
 
-def test_dicom_and_pdf_previews_for_the_owner_only(server: LiveServer) -> None:
+def test_dicom_and_pdf_previews_for_the_owner_only(server: Served) -> None:
     import numpy as np
     import pydicom
     from PIL import Image
@@ -385,7 +385,7 @@ def test_new_case_shows_server_messages_and_refuses_files(
     page.context.close()
 
 
-def _seed(server: LiveServer, token: str, n: int) -> list[dict]:
+def _seed(server: Served, token: str, n: int) -> list[dict]:
     names = ["Asha Verma", "Ravi Kumar", "Meera Iyer", "John Doe", "Fatima Khan"]
     out = []
     with server.client(token) as c:
