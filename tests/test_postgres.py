@@ -14,9 +14,7 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 import time
-import uuid
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Callable
@@ -26,11 +24,11 @@ import pytest
 
 from medmitra.auth import users
 from medmitra.cli import main
-from medmitra.db.models import Case, CaseFile, Insight, Job
+from medmitra.db.models import CaseFile, Insight, Job
 from medmitra.db.setup import available_migrations, close_db, open_db
 from medmitra.jobs import queue
 from tests import docfactory as df
-from tests.conftest import User, make_settings, make_user
+from tests.conftest import User, make_settings, make_user, queued_jobs
 from tests.pg import pg_server, pg_url  # noqa: F401  (fixtures)
 
 pytestmark = [pytest.mark.e2e]
@@ -499,54 +497,10 @@ def test_list_filters_sorting_and_paging_on_postgres(pg_app) -> None:
 
 # -- the job queue -----------------------------------------------------------------------
 
-@pytest.fixture
-def run_db(pg_url: str, tmp_path: Path) -> Callable[[Callable[[], Any]], Any]:  # noqa: F811
-    """run_db(fn): ``await fn()`` with the (migrated) PostgreSQL database open."""
-    settings = make_settings(tmp_path, database={"url": pg_url})
+# The queue's tests run on SQLite and PostgreSQL alike in tests/test_queue.py (conftest's
+# run_db); here only what exists on PostgreSQL alone.
 
-    def go(fn: Callable[[], Any]) -> Any:
-        async def body() -> Any:
-            await open_db(settings)
-            try:
-                return await fn()
-            finally:
-                await close_db()
-        return asyncio.run(body())
-    go.settings = settings    # type: ignore[attr-defined]
-    go.url = pg_url           # type: ignore[attr-defined]
-    return go
-
-
-async def new_case(name: str = "Test Patient") -> Case:
-    now = datetime.now(timezone.utc)
-    return await Case.create(case_id=str(uuid.uuid4()), user_id=str(uuid.uuid4()),
-                             patient_name=name, patient_age=40, patient_gender="female",
-                             status="processing", created_at=now, updated_at=now)
-
-
-async def queued_jobs(n: int, max_attempts: int = 3) -> list[Job]:
-    return [await queue.enqueue(await new_case(), {"n": i}, max_attempts=max_attempts)
-            for i in range(n)]
-
-
-def test_concurrent_claims_never_share_a_job(run_db) -> None:
-    async def body() -> None:
-        jobs = await queued_jobs(5)
-        owners = [queue.new_owner() for _ in range(20)]
-        got = await asyncio.gather(*(queue.claim(o, 60) for o in owners))
-        claimed = [(o, j.id) for o, j in zip(owners, got) if j is not None]
-        assert sorted(jid for _, jid in claimed) == sorted(j.id for j in jobs)
-        assert sum(j is None for j in got) == 15
-        for owner, jid in claimed:
-            row = await Job.get(id=jid)
-            assert (row.state, row.lease_owner, row.attempts) == ("running", owner, 1)
-            assert row.lease_expires_at > time.time() + 50
-            assert row.started_at is not None and row.started_at.tzinfo is not None
-        assert await queue.claim(queue.new_owner(), 60) is None
-        assert await queue.queue_depth() == {"queued": 0, "running": 5}
-    run_db(body)
-
-
+@pytest.mark.parametrize("run_db", ["postgres"], indirect=True)
 def test_claim_skips_a_job_another_node_has_locked(run_db) -> None:
     """FOR UPDATE SKIP LOCKED: while another node's transaction holds the oldest job's row,
     a claim takes the next one at once instead of waiting for (or sharing) it."""
@@ -568,163 +522,6 @@ def test_claim_skips_a_job_another_node_has_locked(run_db) -> None:
             await other_node.close()
         got = await queue.claim(queue.new_owner(), 60)
         assert got is not None and got.id == first.id
-    run_db(body)
-
-
-CLAIMER = textwrap.dedent("""
-    import asyncio, json, sys, time
-    from pathlib import Path
-    from medmitra.config import Settings
-    from medmitra.db.setup import open_db, close_db
-    from medmitra.jobs import queue
-
-    async def main(url, go_file):
-        await open_db(Settings().replace("database", url=url), migrate=False)
-        await queue.queue_depth()              # connect before the start signal
-        print("ready", flush=True)
-        deadline = time.monotonic() + 30
-        while not Path(go_file).exists():      # start together with the other process
-            if time.monotonic() > deadline:
-                raise SystemExit("no go signal")
-            await asyncio.sleep(0.005)
-        owner, got = queue.new_owner(), []
-        while (job := await queue.claim(owner, 60)) is not None:
-            got.append(job.id)
-        await close_db()
-        print(json.dumps(got), flush=True)
-
-    asyncio.run(main(sys.argv[1], sys.argv[2]))
-""")
-
-
-def test_claims_from_two_processes_never_share_a_job(run_db, tmp_path) -> None:
-    """Two worker nodes (OS processes, each with its own connection pool) drain one queue."""
-    n_jobs = 150
-
-    async def setup() -> list[int]:
-        return [j.id for j in await queued_jobs(n_jobs)]
-    ids = run_db(setup)
-
-    go_file = tmp_path / "go"
-    procs = [subprocess.Popen([sys.executable, "-c", CLAIMER, run_db.url, str(go_file)],
-                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for _ in range(2)]
-    try:
-        for p in procs:
-            assert p.stdout.readline().strip() == "ready", p.stderr.read()
-        go_file.touch()
-        results = []
-        for p in procs:
-            out, err = p.communicate(timeout=WAIT_S)
-            assert p.returncode == 0, err
-            results.append(json.loads(out.strip().splitlines()[-1]))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    together = results[0] + results[1]
-    assert len(together) == len(set(together)) == n_jobs
-    assert sorted(together) == sorted(ids)
-    rows = pg('SELECT "state", "attempts", COUNT(*) AS n FROM "jobs" GROUP BY 1, 2', run_db.url)
-    assert rows == [{"state": "running", "attempts": 1, "n": n_jobs}]
-
-
-def test_lapsed_lease_is_claimed_again_and_the_dead_owner_is_locked_out(run_db) -> None:
-    async def body() -> None:
-        [job] = await queued_jobs(1)
-        dead = queue.new_owner()
-        first = await queue.claim(dead, -1)        # a lease that has already lapsed
-        assert first.id == job.id and first.attempts == 1
-        alive = queue.new_owner()
-        again = await queue.claim(alive, 60)
-        assert again is not None and again.id == job.id
-        assert (again.attempts, again.lease_owner) == (2, alive)
-        assert again.started_at == first.started_at       # the first start is kept
-        assert await queue.claim(queue.new_owner(), 60) is None
-        assert await queue.heartbeat(job.id, dead, 60) is False
-        assert await queue.set_progress(job.id, dead, "soap_note", 0.5) is False
-        assert await queue.finish(job.id, dead, state="completed") is False
-        assert await queue.heartbeat(job.id, alive, 60) is True
-        assert await queue.set_progress(job.id, alive, "soap_note", 0.5) is True
-        status = await queue.analysis_status(job.case_id)
-        assert (status["state"], status["stage"], status["progress"], status["attempts"]) == \
-            ("running", "soap_note", 0.5, 2)
-        assert status["queue_position"] is None
-        assert ts(status["started_at"]) == first.started_at
-    run_db(body)
-
-
-def test_fail_attempt_requeues_then_fails_and_finish_completes(run_db) -> None:
-    from tortoise.transactions import in_transaction
-
-    async def body() -> None:
-        [job, later] = await queued_jobs(2, max_attempts=2)
-        status = await queue.analysis_status(later.case_id)
-        assert (status["state"], status["queue_position"]) == ("queued", 2)
-
-        o1 = queue.new_owner()
-        assert (await queue.claim(o1, 60)).id == job.id
-        assert (await queue.analysis_status(later.case_id))["queue_position"] == 1
-        assert await queue.fail_attempt(job.id, o1, "diagnosis: bad JSON") == "queued"
-        row = await Job.get(id=job.id)
-        assert (row.state, row.lease_owner, row.error) == ("queued", None, "diagnosis: bad JSON")
-        assert await queue.fail_attempt(job.id, o1, "again") is None    # no longer ours
-
-        o2 = queue.new_owner()
-        assert (await queue.claim(o2, 60)).id == job.id                 # oldest first
-        assert await queue.fail_attempt(job.id, o2, "model crashed") == "failed"
-        row = await Job.get(id=job.id)
-        assert row.state == "failed" and row.attempts == 2
-        assert row.error == "model crashed (gave up after 2 attempts)"
-        assert (await Case.get(id=job.case_id)).status == "failed"
-        status = await queue.analysis_status(job.case_id)
-        assert (status["state"], status["error"]) == ("failed", row.error)
-        assert ts(status["finished_at"]) >= ts(status["started_at"])
-
-        o3 = queue.new_owner()
-        assert (await queue.claim(o3, 60)).id == later.id
-        async with in_transaction() as conn:
-            assert await queue.finish(later.id, o3, state="completed", conn=conn) is True
-        assert (await Case.get(id=later.case_id)).status == "completed"
-        status = await queue.analysis_status(later.case_id)
-        assert (status["state"], status["progress"], status["error"]) == ("completed", 1.0, None)
-
-        # A finish rolled back with its transaction leaves the job running.
-        [third] = await queued_jobs(1)
-        o4 = queue.new_owner()
-        await queue.claim(o4, 60)
-        with pytest.raises(RuntimeError):
-            async with in_transaction() as conn:
-                assert await queue.finish(third.id, o4, state="completed", conn=conn)
-                raise RuntimeError("insights could not be written")
-        assert (await Job.get(id=third.id)).state == "running"
-        assert (await Case.get(id=third.case_id)).status == "processing"
-        # release gives it back without counting the attempt
-        await queue.release(third.id, o4)
-        row = await Job.get(id=third.id)
-        assert (row.state, row.attempts, row.lease_owner) == ("queued", 0, None)
-    run_db(body)
-
-
-def test_superseded_job_and_dead_local_owner_recovery(run_db) -> None:
-    async def body() -> None:
-        [job] = await queued_jobs(1)
-        owner = queue.new_owner()
-        await queue.claim(owner, 60)
-        case = await Case.get(id=job.case_id)
-        newer = await queue.enqueue(case, {}, max_attempts=3)
-        assert await queue.still_ours(job.id, owner) is False
-        assert (await Job.get(id=job.id)).state == "cancelled"
-        status = await queue.analysis_status(case.id)
-        assert (status["state"], status["queue_position"]) == ("queued", 1)
-
-        # A job leased by a process of this host that no longer exists is re-queued.
-        ghost = f"{queue.HOST}:999999999:deadbeef"
-        await queue.claim(ghost, 3600)
-        assert await queue.recover_dead_local_owners() == 1
-        row = await Job.get(id=newer.id)
-        assert (row.state, row.lease_owner) == ("queued", None)
     run_db(body)
 
 

@@ -1,61 +1,32 @@
-"""The durable job queue (medmitra/jobs/queue.py) against a real SQLite file: atomic
-claims (coroutines and separate processes), leases, heartbeats, retries, supersession,
-status fields and recovery of jobs left by dead processes."""
+"""The durable job queue (medmitra/jobs/queue.py), each test on a real SQLite file and on a
+throwaway PostgreSQL server (conftest's run_db): atomic claims (coroutines and separate
+processes), leases, heartbeats, retries, supersession, status fields and recovery of jobs
+left by dead processes."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import textwrap
 import time
-import uuid
-from datetime import datetime, timezone
-from pathlib import Path
+from datetime import datetime
 
 import pytest
+from tortoise.transactions import in_transaction
 
-from medmitra.config import Settings
 from medmitra.db.models import Case, Job
-from medmitra.db.setup import close_db, open_db
 from medmitra.jobs import queue
+from tests.conftest import ROOT, new_case, queued_jobs
 
-ROOT = Path(__file__).resolve().parent.parent
 WAIT_S = 30.0
 
 
-def make_settings(tmp_path: Path) -> Settings:
-    return Settings().replace("storage", data_dir=str(tmp_path))
-
-
-@pytest.fixture
-def run_db(tmp_path):
-    """run_db(fn): run ``await fn()`` with the database open on a fresh SQLite file."""
-    settings = make_settings(tmp_path)
-
-    def go(fn):
-        async def main():
-            await open_db(settings)
-            try:
-                return await fn()
-            finally:
-                await close_db()
-        return asyncio.run(main())
-    go.settings = settings
-    return go
-
-
-async def new_case(name: str = "Test Patient") -> Case:
-    now = datetime.now(timezone.utc)
-    return await Case.create(case_id=str(uuid.uuid4()), user_id=str(uuid.uuid4()),
-                             patient_name=name, patient_age=40, patient_gender="female",
-                             status="processing", created_at=now, updated_at=now)
-
-
-async def queued_jobs(n: int, max_attempts: int = 3) -> list[Job]:
-    return [await queue.enqueue(await new_case(), {}, max_attempts=max_attempts)
-            for _ in range(n)]
+def ts(value: object) -> datetime:
+    assert isinstance(value, str) and value.endswith("+00:00"), value
+    return datetime.fromisoformat(value)
 
 
 # --- claims -----------------------------------------------------------------------------
@@ -73,7 +44,9 @@ def test_concurrent_claims_never_share_a_job(run_db):
             row = await Job.get(id=jid)
             assert (row.state, row.lease_owner, row.attempts) == ("running", owner, 1)
             assert row.lease_expires_at > time.time() + 50
+            assert row.started_at is not None and row.started_at.tzinfo is not None
         assert await queue.claim(queue.new_owner(), 60) is None
+        assert await queue.queue_depth() == {"queued": 0, "running": 5}
     run_db(body)
 
 
@@ -84,8 +57,9 @@ CLAIMER = textwrap.dedent("""
     from medmitra.db.setup import open_db, close_db
     from medmitra.jobs import queue
 
-    async def main(data_dir, go_file):
-        await open_db(Settings().replace("storage", data_dir=data_dir), migrate=False)
+    async def main(url, go_file):
+        await open_db(Settings().replace("database", url=url), migrate=False)
+        await queue.queue_depth()              # connect before the start signal
         print("ready", flush=True)
         deadline = time.monotonic() + 30
         while not Path(go_file).exists():      # start together with the other process
@@ -103,7 +77,7 @@ CLAIMER = textwrap.dedent("""
 
 
 def test_claims_from_two_processes_never_share_a_job(run_db, tmp_path):
-    """Two OS processes, each with its own SQLite connection, drain one queue."""
+    """Two worker nodes (OS processes, each with its own connection) drain one queue."""
     n_jobs = 150
 
     async def setup():
@@ -111,7 +85,7 @@ def test_claims_from_two_processes_never_share_a_job(run_db, tmp_path):
     ids = run_db(setup)
 
     go_file = tmp_path / "go"
-    procs = [subprocess.Popen([sys.executable, "-c", CLAIMER, str(tmp_path), str(go_file)],
+    procs = [subprocess.Popen([sys.executable, "-c", CLAIMER, run_db.url, str(go_file)],
                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) for _ in range(2)]
     try:
@@ -138,24 +112,29 @@ def test_claims_from_two_processes_never_share_a_job(run_db, tmp_path):
     run_db(check)
 
 
-def test_lapsed_lease_is_claimed_again_with_one_more_attempt(run_db):
+def test_lapsed_lease_is_claimed_again_and_the_dead_owner_is_locked_out(run_db):
     async def body():
         [job] = await queued_jobs(1)
         dead = queue.new_owner()
-        first = await queue.claim(dead, 0.05)      # the worker dies: no heartbeat follows
+        first = await queue.claim(dead, -1)        # a lease that has already lapsed
         assert first.id == job.id and first.attempts == 1
         alive = queue.new_owner()
-        deadline = time.monotonic() + WAIT_S
-        again = None
-        while again is None and time.monotonic() < deadline:
-            again = await queue.claim(alive, 60)
-            await asyncio.sleep(0.01)
+        again = await queue.claim(alive, 60)
         assert again is not None and again.id == job.id
-        assert again.attempts == 2 and again.lease_owner == alive
-        # The dead worker can neither renew nor finish it any more.
+        assert (again.attempts, again.lease_owner) == (2, alive)
+        assert again.started_at == first.started_at       # the first start is kept
+        assert await queue.claim(queue.new_owner(), 60) is None
+        # The dead worker can neither renew, report nor finish it any more.
         assert await queue.heartbeat(job.id, dead, 60) is False
+        assert await queue.set_progress(job.id, dead, "soap_note", 0.5) is False
         assert await queue.finish(job.id, dead, state="completed") is False
         assert await queue.heartbeat(job.id, alive, 60) is True
+        assert await queue.set_progress(job.id, alive, "soap_note", 0.5) is True
+        status = await queue.analysis_status(job.case_id)
+        assert (status["state"], status["stage"], status["progress"], status["attempts"]) == \
+            ("running", "soap_note", 0.5, 2)
+        assert status["queue_position"] is None
+        assert ts(status["started_at"]) == first.started_at
     run_db(body)
 
 
@@ -208,6 +187,33 @@ def test_fail_attempt_requeues_then_fails_with_reason(run_db):
         status = await queue.analysis_status(job.case_id)
         assert status["state"] == "failed" and status["attempts"] == 2
         assert status["error"].startswith("diagnosis: bad JSON")
+    run_db(body)
+
+
+def test_finish_commits_and_rolls_back_with_the_callers_transaction(run_db):
+    async def body():
+        [job] = await queued_jobs(1)
+        owner = queue.new_owner()
+        await queue.claim(owner, 60)
+        with pytest.raises(RuntimeError):
+            async with in_transaction() as conn:
+                assert await queue.finish(job.id, owner, state="completed", conn=conn)
+                raise RuntimeError("insights could not be written")
+        assert (await Job.get(id=job.id)).state == "running"
+        assert (await Case.get(id=job.case_id)).status == "processing"
+        # release gives it back without counting the attempt
+        await queue.release(job.id, owner)
+        row = await Job.get(id=job.id)
+        assert (row.state, row.attempts, row.lease_owner) == ("queued", 0, None)
+
+        owner = queue.new_owner()
+        await queue.claim(owner, 60)
+        async with in_transaction() as conn:
+            assert await queue.finish(job.id, owner, state="completed", conn=conn) is True
+        assert (await Case.get(id=job.case_id)).status == "completed"
+        status = await queue.analysis_status(job.case_id)
+        assert (status["state"], status["progress"], status["error"]) == ("completed", 1.0, None)
+        assert ts(status["finished_at"]) >= ts(status["started_at"])
     run_db(body)
 
 
@@ -267,7 +273,6 @@ def test_recover_dead_local_owners_requeues_only_dead_pids(run_db):
         j_dead, j_live, j_other_host = await queued_jobs(3)
         await queue.claim(f"{queue.HOST}:{dead.pid}:deadbeef", 3600)
         # The test runner's parent is alive; a job of another host is not ours to judge.
-        import os
         await queue.claim(f"{queue.HOST}:{os.getppid()}:cafe0000", 3600)
         await queue.claim("some-other-host:1:00000000", 3600)
         assert await queue.recover_dead_local_owners() == 1
