@@ -1,8 +1,10 @@
 """Analysis benchmark (issue: offline AI analysis). Prints, for the default model:
 
-1. generation speed: raw llama-cpp-python tokens/s (same model, same threads) vs the
-   tokens/s achieved inside a full case analysis (generation time = stage time minus
-   prompt-reading time, as llama.cpp reports it), and their ratio (goal >= 0.9);
+1. generation speed: raw llama-cpp-python tokens/s (same model, threads, chat API and
+   sampling), without and with a stage's JSON-schema grammar, vs the tokens/s achieved
+   inside a full case analysis (generation time = stage time minus prompt-reading time, as
+   llama.cpp reports it), their ratio (goal >= 0.9), and the grammar's own cost (time
+   outside llama_decode, with vs without the grammar);
 2. wall time of one full analysis of a 3-file case (text PDF, CSV, DICOM) and its split by
    stage, with prompt/cached/completion tokens (goal <= 60 s on 2 cores);
 3. p99 latency of GET /health while 2 analyses run vs idle (goal <= 3x idle);
@@ -115,27 +117,48 @@ def three_files() -> list:
             ("radiology_files", ("chest.dcm", df.dicom(), "application/dicom"))]
 
 
-def raw_generation_tps(threads: int, n_tokens: int = 200) -> float:
-    """Tokens/s of plain generation in llama-cpp-python, same model and thread count:
-    completion tokens over the call's wall time minus its prompt reading, i.e. decoding
-    plus sampling, measured the same way as inside the analysis."""
+def raw_generation(threads: int, rounds: int = 3, n_tokens: int = 200) -> dict[str, dict]:
+    """Plain llama-cpp-python generation with the same model, threads, chat API, sampling
+    (temperature, seed, repeat penalty) and streaming as the analysis, without and with
+    the JSON-schema grammar of a real stage (case summary); the two interleaved, ``rounds``
+    times. Tokens/s = completion tokens over the call's wall time minus its prompt reading
+    (decoding + sampling), measured as inside the analysis. ``outside_decode`` is the share
+    of that time spent outside llama_decode (llama.cpp's own eval timer): sampling, the
+    grammar, Python; the grammar's own cost is its increase over the plain run."""
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # as medmitra.llm.llama does
     import llama_cpp
+    from llama_cpp import LlamaGrammar
+
+    from medmitra.llm.llama import N_BATCH_TOKENS
+    from medmitra.pipeline import schemas
 
     llm = llama_cpp.Llama(model_path=str(MODEL), n_ctx=2048, n_threads=threads, seed=1,
-                          verbose=False)
-    rates = []
-    for i in range(3):
-        llm.reset()
-        llama_cpp.llama_perf_context_reset(llm.ctx)
-        started = time.perf_counter()
-        out = llm.create_completion(f"Write a long clinical note about patient {i}:",
-                                    max_tokens=n_tokens, temperature=0.2, repeat_penalty=1.1)
-        wall = time.perf_counter() - started
-        perf = llama_cpp.llama_perf_context(llm.ctx)
-        rates.append(out["usage"]["completion_tokens"] / (wall - perf.t_p_eval_ms / 1000.0))
+                          n_batch=N_BATCH_TOKENS, verbose=False)
+    grammar = LlamaGrammar.from_json_schema(json.dumps(schemas.CASE_SUMMARY), verbose=False)
+    messages = [{"role": "user", "content": "Summarise this case as JSON. A 58-year-old "
+                 "woman with three weeks of fatigue, pallor and breathlessness on stairs; "
+                 "haemoglobin 8.1 g/dL (low), ferritin 6 ng/mL (low)."}]
+    out: dict[str, dict] = {"plain": {"tps": [], "outside": []},
+                            "grammar": {"tps": [], "outside": []}}
+    for _ in range(rounds):
+        for name, g in (("plain", None), ("grammar", grammar)):
+            llm.reset()
+            llama_cpp.llama_perf_context_reset(llm.ctx)
+            started = time.perf_counter()
+            tokens = 0
+            for chunk in llm.create_chat_completion(
+                    messages=messages, grammar=g, max_tokens=n_tokens, temperature=0.2,
+                    seed=7, repeat_penalty=1.1, stream=True):
+                if (chunk["choices"][0].get("delta") or {}).get("content"):
+                    tokens += 1
+            perf = llama_cpp.llama_perf_context(llm.ctx)
+            gen_s = time.perf_counter() - started - perf.t_p_eval_ms / 1000.0
+            out[name]["tps"].append(tokens / gen_s)
+            out[name]["outside"].append(1.0 - perf.t_eval_ms / 1000.0 / gen_s)
     llm.close()
-    return statistics.median(rates)
+    return {name: {"tps": statistics.median(v["tps"]), "tps_all": v["tps"],
+                   "outside_decode": statistics.median(v["outside"])}
+            for name, v in out.items()}
 
 
 def latency_p99(client: httpx.Client, n: int = 300) -> tuple[float, float]:
@@ -178,9 +201,20 @@ def main() -> None:
                 gen_tokens += s["completion_tokens"]
                 gen_time += s["duration_s"] - s.get("prompt_eval_s", 0.0)
         inside = gen_tokens / gen_time if gen_time else 0.0
-        raw = raw_generation_tps(threads=cores)
-        print(f"\ngeneration: raw llama-cpp-python {raw:.1f} tok/s, inside the analysis "
-              f"{inside:.1f} tok/s, ratio {inside / raw:.2f} (goal >= 0.9)")
+        raw = raw_generation(threads=cores)
+        plain, gram = raw["plain"], raw["grammar"]
+        print(f"\ngeneration (raw: median of 3 interleaved runs each):")
+        print(f"  raw llama-cpp-python, no grammar:   {plain['tps']:6.1f} tok/s "
+              f"({' '.join(f'{x:.1f}' for x in plain['tps_all'])}), "
+              f"{100 * plain['outside_decode']:.0f}% of it outside llama_decode")
+        print(f"  raw, same grammar and sampling:     {gram['tps']:6.1f} tok/s "
+              f"({' '.join(f'{x:.1f}' for x in gram['tps_all'])}), "
+              f"{100 * gram['outside_decode']:.0f}% of it outside llama_decode")
+        print(f"  inside the analysis:                {inside:6.1f} tok/s")
+        print(f"  ratio inside / raw with grammar {inside / gram['tps']:.2f} (goal >= 0.9); "
+              f"inside / raw without {inside / plain['tps']:.2f}; grammar's own cost: "
+              f"{100 * (gram['outside_decode'] - plain['outside_decode']):.0f}% of "
+              f"generation time")
 
         # -- 3: /health latency idle vs 2 analyses running ------------------------------
         srv = Server(tmp, workers=2)
