@@ -358,8 +358,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'':38} {'binary':>10} {'source':>10} {'ratio':>7}   (medians: "
           f"{max(args.runs, args.analyses)} start-ups, {args.analyses} analyses)")
     for title, key, unit in rows:
+        if not b.results[key] or not s.results[key]:
+            continue   # --analyses 0
         bv, sv = statistics.median(b.results[key]), statistics.median(s.results[key])
-        print(f"{title:38} {bv:10.2f} {sv:10.2f} {bv / sv:7.2f}   {unit}")
+        spread = "  ".join(f"{v.label} {min(v.results[key]):.2f}-{max(v.results[key]):.2f}"
+                           for v in variants)
+        print(f"{title:38} {bv:10.2f} {sv:10.2f} {bv / sv:7.2f}   {unit}  ({spread})")
     return 0
 
 
