@@ -197,6 +197,7 @@ def main() -> None:
         print(f"machine: {os.cpu_count()} cores; wrk -t2 -c{args.connections} -d{args.duration}s, "
               f"{args.rounds} rounds (bare, case, list in turn, so each ratio compares runs "
               f"seconds apart under the same machine load)")
+        pids: dict[str, int] = {}   # the server of each route, where not `server`
         routes = {"bare GET /": (bare + "/", None),
                   "GET /cases/cases/{id}": (f"{api}/cases/cases/{first}", token),
                   "GET /cases/all_cases (100)": (f"{api}/cases/all_cases", token)}
@@ -212,6 +213,7 @@ def main() -> None:
             wait_up(f"http://127.0.0.1:{p2}/health")
             routes[f"GET case, audit {label}"] = (
                 f"http://127.0.0.1:{p2}/cases/cases/{first}", token)
+            pids[f"GET case, audit {label}"] = procs[-1].pid
         runs: dict[str, list[dict[str, float]]] = {name: [] for name in routes}
         for _ in range(args.rounds):
             for name, (url, tok) in routes.items():
@@ -239,7 +241,7 @@ def main() -> None:
                 bare + "/", args.duration, args.connections, None), args.profile)
             for name, (url, tok) in routes.items():
                 if name != "bare GET /":
-                    profile(server.pid, name, lambda u=url, t=tok: wrk(
+                    profile(pids.get(name, server.pid), name, lambda u=url, t=tok: wrk(
                         u, args.duration, args.connections, t), args.profile)
 
         # Peak RSS growth while streaming one 50 MiB DICOM upload.
