@@ -568,6 +568,46 @@ def _ops_paths() -> dict[str, Schema]:
     }
 
 
+def _authorize_paths() -> dict[str, Schema]:
+    """The sign-in page of the PKCE flow (api/authorize.py): HTML, not JSON."""
+    def page(description: str, **extra: Any) -> Schema:
+        return {"description": description,
+                "content": {"text/html": {"schema": STR}}, **extra}
+
+    flow = [_query("provider", STR, "Any name (e.g. `google`): the page is always the "
+                                    "server's own sign-in for local accounts."),
+            _query("redirect_to", STR, "Where to return with `?code=`; must match "
+                                       "`auth.redirect_urls`."),
+            _query("code_challenge", STR, "PKCE S256 challenge (43-128 characters)."),
+            _query("code_challenge_method", STR, "`s256` (`plain` only with "
+                                                 "`auth.pkce_allow_plain`)."),
+            _query("scopes", STR, "Ignored; kept in the form's address.")]
+    form = _obj({"email": STR, "password": STR, "csrf_token": STR})
+    retry = {"Retry-After": {"schema": STR, "description": "Seconds to wait."}}
+    return {"/auth/v1/authorize": {
+        "get": _op("Auth", "authAuthorize", "The sign-in page (PKCE flow)", {
+            "200": page("The sign-in form; sets the form's HttpOnly nonce cookie."),
+            "400": page("A link that cannot be used, and why: `redirect_to` not allowed or "
+                        "missing, no or malformed PKCE challenge. Never redirects."),
+        }, security=NO_AUTH, parameters=flow,
+            description="What `supabase.auth.signInWithOAuth` opens. No script, and no "
+                        "request to any other host."),
+        "post": _op("Auth", "authAuthorizeSubmit", "Sign in on the sign-in page", {
+            "302": {"description": "Signed in: redirected to `redirect_to?code=<one-time "
+                                   "code>` for `POST /auth/v1/token?grant_type=pkce`.",
+                    "headers": {"Location": {"schema": STR}}},
+            "400": page("The form again: wrong email or password, or a link that cannot "
+                        "be used."),
+            "403": page("The form again: disabled account, or an expired or cross-site "
+                        "form (CSRF)."),
+            "413": _r("PayloadTooLarge"),
+            "429": page("The form again: too many failed sign-ins.", headers=retry),
+        }, security=NO_AUTH, parameters=flow,
+            requestBody={"required": True, "content": {
+                "application/x-www-form-urlencoded": {"schema": form}}}),
+    }}
+
+
 def _auth_paths() -> dict[str, Schema]:
     user = _json(_ref("User"))
     limited = {"400": _r("AuthBadRequest"), "429": _r("AuthTooManyRequests")}
@@ -648,6 +688,7 @@ def _auth_paths() -> dict[str, Schema]:
             "Auth", "authHealth", "Auth service health",
             {"200": _json(_obj({"version": STR, "name": STR, "description": STR},
                                ["name"]))}, security=NO_AUTH)},
+        **_authorize_paths(),
         "/auth/v1/.well-known/jwks.json": {"get": _op(
             "Auth", "authJwks", "Public keys for verifying access tokens",
             {"200": _json(jwks)}, security=NO_AUTH)},
