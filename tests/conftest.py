@@ -441,6 +441,28 @@ def cli_token(data: Path, user_id: str) -> str:
     return out.stdout.strip()
 
 
+# -- the browser ----------------------------------------------------------------------------
+
+CHROMIUM = Path("/usr/bin/chromium")          # Debian's package: Playwright downloads nothing
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu",
+                 "--disable-background-networking", "--disable-component-update",
+                 "--no-first-run", "--disable-sync", "--disable-quic"]
+AXE = ROOT / "tests" / "js" / "node_modules" / "axe-core" / "axe.min.js"
+
+
+@contextlib.contextmanager
+def chromium() -> Iterator[Any]:
+    """Headless Chromium driven by Playwright, closed on exit."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
 # -- other shared servers -------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

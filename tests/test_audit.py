@@ -24,7 +24,8 @@ import httpx
 import pytest
 
 import docfactory as df
-from conftest import ROOT, TEST_SECRET, Served, free_port, make_settings, make_user
+from conftest import (ROOT, TEST_SECRET, Served, free_port, make_settings, make_user,
+                      wait_healthy)
 from medmitra.cli import main
 from medmitra.ops import audit
 from tests.pg import pg_server, pg_url  # noqa: F401  (fixtures)
@@ -252,13 +253,7 @@ def test_sigkill_after_responses_loses_no_acknowledged_row(tmp_path: Path) -> No
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
+        wait_healthy(url, proc, timeout_s=60)
         user = make_user()
         answered = 0
         import concurrent.futures as cf

@@ -19,10 +19,9 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 
 from medmitra.auth import users
-from tests.conftest import make_settings
+from tests.conftest import AXE, CHROMIUM, chromium, make_settings
 from tests.test_auth_authorize import form_of
-from tests.test_docs_browser import CHROMIUM, CHROMIUM_ARGS
-from tests.test_web_app import AXE, axe_check
+from tests.test_web_app import axe_check
 from tests.test_supabase_js import JS_DIR, node  # noqa: F401  (fixture)
 
 SCRIPT = JS_DIR / "pkce_flow.mjs"
@@ -173,14 +172,8 @@ def browser():
         pytest.skip("needs Debian's chromium at /usr/bin/chromium")
     if not AXE.is_file():
         pytest.skip("axe-core missing: run scripts/setup-test-tools.sh (npm in tests/js)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            yield b
-        finally:
-            b.close()
+    with chromium() as b:
+        yield b
 
 
 def test_sign_in_page_in_chromium_keyboard_only_and_local_only(setup, browser,

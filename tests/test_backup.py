@@ -27,7 +27,8 @@ import httpx
 import pytest
 
 import docfactory as df
-from conftest import MODEL_PATH, ROOT, TEST_SECRET, Served, free_port, make_settings, make_user
+from conftest import (MODEL_PATH, ROOT, TEST_SECRET, Served, free_port, make_settings, make_user,
+                      wait_healthy)
 from medmitra.cli import main
 from medmitra.llm.runtime import FakeRuntime
 from medmitra.ops.backup import MANIFEST, make_backup, verify_backup
@@ -274,14 +275,15 @@ def test_server_makes_scheduled_backups(start_app, tmp_path: Path) -> None:
     assert len(done) == 2, done
     assert server.app.ctx.last_backup_at is not None
     assert verify_backup(done[-1])[1] == []
-    r = httpx.get(server.url + "/metrics")
+    with server.client() as c:
+        r = c.get("/metrics")
     assert "medmitra_backup_last_success_timestamp_seconds" in r.text
 
 
 def test_postgresql_backup_holds_files_and_keys_and_says_pg_dump(
-        pg_url, start_server, tmp_path: Path, capsys) -> None:  # noqa: F811
+        pg_url, start_app, tmp_path: Path, capsys) -> None:  # noqa: F811
     settings = make_settings(tmp_path, database={"url": pg_url})
-    server = start_server(settings)
+    server = start_app(settings)
     user = make_user()
     sent = {}
     with server.client(user.token) as c:
@@ -425,15 +427,7 @@ def serve(data: Path) -> Iterator[str]:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, "server did not start"
-            time.sleep(0.1)
+        wait_healthy(url, proc, timeout_s=60)
         yield url
     finally:
         proc.terminate()

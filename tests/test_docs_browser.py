@@ -14,9 +14,9 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from conftest import CHROMIUM, chromium
 from medmitra.api.openapi import build_openapi
 
-CHROMIUM = Path("/usr/bin/chromium")
 pytestmark = [
     pytest.mark.e2e,
     pytest.mark.skipif(not CHROMIUM.exists(),
@@ -25,9 +25,6 @@ pytestmark = [
 ]
 
 ROOT = Path(__file__).resolve().parents[1]
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu",
-                 "--disable-background-networking", "--disable-component-update",
-                 "--no-first-run", "--disable-sync", "--disable-quic"]
 RENDER_TIMEOUT_MS = 20_000
 SCREENSHOT_DIR = Path(tempfile.gettempdir())
 HTTP_METHODS = {"get", "put", "post", "delete", "patch", "head", "options", "trace"}
@@ -40,14 +37,8 @@ def base_url(docs_server_url: str) -> str:
 
 @pytest.fixture(scope="module")
 def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            yield b
-        finally:
-            b.close()
+    with chromium() as b:
+        yield b
 
 
 class PageLog:

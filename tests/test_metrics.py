@@ -15,7 +15,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import docfactory as df
-from conftest import ROOT, TEST_SECRET, Served, free_port, make_settings, make_user
+from conftest import (ROOT, TEST_SECRET, Served, free_port, make_settings, make_user,
+                      wait_healthy)
 from medmitra.llm.runtime import FakeRuntime
 from medmitra.ops.logs import REQUEST_ID, JsonFormatter
 
@@ -132,13 +133,7 @@ def test_served_json_logs_are_one_object_per_line(tmp_path: Path) -> None:
                                 stdout=subprocess.DEVNULL, stderr=log)
         try:
             url = f"http://127.0.0.1:{port}"
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:
-                try:
-                    if httpx.get(url + "/health", timeout=1).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    time.sleep(0.1)
+            wait_healthy(url, proc, timeout_s=60)
             rid = httpx.get(url + "/", headers={"X-Request-Id": "trace-42"}).headers[
                 "x-request-id"]
             assert rid == "trace-42"

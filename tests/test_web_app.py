@@ -22,10 +22,8 @@ import httpx
 import pytest
 
 import docfactory as df
-from conftest import MODEL_PATH, ROOT, Served, make_settings, make_user
-from test_docs_browser import CHROMIUM, CHROMIUM_ARGS
+from conftest import AXE, CHROMIUM, MODEL_PATH, ROOT, Served, chromium, make_settings, make_user
 
-AXE = ROOT / "tests" / "js" / "node_modules" / "axe-core" / "axe.min.js"
 ARTIFACTS = Path(os.environ.get("MEDMITRA_TEST_ARTIFACTS", ROOT / "test-artifacts")) / "web"
 SIZES = ((1366, 768), (768, 1024))
 PASSWORD = "correct horse battery staple"
@@ -48,14 +46,8 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            yield b
-        finally:
-            b.close()
+    with chromium() as b:
+        yield b
 
 
 class Watch:
