@@ -21,7 +21,6 @@ from sanic.response import HTTPResponse, raw
 from medmitra import filetypes
 from medmitra.api.auth import current_user
 from medmitra.errors import ApiError, UnsupportedMediaType, field_error
-from medmitra.pipeline.images import ImageRefused, dicom_image
 from medmitra.services import cases as svc
 
 # Longest side of a preview; enough for a case page and a printed report.
@@ -40,6 +39,10 @@ class PreviewUnavailable(ApiError):
 def render_dicom_png(path) -> bytes:
     import pydicom
     from pydicom.errors import InvalidDicomError
+
+    # Imported here, not with the routes: it brings numpy and Pillow, which the server
+    # does not need before it answers its first /health.
+    from medmitra.pipeline.images import ImageRefused, dicom_image
 
     try:
         ds = pydicom.dcmread(path)
