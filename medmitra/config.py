@@ -253,9 +253,10 @@ class BackupSettings(Section):
 class AuditSettings(Section):
     enabled: bool = setting(True, "record every access to patient data (docs/operations.md)")
     durability: str = setting(
-        "ack", '"ack": a response waits for its audit row\'s commit (a crash loses none); '
-               '"batch": commit every flush_ms (a crash may lose the last flush_ms)',
-        choices=("ack", "batch"))
+        "batch", '"batch": rows are committed every flush_ms (a crash may lose the rows of '
+                 'the last flush_ms); "ack": a response waits for its row\'s commit (a crash '
+                 "loses none; costs read throughput, docs/operations.md)",
+        choices=("batch", "ack"))
     flush_ms: int = setting(200, "batch mode's commit interval, milliseconds",
                             min=1, max=60000)
     retention_days: int = setting(0, "rows older than this are deleted daily; 0 = keep all",

@@ -34,6 +34,12 @@ PATIENT = "Zebulon Quixote-Audit"
 SUMMARY = "Persistent cough and night sweats, weight loss of 4 kg"
 
 
+@pytest.fixture
+def server(start_app, tmp_path: Path) -> Served:
+    """ack mode: every answered request's row is committed before the answer."""
+    return start_app(make_settings(tmp_path, audit={"durability": "ack"}))
+
+
 def _rows(data: Path) -> list[dict[str, Any]]:
     conn = sqlite3.connect(data / "medmitra.sqlite3")
     conn.row_factory = sqlite3.Row
@@ -248,7 +254,7 @@ def test_sigkill_after_responses_loses_no_acknowledged_row(tmp_path: Path) -> No
     env = {**os.environ, "MEDMITRA_STORAGE_DATA_DIR": str(data),
            "MEDMITRA_SERVER_PORT": str(port), "MEDMITRA_LLM_WORKERS": "0",
            "MEDMITRA_AUTH_JWT_SECRET": TEST_SECRET, "MEDMITRA_LOG_LEVEL": "WARNING",
-           "MEDMITRA_STORAGE_MIN_FREE_BYTES": "0"}
+           "MEDMITRA_STORAGE_MIN_FREE_BYTES": "0", "MEDMITRA_AUDIT_DURABILITY": "ack"}
     proc = subprocess.Popen([sys.executable, "-m", "medmitra", "serve"], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -277,7 +283,8 @@ def test_sigkill_after_responses_loses_no_acknowledged_row(tmp_path: Path) -> No
 
 def test_trail_on_postgresql(pg_url, start_app, tmp_path: Path, monkeypatch,  # noqa: F811
                              capsys: pytest.CaptureFixture[str]) -> None:
-    server = start_app(make_settings(tmp_path, database={"url": pg_url}))
+    server = start_app(make_settings(tmp_path, database={"url": pg_url},
+                                     audit={"durability": "ack"}))
     user = make_user()
     with server.client(user.token) as c:
         for _ in range(3):

@@ -76,7 +76,7 @@ OWNERS: dict[str, Any] = {}
 def populated(start_app, tmp_path: Path) -> tuple[Served, dict[str, bytes]]:
     """A running server (no workers) with 4 cases of two users, 8 files. OWNERS maps each
     case to its user."""
-    server = start_app(make_settings(tmp_path))
+    server = start_app(make_settings(tmp_path, audit={"durability": "ack"}))
     sent: dict[str, bytes] = {}
     OWNERS.clear()
     for user in (make_user(), make_user()):

@@ -12,11 +12,11 @@ can write the database but not read the key cannot forge a consistent chain. The
 
 Writes are batched: requests hand their row to one writer task, which inserts everything
 waiting in one transaction (group commit). Durability (``audit.durability``):
-- ``ack`` (default): a response is sent only after its row is committed, so a crash never
-  loses the row of an answered request;
-- ``batch``: the writer commits every ``audit.flush_ms``; a crash may lose the rows of
-  requests answered in the last ``flush_ms`` (and in a database outage, the rows held in
-  memory, shown by the metric ``medmitra_audit_pending_rows``).
+- ``batch`` (default): the writer commits every ``audit.flush_ms`` (200 ms); a crash may
+  lose the rows of requests answered in the last ``flush_ms`` before it;
+- ``ack``: a response is sent only after its row is committed, so a crash never loses the
+  row of an answered request; each request then waits for a commit (fsync), which costs
+  read throughput (measured in bench/api_bench.py).
 If the database cannot be written (disk full), requests are still answered; their rows stay
 in memory and are retried.
 """
@@ -156,7 +156,7 @@ def read_head(path: Path) -> tuple[int, str] | None:
 class AuditTrail:
     """The server's single chain writer (one per process), fed by ``record``."""
 
-    def __init__(self, key: bytes, *, durability: str = "ack", flush_ms: int = 200,
+    def __init__(self, key: bytes, *, durability: str = "batch", flush_ms: int = 200,
                  head_path: Path | None = None):
         self.key = key
         self.durability = durability
