@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from medmitra import __version__, cli_auth
+from medmitra.auth import token_commands
 from medmitra.atomicfile import atomic_file
 from medmitra.config import ConfigError, Settings, load_settings, resolve_model_path
 
@@ -42,14 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("version", help="print the version")
     _common(p)
 
-    p = sub.add_parser("token", help="issue access tokens")
-    _common(p)
-    tsub = p.add_subparsers(dest="token_command", required=True)
-    t = tsub.add_parser("create", help="print a JWT this server accepts")
-    _common(t)
-    t.add_argument("--user-id", required=True)
-    t.add_argument("--email")
-    t.add_argument("--expires-in", type=int, default=3600, help="seconds (default 3600)")
+    token_commands.register(sub, _common)   # token create, tokens list|revoke
 
     p = sub.add_parser("models", help="manage GGUF model files")
     _common(p)
@@ -59,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("path")
     m = msub.add_parser("show", help="print the configured model and whether it is present")
     _common(m)
-    cli_auth.register(sub, _common)   # users add|list|disable|reset-password, keys rotate|list
+    cli_auth.register(sub, _common)   # users add|list|disable|reset-password|clear-metadata,
+    #                                    keys rotate|list|revoke
     from medmitra.ops import cli as ops_cli
 
     ops_cli.register(sub)              # backup [verify], restore, audit, export
@@ -99,8 +94,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if cmd == "migrate":
         return _migrate(settings)
-    if cmd == "token":
-        return _token_create(settings, args)
+    if cmd in token_commands.COMMANDS:
+        return token_commands.run(args, settings)
     if cmd == "models":
         return _models(settings, args)
     if cmd == "serve":
@@ -120,28 +115,6 @@ def _migrate(settings: Settings) -> int:
 
     version = asyncio.run(run())
     print(f"database at schema version {version}: {settings.database_url.split('@')[-1]}")
-    return 0
-
-
-def _token_create(settings: Settings, args: argparse.Namespace) -> int:
-    import uuid
-
-    from medmitra.auth.jwt import issue_token
-    from medmitra.auth.keys import load_or_create_secret
-
-    try:
-        user_id = str(uuid.UUID(args.user_id))
-    except ValueError:
-        print("medmitra: --user-id must be a UUID", file=sys.stderr)
-        return 2
-    if not 1 <= args.expires_in <= 366 * 86400:
-        print("medmitra: --expires-in must be between 1 and 31622400 seconds", file=sys.stderr)
-        return 2
-    settings.data_path.mkdir(parents=True, exist_ok=True)
-    secret = load_or_create_secret(settings.data_path, settings.auth.jwt_secret)
-    print(issue_token(secret, user_id=user_id, email=args.email, expires_in_s=args.expires_in,
-                      audience=settings.auth.audience or "authenticated",
-                      issuer=settings.auth.issuer or None))
     return 0
 
 

@@ -39,6 +39,10 @@ def register(sub: Any, common: Callable[[Any], None]) -> None:
     common(u)
     u.add_argument("--email", required=True)
     u.add_argument("--password", help="the new password; omit or '-' to read it from stdin")
+    u = usub.add_parser("clear-metadata", help="empty a user's user_metadata (e.g. when it "
+                                               "made their tokens too large)")
+    common(u)
+    u.add_argument("--email", required=True)
 
     p = sub.add_parser("keys", help="manage the ES256 keys that sign access tokens")
     common(p)
@@ -49,6 +53,10 @@ def register(sub: Any, common: Callable[[Any], None]) -> None:
     common(k)
     k = ksub.add_parser("list", help="list signing keys and their state")
     common(k)
+    k = ksub.add_parser("revoke", help="a compromised key: refuse every token it signed, "
+                                       "at once (a running server within seconds)")
+    common(k)
+    k.add_argument("kid")
 
 
 def _read_password(value: str | None) -> str | None:
@@ -67,10 +75,11 @@ def _read_password(value: str | None) -> str | None:
 def run(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "users":
         handler = {"add": _users_add, "list": _users_list, "disable": _users_disable,
-                   "enable": _users_enable, "reset-password": _users_reset_password
-                   }[args.users_command]
+                   "enable": _users_enable, "reset-password": _users_reset_password,
+                   "clear-metadata": _users_clear_metadata}[args.users_command]
     elif args.command == "keys":
-        handler = {"rotate": _keys_rotate, "list": _keys_list}[args.keys_command]
+        handler = {"rotate": _keys_rotate, "list": _keys_list,
+                   "revoke": _keys_revoke}[args.keys_command]
     else:
         return EXIT_USAGE
     if args.command == "users" and args.users_command in ("add", "reset-password"):
@@ -157,6 +166,28 @@ async def _users_reset_password(args: argparse.Namespace, settings: Settings) ->
 
     user, ended = await admin.reset_password(args.email, args.password)
     print(f"password of {user.email} changed; ended {ended} session(s)")
+    return EXIT_OK
+
+
+async def _users_clear_metadata(args: argparse.Namespace, settings: Settings) -> int:
+    from medmitra.auth import admin
+
+    user, size = await admin.clear_metadata(args.email)
+    print(f"cleared the user metadata of {user.email} ({size} bytes)")
+    return EXIT_OK
+
+
+async def _keys_revoke(args: argparse.Namespace, settings: Settings) -> int:
+    from medmitra.auth import admin
+
+    found, new_kid = await admin.revoke_key(settings, args.kid)
+    if not found:
+        print(f"medmitra: no signing key {args.kid}", file=sys.stderr)
+        return EXIT_REFUSED
+    if new_kid:
+        print(f"signing with new key {new_kid}")
+    print(f"revoked {args.kid}: every token it signed is refused (a running server stops "
+          "accepting them within seconds)")
     return EXIT_OK
 
 

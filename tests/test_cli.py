@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 import uuid
 from pathlib import Path
@@ -40,12 +41,17 @@ def test_token_create_prints_a_token_the_server_accepts(
     assert main(["token", "create", "--user-id", uid, "--email", "d@c.test",
                  "--expires-in", "120", "--data-dir", str(tmp_path)]) == 0
     token = capsys.readouterr().out.strip()
-    assert (tmp_path / "jwt_secret").stat().st_mode & 0o777 == 0o600
     settings = load_settings(None, env={}, overrides={"storage": {"data_dir": str(tmp_path)}})
-    secret = (tmp_path / "jwt_secret").read_text().strip()
-    principal = TokenVerifier.from_settings(settings, secret).verify(token)
+    # Signed by the server's own key ring (its public key is in the key table) and bound
+    # to a revocable token row named by session_id.
+    db = sqlite3.connect(tmp_path / "medmitra.sqlite3")
+    jwks = {"keys": [json.loads(r[0]) for r in db.execute(
+        "SELECT public_jwk FROM auth_signing_keys")]}
+    principal = TokenVerifier(settings.auth, hs256_secret=None, jwks=jwks).verify(token)
     assert principal.user_id == uid and principal.email == "d@c.test"
     assert principal.claims["exp"] - principal.claims["iat"] == 120
+    assert db.execute("SELECT user_id, revoked_at FROM auth_api_tokens WHERE id = ?",
+                      (principal.session_id,)).fetchall() == [(uid, None)]
 
 
 @pytest.mark.parametrize("argv", [
@@ -119,5 +125,5 @@ def test_data_dir_works_before_or_after_the_subcommand(
     for i, argv in enumerate((["token", "--data-dir", str(tmp_path / "a"), "create", "--user-id", uid],
                               ["token", "create", "--user-id", uid, "--data-dir", str(tmp_path / "b")])):
         assert main(argv) == 0
-        assert (tmp_path / "ab"[i] / "jwt_secret").is_file()
+        assert (tmp_path / "ab"[i] / "medmitra.sqlite3").is_file()
     capsys.readouterr()

@@ -36,8 +36,9 @@ async def current_user(request: Any, *, claimed_user_id: str | None = None) -> s
                 request.ctx.auth_user = (uid, "trusted-lan", None)   # for the audit trail
                 return uid
         principal = ctx.verifier.verify(token)
-        if ctx.session_check is not None and principal.session_id:
-            await ctx.session_check(principal)   # revoked sessions are refused
+        if ctx.session_check is not None:
+            # Tokens this server signed must name a live session (auth/sessions.py).
+            await ctx.session_check(principal)
         request.ctx.auth_user = (principal.user_id, "session" if principal.session_id
                                  else "token", principal.session_id)
         return principal.user_id

@@ -13,8 +13,11 @@ with the CLI (``medmitra users add``); self sign-up is off unless ``auth.signup_
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
-from typing import TYPE_CHECKING, Any
+from datetime import timedelta
+from typing import Any
 
 from sanic import Blueprint, Request, Sanic
 from sanic.response import HTTPResponse, empty, json as json_response
@@ -28,16 +31,17 @@ from medmitra.auth.gotrue import (DEFAULT_AUDIENCE, AuthApiError, AuthState, acc
                                   weak_password_error)
 from medmitra.auth.jwt import Principal
 from medmitra.auth.ratelimit import SignInGuard, retry_after_header
-from medmitra.auth.sessions import BANNED, REVOKED, SessionChecker
+from medmitra.auth.sessions import ACTIVE, BANNED, SessionChecker
 from medmitra.auth.signing import KeyRing
 from medmitra.config import Settings
+from medmitra.db.auth_models import AuthSession, AuthUser
 from medmitra.errors import Unauthorized
-
-if TYPE_CHECKING:
-    from medmitra.db.auth_models import AuthUser
 
 PREFIX = "/auth/v1"
 LOGOUT_SCOPES = ("global", "local", "others")
+# A password change without the current password is allowed this long after the session's
+# sign-in (as Supabase's secure password change allows a recent sign-in).
+RECENT_SIGN_IN_S = 5 * 60
 
 
 def _state(request: Request) -> AuthState:
@@ -91,12 +95,13 @@ async def _require_user(request: Request) -> tuple[Principal, AuthUser]:
         principal = request.app.ctx.verifier.verify(token.strip())
     except Unauthorized as exc:
         raise AuthApiError(403, "bad_jwt", f"invalid JWT: {exc.message}") from None
-    if principal.session_id:
-        session_state = await state.sessions.state(principal.session_id, use_cache=False)
+    if state.sessions.is_local(principal):
+        # A token this server signed must name a live session (auth/sessions.py).
+        session_state = await state.sessions.state(principal.session_id, use_cache=False) \
+            if principal.session_id else None
         if session_state == BANNED:
             raise AuthApiError(403, "user_banned", "User is banned")
-        if session_state == REVOKED or (session_state is None
-                                        and state.sessions.is_local(principal.claims)):
+        if session_state != ACTIVE:
             raise AuthApiError(403, "session_not_found",
                                "Session from session_id claim in JWT does not exist")
     return principal, await account_of(principal)
@@ -189,6 +194,8 @@ def _make_blueprint() -> Blueprint:
                 users.check_password_rules(password)
             except users.WeakPassword as exc:
                 raise weak_password_error(exc) from None
+            await _check_reauthenticated(request, principal, user,
+                                         str_field(body, "current_password"))
             if await users.password_matches(user, password):
                 raise AuthApiError(422, "same_password",
                                    "New password should be different from the old password.")
@@ -253,6 +260,29 @@ def _make_blueprint() -> Blueprint:
     return bp
 
 
+async def _check_reauthenticated(request: Request, principal: Principal, user: AuthUser,
+                                 current_password: str | None) -> None:
+    """A password change needs the current password, or a sign-in (password or PKCE grant)
+    of this session within the last ``RECENT_SIGN_IN_S``: a stolen access token alone must
+    not be enough to take the account over. A wrong current password counts as a failed
+    sign-in of this account (the sign-in guard)."""
+    if current_password is not None:
+        _check_guard(request, user.email)
+        if not await users.password_matches(user, current_password):
+            request.app.ctx.sign_in_guard.failed(client_address(request), user.email)
+            raise AuthApiError(400, "current_password_mismatch",
+                               "Current password required when setting new password")
+        return
+    if principal.session_id:
+        signed_in = await AuthSession.filter(id=principal.session_id, user_id=user.id) \
+            .values_list("created_at", flat=True)
+        if signed_in and users.utcnow() - signed_in[0] <= timedelta(seconds=RECENT_SIGN_IN_S):
+            return
+    raise AuthApiError(400, "reauthentication_needed",
+                       "Changing the password needs the current password (current_password) "
+                       f"or a sign-in within the last {RECENT_SIGN_IN_S // 60} minutes")
+
+
 def register_auth_api(app: Sanic) -> None:
     """Add the /auth/v1 routes and the start-up listener that opens the key ring (runs after
     app.py's ``open_resources``, which opened the database and built ``app.ctx.verifier``)."""
@@ -269,9 +299,21 @@ def register_auth_api(app: Sanic) -> None:
         keyring = KeyRing(settings.data_path, token_ttl_s=settings.auth.access_token_ttl_s,
                           leeway_s=settings.auth.leeway_s, verifier=app.ctx.verifier)
         await keyring.start()
-        checker = SessionChecker(issuer)
+        checker = SessionChecker(issuer, issuer_configured=bool(settings.auth.issuer),
+                                 hs256_is_local=not settings.auth.jwt_secret,
+                                 local_kids=lambda: keyring.known_kids)
+        # Revoked and expired keys are dropped, CLI-made ones picked up, within seconds.
+        app.ctx.key_watch = asyncio.get_running_loop().create_task(keyring.watch())
         app.ctx.auth = AuthState(settings=settings, keyring=keyring, sessions=checker,
                                  issuer=issuer,
                                  audience=settings.auth.audience or DEFAULT_AUDIENCE)
         app.ctx.session_check = checker
         await users.warm_up()
+
+    @app.before_server_stop
+    async def stop_key_watch(app: Sanic) -> None:
+        task = getattr(app.ctx, "key_watch", None)
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

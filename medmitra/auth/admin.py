@@ -59,6 +59,15 @@ async def reset_password(email: str, password: str) -> tuple[AuthUser, int]:
     return user, await sessions.revoke_user_sessions(user.id, "password_reset")
 
 
+async def clear_metadata(email: str) -> tuple[AuthUser, int]:
+    """Empty a user's user_metadata (bytes it had): for metadata that made every token too
+    large to send, e.g. set before the size limit existed."""
+    user = await _find(email)
+    size = users.metadata_size(user.user_metadata or {})
+    await users.clear_metadata(user)
+    return user, size
+
+
 def keyring(settings: Settings) -> Any:
     from medmitra.auth.signing import KeyRing
 
@@ -72,19 +81,27 @@ async def rotate_keys(settings: Settings) -> tuple[str, list[str]]:
     return await keyring(settings).rotate()
 
 
+async def revoke_key(settings: Settings, kid: str) -> tuple[bool, str | None]:
+    """A compromised key: every token it signed is refused from now on (a running server
+    within seconds). (found, new signing kid if it was the signing key)."""
+    return await keyring(settings).revoke(kid)
+
+
 @dataclass
 class KeyState:
     kid: str
     alg: str
     created_at: datetime
-    state: str   # signing | retired, verifies until <time> | expired
+    state: str   # signing | retired, verifies until <time> | expired | REVOKED <time>
 
 
 async def key_states(settings: Settings) -> list[KeyState]:
     now = datetime.now(timezone.utc)
     out = []
     for k in await keyring(settings).list_keys():
-        if k.retired_at is None:
+        if k.revoked_at is not None:
+            state = f"REVOKED {k.revoked_at.isoformat(timespec='seconds')}"
+        elif k.retired_at is None:
             state = "signing"
         elif k.verify_until and k.verify_until > now:
             state = f"retired, verifies until {k.verify_until.isoformat(timespec='seconds')}"

@@ -9,7 +9,6 @@ error classes.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -35,8 +34,6 @@ LOCAL_ISSUER = "medmitra-edge"
 DEFAULT_AUDIENCE = "authenticated"
 
 
-# user_metadata is free-form client data; bounded so it cannot bloat every token.
-MAX_USER_METADATA_BYTES = 8 * 1024
 
 
 class AuthApiError(ApiError):
@@ -87,7 +84,7 @@ def str_field(body: dict[str, Any], name: str) -> str | None:
 
 def weak_password_error(exc: users.WeakPassword) -> AuthApiError:
     return AuthApiError(422, "weak_password", str(exc), extra={
-        "weak_password": {"reasons": ["length"], "message": str(exc)}})
+        "weak_password": {"reasons": [exc.reason], "message": str(exc)}})
 
 
 async def issue_session(state: AuthState, user: AuthUser, session: AuthSession,
@@ -172,8 +169,9 @@ def check_metadata(metadata: Any) -> None:
         raise validation_error("data must be a JSON object")
     if not textsafe.is_storable(metadata):
         raise validation_error("data contains characters that are not valid text")
-    if len(json.dumps(metadata)) > MAX_USER_METADATA_BYTES:
-        raise validation_error(f"data is larger than {MAX_USER_METADATA_BYTES} bytes")
+    if users.metadata_size(metadata) > users.MAX_USER_METADATA_BYTES:
+        raise validation_error(f"data is larger than {users.MAX_USER_METADATA_BYTES} bytes "
+                               "as JSON")
 
 
 async def account_of(principal: Principal) -> AuthUser:

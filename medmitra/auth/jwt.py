@@ -17,7 +17,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 import jwt as pyjwt
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -56,6 +56,8 @@ class Principal:
     role: str | None
     session_id: str | None  # ``session_id`` claim if present
     claims: dict
+    kid: str | None = None  # the JWKS / key-ring key that verified it (None for HS256)
+    alg: str | None = None  # the algorithm it was verified with
 
 
 @dataclass(frozen=True)
@@ -204,6 +206,7 @@ class TokenVerifier:
         except (pyjwt.PyJWTError, ValueError, TypeError, RecursionError):
             raise Unauthorized("Malformed token") from None
         key, alg = self._select_key(header)
+        kid = header.get("kid") if alg != HS256 else None
         try:
             claims = pyjwt.decode(
                 token, key, algorithms=[alg], audience=self._audience, issuer=self._issuer,
@@ -215,7 +218,17 @@ class TokenVerifier:
             raise Unauthorized(_reason(exc)) from None
         except (ValueError, TypeError, OverflowError, RecursionError):
             raise Unauthorized("Malformed token") from None
-        return _principal(claims)
+        return _principal(claims, kid=kid, alg=alg)
+
+    def remove_keys(self, kids: Iterable[str]) -> list[str]:
+        """Stop trusting these public keys at once (a revoked or expired signing key).
+        Remembered verifications are dropped too, so no token of theirs passes from the
+        cache. Returns the kids that were removed."""
+        gone = [k for k in kids if k in self._keys]
+        if gone:
+            self._keys = {k: v for k, v in self._keys.items() if k not in gone}
+            self._verified = {}
+        return gone
 
     def _select_key(self, header: dict[str, Any]) -> tuple[Any, str]:
         alg = header.get("alg")
@@ -271,7 +284,8 @@ def _opt_str(value: Any) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
-def _principal(claims: dict[str, Any]) -> Principal:
+def _principal(claims: dict[str, Any], *, kid: str | None = None,
+               alg: str | None = None) -> Principal:
     sub = claims.get("sub")
     if not isinstance(sub, str) or not _UUID_RE.match(sub):
         raise Unauthorized("Token subject is not a user id")
@@ -281,6 +295,8 @@ def _principal(claims: dict[str, Any]) -> Principal:
         role=_opt_str(claims.get("role")),
         session_id=_opt_str(claims.get("session_id")),
         claims=claims,
+        kid=kid,
+        alg=alg,
     )
 
 

@@ -5,7 +5,7 @@ returns a new one. A used token presented again within ``reuse_window_s`` is sti
 (two browser tabs refreshing at once, or a response lost on a flaky network); later, it is
 treated as stolen and the whole session (every token of the chain) is revoked.
 
-``SessionChecker`` is what the case API awaits for tokens carrying a ``session_id``.
+``SessionChecker`` is what the case API awaits for every verified token.
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ import secrets
 import time
 import uuid
 from datetime import datetime, timedelta, timezone
-from typing import Any, Callable
+from typing import Any, Callable, Collection
 
 from tortoise.transactions import in_transaction
 
-from medmitra.db.auth_models import AuthRefreshToken, AuthSession, AuthUser
+from medmitra.db.auth_models import AuthApiToken, AuthRefreshToken, AuthSession, AuthUser
 from medmitra.errors import Unauthorized
 
 REFRESH_TOKEN_BYTES = 32
@@ -96,23 +96,39 @@ async def revoke_session(session_id: str, reason: str) -> int:
 
 async def revoke_user_sessions(user_id: str, reason: str, *,
                                except_session_id: str | None = None) -> int:
+    """End every sign-in of the user and every ``token create`` token made for them."""
     query = AuthSession.filter(user_id=user_id, revoked_at=None)
     if except_session_id is not None:
         query = query.exclude(id=except_session_id)
-    return await query.update(revoked_at=_utcnow(), revoke_reason=reason)
+    ended = await query.update(revoked_at=_utcnow(), revoke_reason=reason)
+    tokens = AuthApiToken.filter(user_id=user_id, revoked_at=None)
+    if except_session_id is not None:
+        tokens = tokens.exclude(id=except_session_id)
+    return ended + await tokens.update(revoked_at=_utcnow(), revoke_reason=reason)
 
 
 class SessionChecker:
-    """``app.ctx.session_check``: refuses access tokens whose session is revoked, whose user
-    is disabled, or (for tokens this server issued) whose session it does not know.
+    """``app.ctx.session_check``: for every token this server signed, refuses it unless it
+    names a live session (a sign-in, or a ``token create`` token row) of a user who is not
+    disabled.
 
-    Tokens from a real Supabase project (HS256) carry session ids this server never saw;
-    they are told apart by their issuer and left alone.
+    "This server signed it" is decided by the key, not by a claim anyone can write: a kid of
+    the server's own key ring, an HS256 token when the HS256 secret is the one this server
+    generated (no Supabase project shares it), or -- when ``auth.issuer`` is not configured
+    -- the server's default issuer name. Tokens of a real Supabase project (its HS256
+    secret, its JWKS keys) carry session ids this server never saw: their sessions live
+    there, so they are left alone even when ``auth.issuer`` names that project.
     """
 
-    def __init__(self, local_issuer: str, *, cache_ttl_s: float = SESSION_CACHE_TTL_S,
+    def __init__(self, local_issuer: str, *, issuer_configured: bool = False,
+                 hs256_is_local: bool = False,
+                 local_kids: Callable[[], Collection[str]] = frozenset,
+                 cache_ttl_s: float = SESSION_CACHE_TTL_S,
                  clock: Callable[[], float] = time.monotonic):
         self.local_issuer = local_issuer
+        self._issuer_configured = issuer_configured
+        self._hs256_is_local = hs256_is_local
+        self._local_kids = local_kids
         self._ttl_s = cache_ttl_s
         self._clock = clock
         self._cache: dict[str, tuple[str | None, float]] = {}
@@ -121,32 +137,47 @@ class SessionChecker:
         self._cache.clear()
 
     async def state(self, session_id: str, *, use_cache: bool = True) -> str | None:
-        """ACTIVE, REVOKED, BANNED, or None when no such session exists."""
+        """ACTIVE, REVOKED, BANNED, or None when no such session (or token row) exists."""
         now = self._clock()
         hit = self._cache.get(session_id) if use_cache else None
         if hit is not None and now - hit[1] < self._ttl_s:
             return hit[0]
-        rows = await AuthSession.filter(id=session_id).values("revoked_at", "user__disabled_at")
-        if not rows:
-            state = None
-        elif rows[0]["revoked_at"] is not None:
-            state = REVOKED
-        elif rows[0]["user__disabled_at"] is not None:
-            state = BANNED
-        else:
-            state = ACTIVE
+        state = await _session_state(session_id)
         if len(self._cache) >= MAX_CACHED_SESSIONS:
             self._cache.clear()
         self._cache[session_id] = (state, now)
         return state
 
-    def is_local(self, claims: dict[str, Any]) -> bool:
-        return claims.get("iss") == self.local_issuer
+    def is_local(self, principal: Any) -> bool:
+        """Did this server sign the token? (See the class notes.)"""
+        kid = getattr(principal, "kid", None)
+        if kid is not None:
+            return kid in self._local_kids()
+        if getattr(principal, "alg", None) == "HS256" and self._hs256_is_local:
+            return True
+        return not self._issuer_configured and principal.claims.get("iss") == self.local_issuer
 
     async def __call__(self, principal: Any) -> None:
-        state = await self.state(principal.session_id)
-        if state == ACTIVE:
-            return
-        if state is None and not self.is_local(principal.claims):
+        if not self.is_local(principal):
             return      # a Supabase project's token: its sessions live there
+        if not principal.session_id:
+            raise Unauthorized("Token has no session; issue a new one")
+        if await self.state(principal.session_id) == ACTIVE:
+            return
         raise Unauthorized("Session has ended; sign in again")
+
+
+async def _session_state(session_id: str) -> str | None:
+    rows = await AuthSession.filter(id=session_id).values("revoked_at", "user__disabled_at")
+    if rows:
+        if rows[0]["revoked_at"] is not None:
+            return REVOKED
+        return BANNED if rows[0]["user__disabled_at"] is not None else ACTIVE
+    tokens = await AuthApiToken.filter(id=session_id).values("revoked_at", "user_id")
+    if not tokens:
+        return None
+    if tokens[0]["revoked_at"] is not None:
+        return REVOKED
+    if await AuthUser.filter(id=tokens[0]["user_id"], disabled_at__isnull=False).exists():
+        return BANNED
+    return ACTIVE

@@ -8,10 +8,16 @@ published and accepted until every token it signed has expired (``verify_until``
 
 The server looks up the current key on every token issue (one indexed query), so a rotation
 done by the CLI while the server runs takes effect without a restart.
+
+Revocation (``keys revoke KID``) is for a compromised key: the key stops being published and
+the running server stops trusting it within ``KEY_SYNC_S`` (``watch`` re-reads the key table),
+so every token it signed is refused at once. The same re-read drops retired keys whose
+``verify_until`` has passed, and picks up keys a CLI process created.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import uuid
@@ -33,6 +39,8 @@ log = logging.getLogger(__name__)
 
 KEYS_DIR_NAME = "auth_keys"
 KEYS_DIR_MODE = 0o700
+# How often the server re-reads the key table (new, revoked and expired keys).
+KEY_SYNC_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -61,6 +69,8 @@ class KeyRing:
         self._leeway_s = leeway_s
         self._verifier = verifier      # TokenVerifier of the case API, kept in sync
         self._current: SigningKey | None = None
+        # Every kid of the key table (revoked ones too): a token naming one was signed here.
+        self.known_kids: frozenset[str] = frozenset()
 
     def _pem_path(self, kid: str) -> Path:
         return self.keys_dir / f"{kid}.pem"
@@ -94,7 +104,8 @@ class KeyRing:
 
     async def current(self) -> SigningKey:
         """The key that signs now (created on first use)."""
-        row = await AuthSigningKey.filter(retired_at=None).order_by("-created_at").first()
+        row = await AuthSigningKey.filter(retired_at=None, revoked_at=None) \
+            .order_by("-created_at").first()
         if row is not None and self._current is not None and self._current.kid == row.kid:
             return self._current
         key = self._load(row) if row is not None else None
@@ -104,6 +115,7 @@ class KeyRing:
                 await self._retire([row.kid])
             key = await self._create_key()
         self._current = key
+        self.known_kids = self.known_kids | {key.kid}
         self._sync_verifier()
         return key
 
@@ -123,22 +135,69 @@ class KeyRing:
         key = await self._create_key()
         await self._retire([k for k in old if k != key.kid])
         self._current = key
+        self.known_kids = self.known_kids | {key.kid}
         self._sync_verifier()
         return key.kid, old
 
-    async def published(self) -> list[AuthSigningKey]:
-        """Keys whose tokens may still be valid: current ones and recently retired ones."""
+    async def revoke(self, kid: str) -> tuple[bool, str | None]:
+        """Refuse every token ``kid`` signed, from now on (a compromised key). If it was the
+        signing key, a new one signs from now. Returns (found, new signing kid or None)."""
+        row = await AuthSigningKey.get_or_none(kid=kid)
+        if row is None:
+            return False, None
+        new_kid = None
+        if row.retired_at is None and row.revoked_at is None:
+            new_kid, _ = await self.rotate()
         now = _utcnow()
-        rows = await AuthSigningKey.all().order_by("-created_at")
-        return [r for r in rows if r.retired_at is None
-                or (r.verify_until is not None and r.verify_until > now)]
+        await AuthSigningKey.filter(kid=kid, revoked_at=None).update(revoked_at=now)
+        await AuthSigningKey.filter(kid=kid, retired_at=None).update(retired_at=now)
+        with contextlib.suppress(FileNotFoundError):
+            self._pem_path(kid).unlink()
+        if self._verifier is not None:
+            self._verifier.remove_keys([kid])
+        log.warning("signing key %s revoked: every token it signed is refused", kid)
+        return True, new_kid
+
+    async def sync(self) -> list[str]:
+        """Make the verifier trust exactly the published keys: add new ones (a CLI made
+        them), drop revoked and expired ones. Returns the kids dropped."""
+        rows = await AuthSigningKey.all()
+        self.known_kids = frozenset(r.kid for r in rows)
+        published = await self.published(rows)
+        if self._verifier is None:
+            return []
+        keep = {r.kid for r in published}
+        dropped = self._verifier.remove_keys(k for k in self.known_kids if k not in keep)
+        if published:
+            self._verifier.add_jwks({"keys": [dict(r.public_jwk) for r in published]})
+        for kid in dropped:
+            log.info("signing key %s is no longer accepted", kid)
+        return dropped
+
+    async def watch(self, interval_s: float = KEY_SYNC_S) -> None:
+        """Run ``sync`` every ``interval_s`` until cancelled (the server's background task)."""
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await self.sync()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:   # a database hiccup: try again at the next tick
+                log.warning("signing key sync failed: %s", type(exc).__name__)
+
+    async def published(self, rows: list[AuthSigningKey] | None = None
+                        ) -> list[AuthSigningKey]:
+        """Keys whose tokens may still be valid: current ones and recently retired ones,
+        never revoked ones."""
+        now = _utcnow()
+        if rows is None:
+            rows = list(await AuthSigningKey.all())
+        rows = sorted(rows, key=lambda r: r.created_at, reverse=True)
+        return [r for r in rows if r.revoked_at is None and (
+            r.retired_at is None or (r.verify_until is not None and r.verify_until > now))]
 
     async def jwks(self) -> dict:
         return {"keys": [dict(r.public_jwk) for r in await self.published()]}
-
-    async def _sync_verifier_async(self) -> None:
-        if self._verifier is not None:
-            self._verifier.add_jwks(await self.jwks())
 
     def _sync_verifier(self) -> None:
         if self._verifier is not None and self._current is not None:
@@ -148,7 +207,7 @@ class KeyRing:
         """At server start: make sure a key exists and the case API trusts every published
         key (tokens signed before a rotation or a restart stay valid)."""
         key = await self.current()
-        await self._sync_verifier_async()
+        await self.sync()
         return key.kid
 
     async def sign(self, claims: dict) -> str:

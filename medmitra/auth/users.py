@@ -9,11 +9,13 @@ allocate unbounded memory.
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import uuid
 import weakref
 from datetime import datetime, timezone
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 from argon2 import PasswordHasher
@@ -27,7 +29,11 @@ MIN_PASSWORD_CHARS = 8
 # argon2 input is bounded so one request cannot make the server hash megabytes.
 MAX_PASSWORD_CHARS = 1024
 MAX_EMAIL_CHARS = 320
+# user_metadata is free-form client data copied into every access token: bounded so a token
+# always fits the server's 8 KiB request-header limit (4 KiB of JSON is ~5.5 KiB in base64).
+MAX_USER_METADATA_BYTES = 4 * 1024
 HASH_CONCURRENCY = 2
+COMMON_PASSWORDS_FILE = "common_passwords.txt"
 
 # No control characters or lone surrogates either: PostgreSQL cannot store them in text
 # (and refuses the query), SQLite cannot encode surrogates.
@@ -48,7 +54,12 @@ class UserExists(Exception):
 
 
 class WeakPassword(ValueError):
-    """The password does not meet the length rule."""
+    """The password does not meet the rules (length, not a common password). ``reason`` is
+    GoTrue's word for the rule: "length" or "pwned"."""
+
+    def __init__(self, message: str, *, reason: str = "length"):
+        super().__init__(message)
+        self.reason = reason
 
 
 def utcnow() -> datetime:
@@ -64,11 +75,33 @@ def valid_email(email: str) -> bool:
     return len(email) <= MAX_EMAIL_CHARS and bool(_EMAIL_RE.match(email))
 
 
+def metadata_size(metadata: Any) -> int:
+    """Bytes of the metadata as it is written into a token (compact, ASCII-escaped JSON)."""
+    return len(json.dumps(metadata, separators=(",", ":")))
+
+
+async def clear_metadata(user: AuthUser) -> None:
+    user.user_metadata = {}
+    user.updated_at = utcnow()
+    await user.save(update_fields=["user_metadata", "updated_at"])
+
+
+@lru_cache(maxsize=1)
+def common_passwords() -> frozenset[str]:
+    """The 10,000 most common passwords (list file shipped in the package; source and
+    licence in its header)."""
+    text = (Path(__file__).resolve().parent / COMMON_PASSWORDS_FILE).read_text("utf-8")
+    return frozenset(line for line in text.splitlines() if line and not line.startswith("#"))
+
+
 def check_password_rules(password: str) -> None:
     if len(password) < MIN_PASSWORD_CHARS:
         raise WeakPassword(f"Password should be at least {MIN_PASSWORD_CHARS} characters.")
     if len(password) > MAX_PASSWORD_CHARS:
         raise WeakPassword(f"Password should be at most {MAX_PASSWORD_CHARS} characters.")
+    if password.lower() in common_passwords():
+        raise WeakPassword("Password is one of the most commonly used passwords; "
+                           "choose another.", reason="pwned")
 
 
 @lru_cache(maxsize=1)

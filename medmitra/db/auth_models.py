@@ -1,6 +1,6 @@
 """Models of the local Supabase Auth subset (users, sessions, refresh tokens, signing keys).
 
-The schema is created by migration 0003_auth (frozen SQL), never by ``generate_schemas``.
+The schema is created by migrations 0003_auth and 0007 (frozen SQL), never by ``generate_schemas``.
 """
 
 from __future__ import annotations
@@ -71,6 +71,25 @@ class AuthSigningKey(Model):
     # Set = no longer signs; still published and accepted until ``verify_until``.
     retired_at = fields.DatetimeField(null=True)
     verify_until = fields.DatetimeField(null=True)
+    # Set = compromised: refused at once, whatever ``verify_until`` says (migration 0007).
+    revoked_at = fields.DatetimeField(null=True)
 
     class Meta:
         table = "auth_signing_keys"
+
+
+class AuthApiToken(Model):
+    # A token made by ``medmitra token create``; its id is the token's ``session_id`` claim.
+    # ``user_id`` has no foreign key: it may name a user of a Supabase project, not a local one.
+
+    id = fields.CharField(max_length=36, primary_key=True)
+    user_id = fields.CharField(max_length=36)
+    label = fields.CharField(max_length=200, null=True)
+    kid = fields.CharField(max_length=64, null=True)   # the signing key, for the audit trail
+    created_at = fields.DatetimeField()
+    expires_at = fields.DatetimeField()
+    revoked_at = fields.DatetimeField(null=True)
+    revoke_reason = fields.CharField(max_length=32, null=True)
+
+    class Meta:
+        table = "auth_api_tokens"
