@@ -14,12 +14,13 @@ from sanic import Request, Sanic
 from sanic.exceptions import SanicException
 from sanic.response import HTTPResponse, empty, json as json_response, redirect
 
-from medmitra import __version__
+from medmitra import __version__, filemodes, httpsec
 from medmitra.api.cases import bp as cases_bp, downloads as downloads_bp
 from medmitra.api.docs import register_docs
 from medmitra.api.signals import QuietSignalRouter
 from medmitra.auth.jwt import TokenVerifier
 from medmitra.auth.keys import load_or_create_secret
+from medmitra.auth.trust import check_settings as check_trust_mode
 from medmitra.config import Settings
 from medmitra.contract import ModelState
 from medmitra.db.errors import is_database_full
@@ -79,6 +80,7 @@ async def handle_unexpected(request: Request, exc: Exception) -> HTTPResponse:
 
 def create_app(settings: Settings, *, start_workers: bool = True,
                runtime_factory: Any = None, name: str | None = None) -> Sanic:
+    check_trust_mode(settings)    # ConfigError: trust mode with a CORS wildcard
     # orjson renders a 100-case list ~5x faster than the standard library.
     app = Sanic(name or f"medmitra_{uuid.uuid4().hex[:12]}", dumps=orjson.dumps,
                 signal_router=QuietSignalRouter())
@@ -88,7 +90,8 @@ def create_app(settings: Settings, *, start_workers: bool = True,
     app.config.GRACEFUL_SHUTDOWN_TIMEOUT = settings.server.graceful_shutdown_s
     app.config.FALLBACK_ERROR_FORMAT = "json"
     app.config.TOUCHUP = False          # no source inspection at start (frozen binary)
-    app.config.ACCESS_LOG = settings.server.access_log
+    # Sanic's access log writes full URLs (queries, signed links): httpsec logs templates.
+    app.config.ACCESS_LOG = False
     if settings.server.trusted_proxies:   # else X-Forwarded-For is ignored (spoofable)
         app.config.PROXIES_COUNT = settings.server.trusted_proxies
     app.config.MOTD = False
@@ -110,13 +113,15 @@ def create_app(settings: Settings, *, start_workers: bool = True,
     app.error_handler.add(SanicException, handle_sanic_error)
     app.error_handler.add(Exception, handle_unexpected)
 
+    httpsec.register(app, log_access=settings.server.access_log)
     if settings.server.cors_origins:
         _register_cors(app, [o.strip() for o in settings.server.cors_origins.split(",")])
 
     @app.before_server_start
     async def open_resources(app: Sanic) -> None:
         data = settings.data_path
-        data.mkdir(parents=True, exist_ok=True)
+        filemodes.private_dir(data)
+        filemodes.tighten(data)     # installs made before files were private; logs if any
         await open_db(settings)
         # Hot reads use a read-only connection of their own (db/reads.py).
         app.ctx.reader = Reader(

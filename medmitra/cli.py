@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import hashlib
 import logging
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -160,11 +161,18 @@ def _serve(settings: Settings) -> int:
         logging.getLogger("medmitra").warning(
             "auth.trust_user_id is ON: requests without a token may act as any user_id. "
             "Use only on a trusted LAN.")
-    app = create_app(settings, name="medmitra")
+    # Everything the server writes is owner-only (filemodes.py makes the data dir so
+    # explicitly; this covers any other file the process creates).
+    os.umask(0o077)
+    try:
+        app = create_app(settings, name="medmitra")
+    except ConfigError as exc:
+        print(f"medmitra: configuration error: {exc}", file=sys.stderr)
+        return 2
     host, port = settings.server.host, settings.server.port
     _banner(settings)
-    app.prepare(host=host, port=port, single_process=True, access_log=settings.server.access_log,
-                motd=False)
+    # access_log=False: Sanic's would log full URLs; httpsec.py logs route templates.
+    app.prepare(host=host, port=port, single_process=True, access_log=False, motd=False)
     Sanic.serve_single(app)
     return 0
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
+from medmitra import filemodes
 from medmitra.atomicfile import publish
 from medmitra.errors import InsufficientStorage
 
@@ -44,7 +45,9 @@ class TempUpload:
         self.size = 0
         self.head = b""
         self._sha = hashlib.sha256()
-        self._fh = open(path, "xb")  # noqa: SIM115 - closed in finish()/discard()
+        # 0600 whatever the umask: uploads are patient data (filemodes.py). Closed in
+        # finish()/discard().
+        self._fh = open(path, "xb", opener=filemodes.private_opener)  # noqa: SIM115
 
     def write(self, chunk: bytes) -> None:
         if len(self.head) < HEAD_BYTES:
@@ -107,8 +110,8 @@ class Storage:
         self.min_free_bytes = min_free_bytes
 
     def open(self) -> None:
-        self.files_dir.mkdir(parents=True, exist_ok=True)
-        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        filemodes.private_dir(self.files_dir)
+        filemodes.private_dir(self.tmp_dir)
 
     # -- writing -----------------------------------------------------------------------
 
@@ -131,7 +134,7 @@ class Storage:
         upload.finish()
         dest = self.path_for(file_id)
         try:
-            dest.parent.mkdir(exist_ok=True)
+            filemodes.private_dir(dest.parent)
             publish(upload.path, dest)
         except OSError as exc:
             upload.discard()

@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import uuid
 from typing import Any
 
+from medmitra.auth.trust import trusted_user_id
 from medmitra.errors import Unauthorized
 
 
 def _uuid_or_none(value: str | None) -> str | None:
-    if not value:
-        return None
-    try:
-        return str(uuid.UUID(value.strip()))
-    except ValueError:
-        return None
+    # Trust mode accepts only the canonical spelling and never the all-zero UUID.
+    return trusted_user_id(value.strip() if value else None)
 
 
 async def current_user(request: Any, *, claimed_user_id: str | None = None) -> str:

@@ -10,7 +10,7 @@ from urllib.parse import quote
 from sanic import Blueprint, Request
 from sanic.response import HTTPResponse, file_stream, json as json_response, raw
 
-from medmitra import contract
+from medmitra import contract, httpsec
 from medmitra.api.auth import current_user
 from medmitra.api.multipart import Form, limit_body, read_form
 from medmitra.errors import BadRequest, NotFound, field_error
@@ -26,10 +26,8 @@ def _ctx(request: Request) -> Any:
 
 
 def _base_url(request: Request) -> str:
-    configured = _ctx(request).settings.server.public_url
-    if configured:
-        return configured.rstrip("/")
-    return f"{request.scheme}://{request.host}"
+    # A trusted base: the configured public URL, else never an arbitrary Host header.
+    return httpsec.base_url(request, _ctx(request).settings.server.public_url)
 
 
 def _file_out(request: Request, f: Any, case_uuid: str) -> dict[str, Any]:
@@ -44,7 +42,7 @@ def _json_body(request: Request) -> Any:
         return None
     try:
         return json.loads(request.body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):   # RecursionError: deep nesting
         raise BadRequest("Body is not valid JSON") from None
 
 

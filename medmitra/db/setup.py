@@ -15,6 +15,7 @@ from typing import Any
 
 from tortoise import Tortoise, connections
 
+from medmitra import filemodes
 from medmitra.config import Settings
 
 log = logging.getLogger("medmitra.db")
@@ -26,7 +27,10 @@ _NAME_RE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.(sqlite|postgres)\.sql$")
 def tortoise_config(settings: Settings) -> dict[str, Any]:
     url = settings.database_url
     if settings.is_sqlite:
-        settings.data_path.mkdir(parents=True, exist_ok=True)
+        filemodes.private_dir(settings.data_path)
+        # Created 0600 before SQLite opens it: its -wal/-shm files copy this mode.
+        if url.removeprefix("sqlite://") != ":memory:":
+            filemodes.create_private_file(Path(url.removeprefix("sqlite://")))
         conn: Any = {
             "engine": "tortoise.backends.sqlite",
             "credentials": {

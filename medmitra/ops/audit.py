@@ -39,6 +39,8 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
+from medmitra import filemodes
+
 log = logging.getLogger("medmitra.ops.audit")
 
 KEY_FILE = "audit_key"
@@ -141,7 +143,8 @@ def _write_head(path: Path, head: tuple[int, str]) -> None:
     # Atomic replace; not fsynced (the database commit is the durable record, the head
     # file only lets verify notice rows cut off the end).
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(f"{head[0]} {head[1]}\n", encoding="ascii")
+    with open(tmp, "w", encoding="ascii", opener=filemodes.private_opener) as fh:  # 0600
+        fh.write(f"{head[0]} {head[1]}\n")
     os.replace(tmp, path)
 
 

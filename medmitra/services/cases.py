@@ -34,6 +34,7 @@ log = logging.getLogger("medmitra.cases")
 
 _AGE_RULE = (f"must be an integer from {contract.AGE_MIN_YEARS} to "
              f"{contract.AGE_MAX_YEARS}")
+_INT_RE = re.compile(r"^-?[0-9]{1,12}$")   # one optional minus, ASCII digits
 
 
 def now_utc() -> datetime:
@@ -130,7 +131,11 @@ def check_user_field(user_id: str, claimed: str | None) -> None:
     """The original trusted a ``user_id`` field; it must now name the token's user."""
     from medmitra.errors import Forbidden
 
-    if claimed is None or claimed.strip() == "":
+    if claimed is None:
+        return
+    if not isinstance(claimed, str):
+        raise field_error("user_id", "must be a string (the user's UUID)", "body")
+    if claimed.strip() == "":
         return
     try:
         same = str(uuid.UUID(claimed.strip())) == user_id
@@ -345,7 +350,7 @@ def _int_param(q: dict[str, str], name: str, lo: int, hi: int | None, default: i
     if raw is None or raw == "":
         return default
     s = raw.strip()
-    if not (s.lstrip("-").isascii() and s.lstrip("-").isdigit()) or len(s) > 12:
+    if not _INT_RE.match(s):    # one optional minus, ASCII digits ("--1" is no integer)
         raise field_error(name, "must be an integer", "query")
     v = int(s)
     if v < lo or (hi is not None and v > hi):
@@ -366,7 +371,11 @@ def _date_param(q: dict[str, str], name: str, end: bool) -> datetime | None:
         dt = dt.replace(tzinfo=timezone.utc)
     if end and len(raw.strip()) <= 10:   # a bare date as end_date includes that whole day
         dt = dt.replace(hour=23, minute=59, second=59, microsecond=999999)
-    return dt
+    try:
+        # In UTC now: 9999-12-31T23:59:59-23:59 lies past the last representable instant.
+        return dt.astimezone(timezone.utc)
+    except OverflowError:
+        raise field_error(name, "is outside the supported date range", "query") from None
 
 
 def _no_nul(value: str, name: str) -> None:
