@@ -141,4 +141,6 @@ FLAT_INSIGHT_FIELDS = (
 # The nested ``insights`` object the API docs describe.
 INSIGHT_FIELDS = ("case_summary", "soap_note", "primary_diagnosis", "differential_diagnoses",
                   "investigation_recommendations", "treatment_recommendations",
-                  "overall_confidence_score", "generated_at", "model")
+                  "overall_confidence_score", "generated_at", "model",
+                  # wave 2 (issue 9): facts, checks and the model's label
+                  "labs", "lab_counts", "grounding", "stages", "model_info")

@@ -13,6 +13,7 @@ from medmitra.config import LLMSettings
 from good_answers import GOOD, GoodFake as Fake
 from medmitra.llm.runtime import FakeRuntime, LLMError
 from medmitra.pipeline import prompts, schemas
+from medmitra.clinical import confidence
 from medmitra.clinical.labs import make_row
 from medmitra.pipeline.stages import IMAGING_NOT_REQUESTED, NO_IMAGE_MODEL, run_analysis
 from medmitra.pipeline.types import (STAGES, AnalysisOptions, Cancelled, CaseInput,
@@ -83,7 +84,8 @@ def test_happy_path_shape_field_by_field(icd):
 
     assert set(ins) == {"case_summary", "soap_note", "primary_diagnosis", "differential_diagnoses",
                         "investigation_recommendations", "treatment_recommendations",
-                        "overall_confidence_score", "model", "stages", "labs", "lab_counts"}
+                        "overall_confidence_score", "model", "stages", "labs", "lab_counts",
+                        "grounding", "model_info"}
     cs = ins["case_summary"]
     assert set(cs) == {"comprehensive_summary", "key_findings", "patient_context",
                        "doctor_notes", "lab_summary", "radiology_summary", "confidence_score"}
@@ -94,8 +96,13 @@ def test_happy_path_shape_field_by_field(icd):
     lab_text = GOOD["lab_analysis"]["summary"]
     assert cs["lab_summary"] == f"cbc.csv: {lab_text}\nreport.pdf: {lab_text}"
     assert cs["radiology_summary"].startswith("chest.dcm: ")
-    assert cs["confidence_score"] == 0.5
-    assert ins["soap_note"] == GOOD["soap_note"]
+    # Computed (clinical/confidence.py): grounding, first-try validity, deterministic share.
+    determ = confidence.deterministic_share(2, 0)
+    g = ins["grounding"]["sections"]["case_summary"]
+    assert cs["confidence_score"] == confidence.section("ok", g["kept"] / g["claims_checked"],
+                                                        determ)
+    assert {k: v for k, v in ins["soap_note"].items() if k != "confidence_score"} == \
+        {k: v for k, v in GOOD["soap_note"].items() if k != "confidence_score"}
     pd = ins["primary_diagnosis"]
     assert set(pd) == {"primary_diagnosis", "icd_code", "description", "confidence_score",
                        "supporting_evidence"}
@@ -110,7 +117,13 @@ def test_happy_path_shape_field_by_field(icd):
     assert inv["urgency"] in ("urgent", "routine", "follow-up")
     (tr,) = ins["treatment_recommendations"]
     assert set(tr) == {"treatment_type", "description", "dosage", "duration", "precautions"}
-    assert ins["overall_confidence_score"] == pytest.approx(0.5)
+    scores = [ins[k]["confidence_score"] for k in ("case_summary", "soap_note",
+                                                   "primary_diagnosis")]
+    assert all(0 <= x <= 1 for x in scores)
+    assert ins["overall_confidence_score"] == pytest.approx(sum(scores) / 3, abs=1e-3)
+    assert ins["model_info"] == {"name": "fake-model", "file": "fake-model.gguf",
+                                 "demonstration": False}
+    assert "below_threshold" not in ins["soap_note"]
     assert ins["model"] == "fake-model"
     assert json.loads(json.dumps(ins)) == ins  # JSON-able as stored
 
@@ -323,10 +336,9 @@ def test_scores_are_clamped_and_non_finite_become_zero(icd):
                          '"confidence_score": NaN}'],
     })
     ins = analyse(make_case(), rt).insights
-    assert ins["case_summary"]["confidence_score"] == 1.0
-    assert ins["soap_note"]["confidence_score"] == 0.0
-    assert ins["primary_diagnosis"]["confidence_score"] == 0.0
-    assert ins["overall_confidence_score"] == pytest.approx(1 / 3)
+    # The model's own numbers (12, Infinity, 1e999) are ignored: confidence is computed.
+    for key in ("case_summary", "soap_note", "primary_diagnosis"):
+        assert 0.0 < ins[key]["confidence_score"] <= 1.0
     probs = [d["probability"] for d in ins["differential_diagnoses"]]
     assert probs == [0.0, 0.0, 1.0]
     # Missing fields get safe defaults; a lone string where a list belongs becomes a list.
@@ -425,8 +437,11 @@ def test_deterministic_lab_flag_wins_and_the_model_never_sets_a_value(icd):
     # Parsed rows keep their deterministic flags even though the model called WBC high.
     assert csv["lab_values"]["WBC"]["status"] == "normal"
     assert csv["lab_values"]["Hb"]["status"] == "abnormal"
-    assert csv["key_abnormalities"] == ["Hb 9.1 g/dL (low)", "WBC high"]
-    assert csv["summary"] == "Anaemia with a low haemoglobin." and csv["confidence_score"] == 0.8
+    # "WBC high" contradicts the WBC row (normal): grounding dropped it.
+    assert csv["key_abnormalities"] == ["Hb 9.1 g/dL (low)"]
+    assert csv["summary"] == "Anaemia with a low haemoglobin."
+    assert 0 < csv["confidence_score"] < 1 and csv["confidence_score"] != 0.8
+    assert result.insights["grounding"]["sections"]["lab_analysis"]["dropped"] >= 1
     assert csv["labs"][0] == {"analyte": "Hb", "value": "9.1", "numeric": 9.1, "unit": "g/dL",
                               "range": "12-16", "flag": "low", "lab_flag": None,
                               "critical": False, "file_id": "lab-1", "page": None}
@@ -445,11 +460,14 @@ def test_every_abnormal_row_is_a_key_finding_whatever_the_model_writes(icd):
     f = ExtractedFile(file_id="lab-9", category="lab", file_name="panel.csv", mime="text/csv",
                       text="x", lab_rows=rows + [make_row("Normal one", "5", "U/L", "1-10")])
     rt = Fake({"case_summary": [json.dumps(GOOD["case_summary"] | {
-        "key_findings": ["Analyte 0 is fine", "Fever"]})]})
+        "key_findings": ["Analyte 0 is fine", "Fever", "Analyte 3 is low"]})]})
     ins = analyse(make_case(files=[f]), rt).insights
     kf = ins["case_summary"]["key_findings"]
     assert kf[:8] == [f"Analyte {i} 20 U/L (high)" for i in range(8)]
-    assert kf[8:] == ["Analyte 0 is fine", "Fever"]         # the model may add
+    # The model may add; what contradicts the rows ("Analyte 3 is low": it is high) or
+    # cites a number in no source ("0") is dropped.
+    assert kf[8:] == ["Fever"]
+    assert ins["grounding"]["sections"]["case_summary"]["dropped"] == 2
     assert [r["flag"] for r in ins["labs"]] == ["high"] * 8 + ["normal"]
     assert ins["lab_counts"] == {"rows_parsed": 9, "lines_not_parsed": 0}
     # Abstained summary: the facts are still the key findings.
@@ -474,7 +492,9 @@ def test_radiology_without_vision_says_the_image_was_not_read(icd):
     rad = result.file_summaries["rad-1"]
     assert rad["findings"] == NO_IMAGE_MODEL == \
         "No image model is configured; the image was not read."
-    assert rad["confidence_score"] == 0.0 and rad["key_abnormalities"] == []
+    assert rad["confidence_score"] is None and rad["key_abnormalities"] == []
+    rs = result.insights["case_summary"]["radiology_summary"]
+    assert rs.startswith("chest.dcm: No image model is configured; the image was not read.")
     assert "Modality: CR" in rad["summary"] and "BodyPartExamined: CHEST" in rad["summary"]
     assert "radiology_analysis" not in [c["key"] for c in rt.calls]
     m = {s.stage: s for s in result.stages}["radiology_analysis"]
@@ -558,3 +578,35 @@ def test_trim_to_tokens_cuts_at_line_then_word_boundaries():
     assert cut.endswith(prompts.TRIM_MARK) and count(cut) <= 12
     assert all(w in one_line.split() for w in cut.removesuffix(prompts.TRIM_MARK).split())
     assert prompts.trim_to_tokens(text, 0, count) == ""
+
+
+# --------------------------------------------------------------------------- confidence
+
+def test_confidence_threshold_flags_sections_and_the_demonstration_model_is_named(icd):
+    rt = Fake({"soap_note": ["{"] * 3})          # SOAP abstains: no score
+    rt.info["file"] = "/models/SmolLM2-135M-Instruct.Q4_1.gguf"
+    ins = analyse(make_case(confidence_threshold=0.99), rt).insights
+    assert ins["soap_note"]["confidence_score"] is None
+    assert ins["soap_note"]["below_threshold"] is True
+    assert ins["case_summary"]["below_threshold"] == (ins["case_summary"]["confidence_score"]
+                                                      < 0.99)
+    scores = [ins[k]["confidence_score"] for k in ("case_summary", "primary_diagnosis")]
+    assert ins["overall_confidence_score"] == pytest.approx(sum(scores) / 2, abs=1e-3)
+    info = ins["model_info"]
+    assert info["demonstration"] is True and info["file"] == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert "not medically meaningful" in info["notice"]
+
+
+def test_ungrounded_claims_are_dropped_and_counted(icd):
+    rt = Fake({"soap_note": [json.dumps(GOOD["soap_note"] | {
+        "objective": "Haemoglobin 9.1 g/dL is low. CT scan confirmed a mass of 4.5 cm.",
+        "plan": "Start ferrous sulfate 325 mg daily."})]})
+    ins = analyse(make_case(files=[lab_csv()]), rt).insights
+    soap = ins["soap_note"]
+    # The CT scan never happened (no radiology file, no source mentions imaging) and
+    # 4.5 / 325 are in no source: those sentences go; the grounded one stays.
+    assert soap["objective"] == "Haemoglobin 9.1 g/dL is low."
+    assert soap["plan"] == "Not available."
+    g = ins["grounding"]["sections"]["soap_note"]
+    assert g["dropped"] == 2 and g["kept"] >= 1
+    assert ins["grounding"]["claims_checked"] >= g["claims_checked"]

@@ -131,18 +131,19 @@ def _schemas() -> dict[str, Schema]:
         "doctor_notes": _nullable(STR),
         "lab_summary": _nullable(STR),
         "radiology_summary": _nullable(STR),
-        "case_summary_confidence_score": SCORE,
+        "case_summary_confidence_score": _nullable(SCORE),
         "soap_subjective": _nullable(STR),
         "soap_objective": _nullable(STR),
         "soap_assessment": _nullable(STR),
         "soap_plan": _nullable(STR),
-        "soap_confidence_score": SCORE,
+        "soap_confidence_score": _nullable(SCORE),
         "primary_diagnosis": _nullable(STR),
         "icd_code": _nullable({"type": "string", "description": "A valid ICD-10-CM code."}),
         "diagnosis_description": _nullable(STR),
-        "diagnosis_confidence_score": SCORE,
+        "diagnosis_confidence_score": _nullable(SCORE),
         "supporting_evidence": STR_LIST,
-        "overall_confidence_score": {**SCORE, "description": "Mean of the three scores."},
+        "overall_confidence_score": {**_nullable(SCORE), "description":
+                                     "Mean of the three scores that exist (null if none)."},
         "generated_at": DATETIME,
         "created_at": DATETIME,
         "updated_at": DATETIME,
@@ -163,34 +164,48 @@ def _schemas() -> dict[str, Schema]:
         "treatment_type": STR, "description": _nullable(STR), "dosage": _nullable(STR),
         "duration": _nullable(STR), "precautions": STR_LIST,
     }, ["treatment_type", "description", "dosage", "duration", "precautions"])
+    NSCORE = _nullable(SCORE)  # null: abstained, or nothing was assessed
     insights = _shape(contract.INSIGHT_FIELDS, {
         "case_summary": _obj({
             "comprehensive_summary": _nullable(STR), "key_findings": STR_LIST,
             "patient_context": {"type": "object"}, "doctor_notes": _nullable(STR),
             "lab_summary": _nullable(STR), "radiology_summary": _nullable(STR),
-            "confidence_score": SCORE,
+            "confidence_score": NSCORE,
         }, ["comprehensive_summary", "key_findings", "patient_context", "doctor_notes",
             "lab_summary", "radiology_summary", "confidence_score"]),
         "soap_note": _obj({
             "subjective": _nullable(STR), "objective": _nullable(STR),
-            "assessment": _nullable(STR), "plan": _nullable(STR), "confidence_score": SCORE,
+            "assessment": _nullable(STR), "plan": _nullable(STR), "confidence_score": NSCORE,
         }, ["subjective", "objective", "assessment", "plan", "confidence_score"]),
         "primary_diagnosis": _obj({
             "primary_diagnosis": _nullable(STR), "icd_code": _nullable(STR),
-            "description": _nullable(STR), "confidence_score": SCORE,
+            "description": _nullable(STR), "confidence_score": NSCORE,
             "supporting_evidence": STR_LIST,
         }, ["primary_diagnosis", "icd_code", "description", "confidence_score",
             "supporting_evidence"]),
         "differential_diagnoses": {"type": "array", "items": differential},
         "investigation_recommendations": {"type": "array", "items": investigation},
         "treatment_recommendations": {"type": "array", "items": treatment},
-        "overall_confidence_score": SCORE,
+        "overall_confidence_score": NSCORE,
         "generated_at": DATETIME,
         "model": {
             "description": "Which GGUF model produced the insights (name, or a record of "
                            "file name, quantisation and hash).",
             "anyOf": [STR, {"type": "object"}, {"type": "null"}],
         },
+        "labs": {"type": "array", "description": "Lab rows parsed deterministically from every "
+                 "lab file (analyte, value, numeric, unit, range, flag low|normal|high|unknown, "
+                 "lab_flag, critical, file_id, page).", "items": {"type": "object"}},
+        "lab_counts": _obj({"rows_parsed": {"type": "integer"},
+                            "lines_not_parsed": {"type": "integer"}}),
+        "grounding": _obj({"claims_checked": {"type": "integer"}, "kept": {"type": "integer"},
+                           "dropped": {"type": "integer"}, "sections": {"type": "object"}},
+                          description="Claims of model-written text checked against the "
+                                      "sources; unsupported sentences and items are dropped."),
+        "stages": {"type": "object", "description": "Per stage: {status: ok|retried|abstained, "
+                   "reason}. An abstained section says 'Not available.' (scores null)."},
+        "model_info": _obj({"name": STR, "file": STR, "demonstration": {"type": "boolean"},
+                            "notice": STR}),
     }, description="Nested insights, as the API docs describe them.")
 
     analysis = _shape(contract.ANALYSIS_FIELDS, {

@@ -18,11 +18,12 @@ from __future__ import annotations
 import importlib
 import logging
 import time
+from pathlib import Path
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
-from medmitra.clinical import junk, labs
+from medmitra.clinical import confidence, grounding, junk, labs
 from medmitra.clinical.identity import Redactor
 from medmitra.config import LLMSettings
 from medmitra.llm.runtime import LLMError, LLMRuntime, Usage
@@ -42,6 +43,12 @@ TEMPERATURE_STEP = 0.15
 TEMPERATURE_MAX = 1.0
 # What an abstained text field says (the reason is in insights.stages).
 NOT_AVAILABLE = "Not available."
+# The bundled demonstration model (scripts/fetch-default-model.sh installs it).
+DEMONSTRATION_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEMONSTRATION_NOTICE = ("These insights were written by the bundled demonstration model "
+                        "(135M parameters). Its prose is not medically meaningful; only the lab "
+                        "rows and their flags are computed facts. Install a clinical model "
+                        "for real use.")
 # Room kept free in the context for the chat template's tokens, plus a safety share of
 # n_ctx because the token count of parts differs slightly from that of the whole.
 TEMPLATE_MARGIN_TOKENS = 48
@@ -304,8 +311,9 @@ def _radiology_file(run: _Run, f: ExtractedFile, label: str, m: StageMetrics) ->
         findings = IMAGE_UNREADABLE
     else:
         findings = NO_IMAGE_MODEL
+    # No number where nothing was assessed (null, not 0.0: a reader would see a score).
     return {"findings": findings, "impressions": "", "summary": _tags_summary(f),
-            "key_abnormalities": [], "confidence_score": 0.0}
+            "key_abnormalities": [], "confidence_score": None}
 
 
 def _files_context(run: _Run, summaries: dict[str, dict]) -> str:
@@ -326,11 +334,22 @@ def _files_context(run: _Run, summaries: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+_NOT_READ = (NO_IMAGE_MODEL, IMAGING_NOT_REQUESTED, IMAGE_UNREADABLE)
+
+
 def _joined_summary(run: _Run, summaries: dict[str, dict], category: str, none: str) -> str:
     files = [f for f in run.case.files if f.category == category]
     if not files:
         return none
-    return "\n".join(f"{f.file_name}: {summaries[f.file_id]['summary']}" for f in files)
+    lines = []
+    for f in files:
+        s = summaries[f.file_id]
+        if category == "radiology" and s["findings"] in _NOT_READ:
+            # Say first that the image was not read; then what its tags or text say.
+            lines.append(f"{f.file_name}: {s['findings']} {s['summary']}".strip())
+        else:
+            lines.append(f"{f.file_name}: {s['summary']}")
+    return "\n".join(lines)
 
 
 def _differential_check(primary: str) -> Callable[[dict], None]:
@@ -451,12 +470,82 @@ def _recommendations(run: _Run, st: _State, m: StageMetrics) -> None:
         st.recs["treatments"] = []
 
 
+def _grounder(case: CaseInput) -> grounding.Grounder:
+    rows = [r for f in case.files if f.category == "lab" for r in f.lab_rows]
+    texts = [case.doctor_notes or "", str(case.patient_age)]
+    texts += [f.text or "" for f in case.files]
+    texts += [f"{k}: {v}" for f in case.files for k, v in f.dicom_tags.items()]
+    return grounding.Grounder(rows, texts,
+                              has_radiology=any(f.category == "radiology" for f in case.files))
+
+
+def _ground(g: grounding.Grounder, run: _Run, st: _State) -> None:
+    """Drop what the sources do not support from every model-written text (rules in
+    clinical/grounding.py); a prose field left empty says NOT_AVAILABLE."""
+    def prose(section: str, text: str) -> str:
+        if text in ("", NOT_AVAILABLE):
+            return text
+        return g.text(section, text) or NOT_AVAILABLE
+
+    for f in run.case.files:
+        rec = st.summaries.get(f.file_id)
+        if f.category != "lab" or rec is None or rec["confidence_score"] is None:
+            continue
+        facts = [r.finding() for r in f.lab_rows if r.abnormal]
+        rec["summary"] = prose("lab_analysis", rec["summary"])
+        extra = [k for k in rec["key_abnormalities"] if k not in facts]
+        rec["key_abnormalities"] = _merge_findings(facts, g.items("lab_analysis", extra))
+    st.summary["comprehensive_summary"] = prose("case_summary",
+                                                st.summary["comprehensive_summary"])
+    st.summary["key_findings"] = g.items("case_summary", st.summary["key_findings"])
+    for k in ("subjective", "objective", "assessment", "plan"):
+        st.soap[k] = prose("soap_note", st.soap[k])
+    st.dx["description"] = g.text("primary_diagnosis", st.dx["description"])
+    st.dx["supporting_evidence"] = g.items("primary_diagnosis", st.dx["supporting_evidence"])
+    for d in st.differential:
+        d["reasoning"] = g.text("differential", d["reasoning"])
+        d["distinguishing_factors"] = g.items("differential", d["distinguishing_factors"])
+    for inv in st.recs["investigations"]:
+        for k in ("rationale", "expected_findings"):
+            inv[k] = g.text("recommendations", inv[k])
+    for t in st.recs["treatments"]:
+        t["description"] = g.text("recommendations", t["description"])
+
+
+def _model_info(runtime: LLMRuntime, llm: LLMSettings) -> dict:
+    info = runtime.info
+    file = str(info.get("file") or "")
+    demo = bool(file) and Path(file).name == DEMONSTRATION_MODEL_FILE
+    out = {"name": info.get("name", ""), "file": Path(file).name if file else "",
+           "demonstration": demo}
+    if demo:
+        out["notice"] = DEMONSTRATION_NOTICE
+    return out
+
+
 def _compile(run: _Run, st: _State, m: StageMetrics) -> None:
-    case, summary, soap, dx = run.case, st.summary, st.soap, st.dx
-    scores = [None if x["confidence_score"] is None else clamp_score(x["confidence_score"])
-              for x in (summary, soap, dx)]
+    case = run.case
+    g = _grounder(case)
+    _ground(g, run, st)
+    summary, soap, dx = st.summary, st.soap, st.dx
     lab_files = [f for f in case.files if f.category == "lab"]
     rows = [(f, r) for f in lab_files for r in f.lab_rows]
+    unparsed = sum(f.lab_lines_unparsed for f in lab_files)
+    determ = confidence.deterministic_share(len(rows), unparsed)
+    status = {mm.stage: mm.status for mm in run.metrics}
+    # Computed, never the model's own number (formula in clinical/confidence.py).
+    for f in lab_files:
+        rec = st.summaries[f.file_id]
+        if rec["confidence_score"] is not None:
+            rec["confidence_score"] = confidence.section(
+                status["lab_analysis"], g.share("lab_analysis"),
+                confidence.deterministic_share(len(f.lab_rows), f.lab_lines_unparsed))
+    scores = [None if x["confidence_score"] is None
+              else confidence.section(status[stage], g.share(section), determ)
+              for x, stage, section in ((summary, "case_summary", "case_summary"),
+                                        (soap, "soap_note", "soap_note"),
+                                        (dx, "diagnosis", "primary_diagnosis"))]
+    threshold = case.options.confidence_threshold
     # Every abnormal row is a key finding, whatever the model wrote; the model may add.
     facts = [r.finding() for _, r in rows if r.abnormal]
     st.insights = {
@@ -483,14 +572,18 @@ def _compile(run: _Run, st: _State, m: StageMetrics) -> None:
         "differential_diagnoses": st.differential,
         "investigation_recommendations": st.recs["investigations"],
         "treatment_recommendations": st.recs["treatments"],
-        "overall_confidence_score": _mean([x for x in scores if x is not None]),
+        "overall_confidence_score": confidence.overall(scores),
         "model": run.runtime.info.get("name", ""),
-        "stages": {m.stage: {"status": m.status, "reason": m.reason} for m in run.metrics
-                   if m.stage != "compile"},
+        "model_info": _model_info(run.runtime, run.llm),
+        "stages": {mm.stage: {"status": mm.status, "reason": mm.reason} for mm in run.metrics
+                   if mm.stage != "compile"},
         "labs": [r.to_dict(f.file_id) for f, r in rows],
-        "lab_counts": {"rows_parsed": len(rows),
-                       "lines_not_parsed": sum(f.lab_lines_unparsed for f in lab_files)},
+        "lab_counts": {"rows_parsed": len(rows), "lines_not_parsed": unparsed},
+        "grounding": g.summary(),
     }
+    if threshold is not None:
+        for key, score in zip(("case_summary", "soap_note", "primary_diagnosis"), scores):
+            st.insights[key]["below_threshold"] = confidence.below(score, threshold)
 
 
 # The stages after extraction, in order: (name, body). Each body reads what earlier

@@ -1,0 +1,149 @@
+"""Grounding: every claim a model writes is checked against the case's sources.
+
+Checked claims, per sentence (or list item) of model-written text:
+
+- numbers: every number must appear in the sources (lab values and range bounds, the
+  doctor's notes, extracted text, the patient's age);
+- lab directions: a sentence that names an analyte of a lab row together with a
+  direction word (high/raised/elevated..., low/reduced/deficient..., normal/within range)
+  must agree with that row's flag;
+- imaging claims: a sentence that speaks of an imaging study (X-ray, CT, MRI, ultrasound,
+  scan ...) needs a radiology file or a source that mentions imaging.
+
+A sentence or item with a failed claim is **dropped** (not kept as "unverified"): what is
+stored is what the sources support. ``Grounder.text`` / ``Grounder.items`` return what is
+kept, and the counts (claims checked, kept, dropped) accumulate per section for the
+``insights.grounding`` summary. Pure, no model, no I/O.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Iterable
+
+from medmitra.clinical.labs import LabRow
+from medmitra.clinical.ranges import join_split_decimals, to_number
+
+_NUMBER_RE = re.compile(r"(?<![A-Za-z0-9.,])\d+(?:[.,]\d+)?(?![0-9])")
+_SENTENCE_RE = re.compile(r"(?<=[.!?;])\s+(?=[A-Z0-9(])")
+_HIGH = r"high|higher|raised|elevated|increased|above|hyper\w*|excess\w*"
+_LOW = r"low|lower|reduced|decreased|below|deficien\w*|hypo\w*|depleted"
+_NORMAL = r"normal|within (?:the )?(?:normal )?range|unremarkable"
+_DIRECTION_RE = re.compile(rf"\b(?:(?P<high>{_HIGH})|(?P<low>{_LOW})|(?P<normal>{_NORMAL}))\b",
+                           re.IGNORECASE)
+_IMAGING_RE = re.compile(r"\b(?:x-?ray|radiograph\w*|ct|cat scan|mri|ultrasound|sonograph\w*|"
+                         r"echocardiogra\w*|scan|imaging|mammogra\w*|pet)\b", re.IGNORECASE)
+
+
+@dataclass
+class Counts:
+    claims_checked: int = 0
+    kept: int = 0
+    dropped: int = 0
+
+    def as_dict(self) -> dict:
+        return {"claims_checked": self.claims_checked, "kept": self.kept, "dropped": self.dropped}
+
+
+@dataclass
+class Grounder:
+    rows: list[LabRow]
+    source_texts: list[str]            # notes, extracted texts, radiology text
+    has_radiology: bool = False
+    by_section: dict[str, Counts] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        nums: set[float] = set()
+        for r in self.rows:
+            for t in (r.value, r.reference_range or ""):
+                nums.update(_numbers(t))
+        for t in self.source_texts:
+            nums.update(_numbers(t))
+        self._numbers = nums
+        joined = " ".join(self.source_texts)
+        self._imaging_source = self.has_radiology or bool(_IMAGING_RE.search(joined))
+        self._analytes = [(r, re.compile(rf"(?<![A-Za-z0-9]){re.escape(r.test)}(?![A-Za-z0-9])",
+                                         re.IGNORECASE))
+                          for r in self.rows if len(r.test) >= 2]
+
+    # ------------------------------------------------------------------ checks
+
+    def problems(self, sentence: str) -> tuple[int, list[str]]:
+        """(claims checked, the failed ones) of one sentence."""
+        checked, failed = 0, []
+        for x in _numbers(sentence):
+            checked += 1
+            if x not in self._numbers:
+                failed.append(f"the number {x:g} is in no source")
+        d = _DIRECTION_RE.search(sentence)
+        if d:
+            said = "high" if d.group("high") else "low" if d.group("low") else "normal"
+            for row, pat in self._analytes:
+                if pat.search(sentence) and row.flag in ("low", "high", "normal"):
+                    checked += 1
+                    if row.flag != said:
+                        failed.append(f"{row.test} is {row.flag}, not {said}")
+        if _IMAGING_RE.search(sentence):
+            checked += 1
+            if not self._imaging_source:
+                failed.append("an imaging study that is in no source")
+        return checked, failed
+
+    def _count(self, section: str) -> Counts:
+        return self.by_section.setdefault(section, Counts())
+
+    def text(self, section: str, text: str) -> str:
+        """``text`` without its sentences that fail a check."""
+        if not text:
+            return text
+        kept_sentences = []
+        c = self._count(section)
+        for sentence in _SENTENCE_RE.split(text):
+            checked, failed = self.problems(sentence)
+            c.claims_checked += checked
+            if failed:
+                c.dropped += 1
+            else:
+                c.kept += checked
+                kept_sentences.append(sentence)
+        return " ".join(kept_sentences)
+
+    def items(self, section: str, items: Iterable[str]) -> list[str]:
+        """The items that pass every check."""
+        out = []
+        c = self._count(section)
+        for item in items:
+            checked, failed = self.problems(item)
+            c.claims_checked += checked
+            if failed:
+                c.dropped += 1
+            else:
+                c.kept += checked
+                out.append(item)
+        return out
+
+    def share(self, section: str) -> float | None:
+        """Share of the section's checked claims that held, None if none was checked."""
+        c = self.by_section.get(section)
+        if c is None or c.claims_checked == 0:
+            return None
+        return c.kept / c.claims_checked
+
+    def summary(self) -> dict:
+        total = Counts()
+        for c in self.by_section.values():
+            total.claims_checked += c.claims_checked
+            total.kept += c.kept
+            total.dropped += c.dropped
+        return total.as_dict() | {"sections": {k: v.as_dict()
+                                               for k, v in sorted(self.by_section.items())}}
+
+
+def _numbers(text: str) -> set[float]:
+    out = set()
+    for m in _NUMBER_RE.finditer(join_split_decimals(text or "")):
+        x = to_number(m.group(0))
+        if x is not None:
+            out.add(x)
+    return out
