@@ -62,7 +62,7 @@ def _create(client: httpx.Client, files: list[tuple[str, tuple[str, bytes, str]]
 
 
 def test_full_case_reaches_completed_with_every_field(start_server, tmp_path: Path) -> None:
-    from medmitra.pipeline import icd10
+    from medmitra.clinical import icd10
 
     server: Served = start_server(_settings(tmp_path, workers=1))
     user = make_user()
@@ -100,7 +100,9 @@ def test_full_case_reaches_completed_with_every_field(start_server, tmp_path: Pa
         assert flat["overall_confidence_score"] is None
     # The ICD code is a real ICD-10-CM code or null, never passed through unchecked.
     code = flat["icd_code"]
-    assert code is None or icd10.normalize_code(code) == code
+    assert code is None or (icd10.is_valid(code) and flat["diagnosis_description"]
+                            == icd10.title(code))
+    assert (code is None) == (nested["primary_diagnosis"]["icd_reason"] is not None)
     assert flat["case_id"] == case_id and flat["doctor_notes"].startswith("Fatigue")
     # Patient context is copied from the case; the model never saw the name.
     assert flat["patient_context"] == {"name": "Test Patient", "age": 58, "gender": "female"}

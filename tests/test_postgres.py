@@ -334,8 +334,6 @@ def test_analysis_runs_to_completion_on_postgres(pg_url, start_server, tmp_path,
     from medmitra.llm.runtime import FakeRuntime
     from medmitra.pipeline import stages
 
-    # Building the ICD-10 index takes seconds; codes have their own tests.
-    monkeypatch.setattr(stages, "resolve_icd", lambda code, diagnosis: (None, ""))
     settings = make_settings(tmp_path, database={"url": pg_url},
                              llm={"workers": 1, "threads": 1},
                              jobs={"poll_s": 0.05, "heartbeat_s": 0.2, "lease_s": 2})

@@ -55,17 +55,10 @@ def analyse(case: CaseInput, rt: FakeRuntime, llm: LLMSettings = LLM, stop=lambd
 
 
 @pytest.fixture
-def icd(monkeypatch):
-    """A stand-in for medmitra.pipeline.icd10 (owned elsewhere), with a tiny code table."""
-    table = {"J18.9": "Pneumonia, unspecified organism", "D50.9": "Iron deficiency anemia"}
-    mod = types.ModuleType("medmitra.pipeline.icd10")
-    mod.normalize_code = lambda c: (c.strip().upper() if c.strip().upper() in table
-                                    else "J18.9" if c.upper().startswith("J18") else None)
-    mod.describe = lambda c: table.get(c, "")
-    mod.search = lambda text, limit: ([("D50.9", table["D50.9"])] if "anemia" in text.lower()
-                                      else [])[:limit]
-    monkeypatch.setitem(sys.modules, "medmitra.pipeline.icd10", mod)
-    return mod
+def icd():
+    """Codes come from the shipped ICD-10-CM table (clinical/icd10.py, milliseconds)."""
+    from medmitra.clinical import icd10
+    return icd10
 
 
 def dx_answer(**kw) -> str:
@@ -105,8 +98,9 @@ def test_happy_path_shape_field_by_field(icd):
         {k: v for k, v in GOOD["soap_note"].items() if k != "confidence_score"}
     pd = ins["primary_diagnosis"]
     assert set(pd) == {"primary_diagnosis", "icd_code", "description", "confidence_score",
-                       "supporting_evidence"}
-    assert pd["icd_code"] == "J18.9"
+                       "supporting_evidence", "icd_reason"}
+    # "Community acquired pneumonia": J18 and J18.9 agree; the model chose among them.
+    assert pd["icd_code"] in ("J18", "J18.9") and pd["description"] == icd.title(pd["icd_code"])
     assert isinstance(pd["supporting_evidence"], list)
     assert len(ins["differential_diagnoses"]) == 3
     for d in ins["differential_diagnoses"]:
@@ -156,7 +150,8 @@ def test_happy_path_shape_field_by_field(icd):
 def test_prompts_share_one_prefix_and_leave_out_the_name(icd):
     rt = Fake()
     analyse(make_case(), rt)
-    assert len(rt.calls) == 7  # 2 lab files, summary, SOAP, diagnosis, differential, recs
+    # 2 lab files, summary, SOAP, diagnosis, its code choice, differential, recs
+    assert len(rt.calls) == 8
     systems = {json.dumps(c["messages"][0]) for c in rt.calls}
     assert len(systems) == 1  # byte-identical prefix -> KV cache reuse between stages
     system = rt.calls[0]["messages"][0]["content"]
@@ -178,7 +173,7 @@ def test_zero_files_and_no_doctor_notes(icd):
     assert cs["radiology_summary"] == "No radiology images were provided."
     assert result.file_summaries == {}
     assert [c["key"] for c in rt.calls] == ["case_summary", "soap_note", "diagnosis",
-                                            "differential", "recommendations"]
+                                            "diagnosis_code", "differential", "recommendations"]
     assert "(none given)" in rt.calls[0]["messages"][0]["content"]
 
 
@@ -193,7 +188,8 @@ def test_broken_json_is_retried_with_another_seed(icd):
     assert result.insights["primary_diagnosis"]["primary_diagnosis"] == \
         "Community acquired pneumonia"
     m = {s.stage: s for s in result.stages}["diagnosis"]
-    assert m.attempts == 2 and m.prompt_tokens == sum(c["prompt_tokens"] for c in dx_calls)
+    assert m.attempts == 2 and m.prompt_tokens == sum(
+        c["prompt_tokens"] for c in rt.calls if c["key"] in ("diagnosis", "diagnosis_code"))
 
 
 def stage_of(result, name):
@@ -242,7 +238,8 @@ def test_every_stage_abstains_and_the_case_still_completes(icd):
     assert ins["case_summary"]["confidence_score"] is None
     assert ins["primary_diagnosis"] == {"primary_diagnosis": "Not available.", "icd_code": None,
                                         "description": "", "confidence_score": None,
-                                        "supporting_evidence": []}
+                                        "supporting_evidence": [],
+                                        "icd_reason": "the diagnosis stage abstained"}
     assert ins["differential_diagnoses"] == []
     assert ins["investigation_recommendations"] == [] == ins["treatment_recommendations"]
     assert ins["overall_confidence_score"] is None
@@ -403,25 +400,39 @@ def test_every_schema_is_bounded_and_fits_its_token_budget():
     assert schemas.SOAP_NOTE["properties"]["plan"]["maxLength"] == 220  # original untouched
 
 
-def test_invalid_icd_code_is_replaced_or_dropped(icd):
-    # Close to a valid code -> the closest valid one, with its description filled in.
-    rt = Fake({"diagnosis": [dx_answer(icd_code="j18.99x")]})
+def test_icd_code_comes_from_the_table_never_from_the_model(icd):
+    # Several candidates: the model chooses among them under an enum grammar.
+    rt = Fake({"diagnosis": [dx_answer(primary_diagnosis="Iron deficiency anemia",
+                                       icd_code="C96.1", description="mine")],
+               "diagnosis_code": ['{"code": "D50.9"}']})
     pd = analyse(make_case(), rt).insights["primary_diagnosis"]
-    assert pd["icd_code"] == "J18.9" and pd["description"] == "Pneumonia, unspecified organism"
-    # Invalid code, but the diagnosis text finds one in the table.
-    rt = Fake({"diagnosis": [dx_answer(icd_code="ZZZ", primary_diagnosis="Anemia")]})
+    assert pd["icd_code"] == "D50.9" and pd["icd_reason"] is None
+    assert pd["description"] == icd.title("D50.9") == "Iron deficiency anemia, unspecified"
+    (call,) = [c for c in rt.calls if c["key"] == "diagnosis_code"]
+    enum = call["schema"]["properties"]["code"]["enum"]
+    assert "D50.9" in enum and enum[-1] == "none" and "C96.1" not in enum
+    assert all(icd.is_valid(c) for c in enum[:-1])
+    # The model finds none fitting: no code, with the reason.
+    rt = Fake({"diagnosis": [dx_answer(primary_diagnosis="Iron deficiency anemia")],
+               "diagnosis_code": ['{"code": "none"}']})
     pd = analyse(make_case(), rt).insights["primary_diagnosis"]
-    assert pd["icd_code"] == "D50.9"
-    # Nothing valid -> None, never the model's text.
-    rt = Fake({"diagnosis": [dx_answer(icd_code="XYZ.123", description="mine")]})
+    assert pd["icd_code"] is None and "no candidate code" in pd["icd_reason"]
+    # Nothing in the table agrees: no code, and no model call for one.
+    rt = Fake({"diagnosis": [dx_answer(primary_diagnosis="Zorblax syndrome")]})
     pd = analyse(make_case(), rt).insights["primary_diagnosis"]
-    assert pd["icd_code"] is None and pd["description"] == "mine"
+    assert pd["icd_code"] is None and "no ICD-10-CM code agrees" in pd["icd_reason"]
+    assert "diagnosis_code" not in [c["key"] for c in rt.calls]
 
 
-def test_icd_table_missing_gives_none(monkeypatch):
-    monkeypatch.setitem(sys.modules, "medmitra.pipeline.icd10", None)  # import -> ImportError
-    rt = Fake({"diagnosis": [dx_answer(icd_code="J18.9")]})
-    assert analyse(make_case(), rt).insights["primary_diagnosis"]["icd_code"] is None
+def test_icd_table_failure_gives_none_with_a_reason(monkeypatch):
+    from medmitra.clinical import coding
+
+    def broken(_text, limit=5):
+        raise OSError("table missing")
+
+    monkeypatch.setattr(coding, "candidates", broken)
+    pd = analyse(make_case(), Fake()).insights["primary_diagnosis"]
+    assert pd["icd_code"] is None and "could not be searched" in pd["icd_reason"]
 
 
 # --------------------------------------------------------------------------- lab flags

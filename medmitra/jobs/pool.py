@@ -93,7 +93,7 @@ class WorkerPool:
         self._side_tasks: set[asyncio.Task] = set()
 
     def _load_configured_model(self) -> LLMRuntime:
-        from medmitra.pipeline import icd10
+        from medmitra.clinical import icd10
 
         if self.settings.llm.remote_url:
             # Inference on another machine: no GGUF file here and no llama_cpp import; an

@@ -148,9 +148,11 @@ TASK_RADIOLOGY_IMAGE = ("Describe this medical image: findings, impressions, a s
 TASK_SUMMARY = ("Write a comprehensive summary of this case and list its key findings. "
                 "confidence_score is a number from 0 to 1.")
 TASK_SOAP = "Write a SOAP note for this case. confidence_score is a number from 0 to 1."
-TASK_DIAGNOSIS = ("Give the most likely primary diagnosis with its ICD-10 code, a short "
-                  "description and the supporting evidence from the facts. "
+TASK_DIAGNOSIS = ("Give the most likely primary diagnosis in words, a short description "
+                  "and the supporting evidence from the facts. "
                   "confidence_score is a number from 0 to 1.")
+TASK_DIAGNOSIS_CODE = ("Primary diagnosis: {diagnosis}. Choose the ICD-10-CM code that fits it "
+                       "best, or none if no option fits. Options: {options}")
 TASK_DIFFERENTIAL = ("List 3 to 5 differential diagnoses other than the primary diagnosis, "
                      "each with a probability from 0 to 1, reasoning and distinguishing "
                      "factors.")

@@ -85,7 +85,6 @@ SOAP_NOTE = _obj(
 DIAGNOSIS = _obj(
     "diagnosis",
     primary_diagnosis=_s(100, 1),
-    icd_code=_s(8),
     description=_s(200),
     supporting_evidence=_list(_s(100), 4),
     confidence_score=SCORE,

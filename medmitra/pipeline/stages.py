@@ -15,7 +15,6 @@ checked against the code table, and no radiology findings without an image model
 
 from __future__ import annotations
 
-import importlib
 import logging
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
-from medmitra.clinical import confidence, grounding, junk, labs
+from medmitra.clinical import coding, confidence, grounding, junk, labs
 from medmitra.clinical.identity import Redactor
 from medmitra.config import LLMSettings
 from medmitra.llm.runtime import LLMError, LLMRuntime, Usage
@@ -43,6 +42,7 @@ TEMPERATURE_STEP = 0.15
 TEMPERATURE_MAX = 1.0
 # What an abstained text field says (the reason is in insights.stages).
 NOT_AVAILABLE = "Not available."
+NO_CODE = "none"   # the model's answer when no candidate ICD-10 code fits
 # The bundled demonstration model (scripts/fetch-default-model.sh installs it).
 DEMONSTRATION_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEMONSTRATION_NOTICE = ("These insights were written by the bundled demonstration model "
@@ -67,29 +67,38 @@ LAB_NOT_REQUESTED = "Lab interpretation was not requested."
 
 # --------------------------------------------------------------------------- ICD-10
 
-def _icd10() -> Any | None:
-    # Imported lazily: the code table is large and owned by another module.
-    try:
-        return importlib.import_module("medmitra.pipeline.icd10")
-    except ImportError:
-        log.warning("ICD-10 table unavailable; diagnosis codes are left empty")
-        return None
+def code_diagnosis(run: "_Run", diagnosis: str, m: StageMetrics) -> tuple[str | None, str,
+                                                                           str | None]:
+    """(code or None, the table's title, why no code) for a diagnosis named in words.
 
-
-def resolve_icd(code: str, diagnosis: str) -> tuple[str | None, str]:
-    """(valid code or None, its description). Never passes an unchecked code through."""
-    icd = _icd10()
-    if icd is None:
-        return None, ""
+    Candidates come from the code table (``clinical.coding``), each already agreeing with
+    the diagnosis; with several, the model chooses under an enum grammar (or "none").
+    The model never writes a code, and no code is ever cut back to a shorter one."""
     try:
-        valid = icd.normalize_code(code) if code.strip() else None
-        if valid is None and diagnosis.strip():
-            hits = icd.search(diagnosis, 1)
-            valid = hits[0][0] if hits else None
-        return (valid, icd.describe(valid) or "") if valid else (None, "")
-    except Exception:  # a bug in the table lookup must not fail the whole analysis
-        log.exception("ICD-10 lookup failed")
-        return None, ""
+        cands = coding.candidates(diagnosis)
+    except Exception as exc:  # the table missing or broken must not fail the analysis
+        log.warning("ICD-10 lookup failed (%s)", type(exc).__name__)
+        return None, "", "the ICD-10-CM table could not be searched"
+    if not cands:
+        return None, "", "no ICD-10-CM code agrees with the diagnosis"
+    chosen = cands[0][0]
+    if len(cands) > 1:
+        options = "; ".join(f"{c}: {t}" for c, t in cands)
+        schema = {"title": "diagnosis_code", "type": "object", "required": ["code"],
+                  "properties": {"code": {"type": "string",
+                                          "enum": [c for c, _ in cands] + [NO_CODE]}}}
+        try:
+            chosen = run.ask("diagnosis_code", schema, prompts.TASK_DIAGNOSIS_CODE.format(
+                diagnosis=diagnosis, options=options), "", run.llm.max_tokens_diagnosis,
+                m)["code"]
+        except _NoAnswer as exc:
+            return None, "", f"no code was chosen among the candidates ({exc})"
+        if chosen == NO_CODE:
+            return None, "", "the model found no candidate code that fits"
+    problem = coding.agreement(diagnosis, chosen)
+    if problem:
+        return None, "", problem
+    return chosen, dict(cands).get(chosen, ""), None
 
 
 # --------------------------------------------------------------------------- runner
@@ -435,12 +444,14 @@ def _diagnosis(run: _Run, st: _State, m: StageMetrics) -> None:
                      run.llm.max_tokens_diagnosis, m)
     if dx is None:
         st.dx = {"primary_diagnosis": NOT_AVAILABLE, "icd_code": None, "description": "",
-                 "supporting_evidence": [], "confidence_score": None}
+                 "supporting_evidence": [], "confidence_score": None,
+                 "icd_reason": "the diagnosis stage abstained"}
         st.dx_ctx = st.summary_ctx
         return
-    code, code_desc = resolve_icd(dx["icd_code"], dx["primary_diagnosis"])
-    dx["icd_code"] = code
-    dx["description"] = dx["description"] or code_desc
+    code, title, reason = code_diagnosis(run, dx["primary_diagnosis"], m)
+    dx["icd_code"], dx["icd_reason"] = code, reason
+    # With a code, its description is the table's title (never the model's words).
+    dx["description"] = title if code else dx["description"]
     st.dx = dx
     st.dx_ctx = f"{st.summary_ctx}\nPrimary diagnosis: {dx['primary_diagnosis']}"
 
@@ -567,7 +578,7 @@ def _compile(run: _Run, st: _State, m: StageMetrics) -> None:
         "primary_diagnosis": {
             "primary_diagnosis": dx["primary_diagnosis"], "icd_code": dx["icd_code"],
             "description": dx["description"], "confidence_score": scores[2],
-            "supporting_evidence": dx["supporting_evidence"],
+            "supporting_evidence": dx["supporting_evidence"], "icd_reason": dx["icd_reason"],
         },
         "differential_diagnoses": st.differential,
         "investigation_recommendations": st.recs["investigations"],
