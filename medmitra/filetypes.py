@@ -28,7 +28,8 @@ TEXT = "text/plain"
 
 ACCEPTED: dict[FileCategory, tuple[str, ...]] = {
     FileCategory.LAB: (PDF, CSV, TEXT, JPEG, PNG),
-    FileCategory.RADIOLOGY: (JPEG, PNG, DICOM),
+    # PDF: radiology reports (their findings/impression are the radiology text).
+    FileCategory.RADIOLOGY: (JPEG, PNG, DICOM, PDF),
 }
 
 # Adobe readers accept junk before the header, so pdfium does too; look this far.

@@ -51,10 +51,11 @@ def test_sniff_refuses_binaries(data: bytes) -> None:
 
 def test_sniff_ignores_the_name_png_declared_as_pdf() -> None:
     # The route never consults the name: a PNG uploaded as "report.pdf" is a PNG, and a
-    # PDF uploaded as "xray.png" to radiology is a PDF, which radiology refuses.
+    # PDF uploaded as "xray.png" to radiology is a PDF (a report), which lab refuses as
+    # an image would be: it is accepted as what it is, a PDF.
     assert ft.sniff(head(df.xray_png())) == "image/png"
     pdf_as_png = ft.sniff(head(df.text_pdf(["x"])))
-    assert pdf_as_png == "application/pdf" and not ft.accepts("radiology", pdf_as_png)
+    assert pdf_as_png == "application/pdf" and ft.accepts("radiology", pdf_as_png)
     # An executable named "cbc.csv" is refused for every category.
     assert ft.sniff(head(df.elf_exe())) is None
 
@@ -87,7 +88,7 @@ def test_head_cut_inside_a_utf8_character_is_still_text() -> None:
     ("lab", "application/pdf", True), ("lab", "text/csv", True), ("lab", "text/plain", True),
     ("lab", "image/jpeg", True), ("lab", "image/png", True), ("lab", "application/dicom", False),
     ("radiology", "image/jpeg", True), ("radiology", "image/png", True),
-    ("radiology", "application/dicom", True), ("radiology", "application/pdf", False),
+    ("radiology", "application/dicom", True), ("radiology", "application/pdf", True),
     ("radiology", "text/csv", False), ("other", "image/png", False), ("lab", None, False),
 ])
 def test_accepts(category: str, mime: str | None, ok: bool) -> None:

@@ -621,3 +621,30 @@ def test_ungrounded_claims_are_dropped_and_counted(icd):
     g = ins["grounding"]["sections"]["soap_note"]
     assert g["dropped"] == 2 and g["kept"] >= 1
     assert ins["grounding"]["claims_checked"] >= g["claims_checked"]
+
+
+def test_radiology_report_pdf_is_radiology_text_not_lab_values(icd, tmp_path):
+    import docfactory as df
+    from medmitra.pipeline.extract import extract_file
+
+    pdf = tmp_path / "mri.pdf"
+    pdf.write_bytes(df.text_pdf(["MRI LUMBAR SPINE", "Patient: Kiran Rao   Age/Sex: 51/M",
+                                 "TECHNIQUE: Sagittal T1 and T2.",
+                                 "FINDINGS: L4-L5 disc bulge 3 mm indenting the thecal sac.",
+                                 "IMPRESSION: Mild L4-L5 disc bulge."]))
+    f = extract_file(pdf, file_id="r1", category="radiology", mime="application/pdf",
+                     file_name="mri.pdf")
+    assert f.lab_rows == []
+    assert f.report_sections == {"findings": "L4-L5 disc bulge 3 mm indenting the thecal sac.",
+                                 "impression": "Mild L4-L5 disc bulge."}
+    rt = Fake()
+    result = analyse(make_case(files=[f]), rt)
+    rec = result.file_summaries["r1"]
+    assert rec["findings"] == "L4-L5 disc bulge 3 mm indenting the thecal sac."
+    assert rec["impressions"] == "Mild L4-L5 disc bulge." and rec["confidence_score"] is None
+    assert "radiology_analysis" not in [c["key"] for c in rt.calls]
+    system = rt.calls[0]["messages"][0]["content"]
+    assert "Report impression: Mild L4-L5 disc bulge." in system
+    assert "Kiran" not in system and "Rao" not in json.dumps(rt.calls)
+    assert result.insights["labs"] == []
+    assert "Mild L4-L5 disc bulge." in result.insights["case_summary"]["radiology_summary"]

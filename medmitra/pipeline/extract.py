@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from medmitra import filetypes
-from medmitra.clinical import labs
+from medmitra.clinical import labs, reports
 from medmitra.pipeline import images
 from medmitra.pipeline.types import ExtractedFile, LabRow
 
@@ -117,6 +117,8 @@ def _extract_pdf(path: Path, out: ExtractedFile) -> None:
     if out.category == "lab":
         out.lab_rows = labs.parse_pages(out.pages)
         out.lab_lines_unparsed = sum(labs.unparsed_result_lines(p) for p in out.pages)
+    else:  # a radiology report: its words, never lab values
+        out.report_sections = reports.radiology_sections(out.text)
 
 
 def _read_page(pdf, index: int, *, render: bool, out: ExtractedFile):

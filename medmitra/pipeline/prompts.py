@@ -83,8 +83,11 @@ def radiology_file_text(f: ExtractedFile, redactor: Redactor | None = None) -> s
     """Non-identifying DICOM tags and any OCR text of a radiology file."""
     red = redactor or Redactor(())
     parts = [f"{k}: {v}" for k, v in sorted(f.dicom_tags.items()) if v]
-    if f.text and f.text.strip():
-        parts.append("Text on the image: " + red.redact(f.text.strip()))
+    if f.report_sections:
+        parts += [f"Report {k}: {red.redact(v)}" for k, v in f.report_sections.items()]
+    elif f.text and f.text.strip():
+        kind = "Report text" if f.mime == "application/pdf" else "Text on the image"
+        parts.append(f"{kind}: " + red.redact(f.text.strip()))
     return red.redact("\n".join(parts), document=False) or "(no tags or text)"
 
 

@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
+from medmitra import filetypes
 from medmitra.clinical import coding, confidence, grounding, junk, labs
 from medmitra.clinical.identity import Redactor
 from medmitra.config import LLMSettings
@@ -42,6 +43,7 @@ TEMPERATURE_STEP = 0.15
 TEMPERATURE_MAX = 1.0
 # What an abstained text field says (the reason is in insights.stages).
 NOT_AVAILABLE = "Not available."
+REPORT_SUMMARY_CHARS = 400
 NO_CODE = "none"   # the model's answer when no candidate ICD-10 code fits
 # The bundled demonstration model (scripts/fetch-default-model.sh installs it).
 DEMONSTRATION_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -301,6 +303,17 @@ def _tags_summary(f: ExtractedFile) -> str:
 
 
 def _radiology_file(run: _Run, f: ExtractedFile, label: str, m: StageMetrics) -> dict:
+    if f.mime == filetypes.PDF:
+        # A radiology report: the radiologist's own findings and impression are the
+        # radiology text, quoted, never turned into lab values or re-written by a model.
+        sec = f.report_sections
+        text = " ".join((f.text or "").split())
+        findings = sec.get("findings") or (text[:REPORT_SUMMARY_CHARS] if text else
+                                            "The report has no readable text.")
+        return {"findings": findings, "impressions": sec.get("impression", ""),
+                "summary": (sec.get("impression") or findings)[:REPORT_SUMMARY_CHARS],
+                "key_abnormalities": [], "confidence_score": None,
+                "source": "radiology report (text as written)"}
     use_model = run.case.options.include_imaging and run.runtime.has_vision()
     if use_model and f.image is not None:
         details = prompts.trim_to_tokens(prompts.radiology_file_text(f, run.redactor), 256,

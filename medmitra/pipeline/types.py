@@ -26,6 +26,8 @@ class ExtractedFile:
     lab_rows: list[LabRow] = field(default_factory=list)
     # Result-like lines (a name, a number, a range or unit) that did not become rows.
     lab_lines_unparsed: int = 0
+    # A radiology report's sections as written: {"findings", "impression"} (PDF reports).
+    report_sections: dict[str, str] = field(default_factory=dict)
     ocr_used: bool = False
     # Normalised RGB image (PIL.Image.Image) for a vision model, EXIF removed; or None.
     image: Any = None
