@@ -39,7 +39,7 @@ def _settings(tmp_path: Path, workers: int) -> Any:
                          jobs={"lease_s": 30, "heartbeat_s": 1})
 
 
-def _wait_done(client: httpx.Client, case_id: str, timeout_s: float = 400) -> dict:
+def _wait_done(client: httpx.Client, case_id: str, timeout_s: float = 900) -> dict:
     """Poll until the case leaves `processing` (a bounded wait on a real analysis)."""
     deadline = time.monotonic() + timeout_s
     body: dict = {}

@@ -432,7 +432,7 @@ def test_a_stage_that_always_answers_junk_is_abstained_and_the_case_completes(tm
         [insight] = await Insight.all()
         dx = insight.data["stages"]["diagnosis"]
         assert dx["status"] == "abstained" and dx["reason"].startswith(
-            "no acceptable answer after 3 attempt(s)")
+            f"no acceptable answer after {stages.MAX_ATTEMPTS} attempt(s)")
         assert insight.data["primary_diagnosis"]["primary_diagnosis"] == "Not available."
         assert {s["stage"]: s["status"] for s in insight.stages}["diagnosis"] == "abstained"
         [rt] = factory.made
@@ -469,7 +469,8 @@ def test_a_runtime_failing_on_every_try_fails_the_case_but_keeps_the_extracted_t
             await pool.stop()
         row = await Job.get(id=job.id)
         assert row.attempts == 2
-        assert row.error.startswith("diagnosis: no answer after 3 attempt(s): the model "
+        assert row.error.startswith(f"diagnosis: no answer after {stages.MAX_ATTEMPTS} "
+                                    "attempt(s): the model "
                                     "runtime failed: decode failed")
         assert row.error.endswith("(gave up after 2 attempts)")
         assert (await Case.get(id=case.id)).status == "failed"

@@ -35,7 +35,9 @@ from medmitra.pipeline.types import (STAGES, AnalysisResult, Cancelled, CaseInpu
 
 log = logging.getLogger(__name__)
 
-MAX_ATTEMPTS = 3                 # first try + 2 retries, each with a different seed
+# First try + 1 retry (another seed, hotter): a model that writes junk twice abstains;
+# more retries of a small model mostly repeat the junk and multiply the time per case.
+MAX_ATTEMPTS = 2
 SEED_STEP = 7919                 # seed offset between tries
 # Each further try (within a job attempt and across job attempts) decodes a little hotter,
 # so a retry is not the same greedy path again; capped at TEMPERATURE_MAX.
