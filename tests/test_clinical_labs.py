@@ -88,6 +88,8 @@ def test_parse_csv_is_bounded() -> None:
     ("Potassium 6.1H mmol/L 3.5-5.1", ("Potassium", "6.1", "mmol/L", "3.5-5.1", "high", "H")),
     ("Sodium 10,2 mmol/L 9,0-11,0", ("Sodium", "10,2", "mmol/L", "9,0-11,0", "normal", None)),
     ("CRP <0.5 mg/L <5", ("CRP", "<0.5", "mg/L", "<5", "normal", None)),
+    # UCUM units as a lab system exports them, no range, the lab's own marker
+    ("pO2 59.6 mm[Hg] L", ("pO2", "59.6", "mm[Hg]", None, "low", "L")),
 ])
 def test_parse_text_lines(line: str, expected: tuple) -> None:
     rows = labs.parse_text_lines(line)

@@ -212,7 +212,9 @@ _GLUED_RE = re.compile(rf"^([<>]?{_NUM})(#|\*{{1,2}}|HH|LL|H|L|↑|↓|[A-Za-zµ
 
 def _looks_like_unit(tok: str) -> bool:
     t = tok.lower()
-    if t in _UNIT_WORDS or "/" in t or "%" in t or "^" in t or t.startswith(("x10", "10e", "10*")):
+    # "[" covers UCUM spellings a lab system exports ("mm[Hg]", "[pH]", "[IU]/L").
+    if t in _UNIT_WORDS or "/" in t or "%" in t or "^" in t or "[" in t \
+            or t.startswith(("x10", "10e", "10*")):
         return True
     return False
 

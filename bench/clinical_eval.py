@@ -1,0 +1,285 @@
+"""Clinical evaluation (issue 9): synthetic inpatients from a public generator (clinosim,
+from the package registry; not written by this team) rendered as CSV, text-PDF and
+scanned-image-PDF lab reports, analysed by a real server process with the configured model,
+scored against the generator's ground truth.
+
+Per case and in total it prints: failed cases, abstained stages, junk fields stored,
+lab-row precision/recall, direction accuracy, abnormal rows missing from key_findings,
+ungrounded claims stored, identity leaks, ICD-10 code/description disagreements, ICD-10
+category match with the known condition, seconds per case. Nothing is committed as an
+expected output: the set is generated on every run with its ground truth.
+
+Usage: .venv/bin/python bench/clinical_eval.py [--patients 2] [--diseases a,b]
+       [--formats csv,pdf,scan] [--model PATH] [--remote-url URL]
+Needs the bench extra: pip install clinosim (a dev/bench dependency, never shipped).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))
+
+import docfactory as df  # noqa: E402  (PDF and scan renderers of the test suite)
+from medmitra.clinical import coding, junk  # noqa: E402
+from medmitra.clinical.grounding import Grounder  # noqa: E402
+
+DEFAULT_MODEL = ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_DISEASES = ("bacterial_pneumonia", "urinary_tract_infection", "acute_mi")
+FORMATS = ("csv", "pdf", "scan")
+# Model-written fields scored for junk (the facts and copied fields are not).
+MODEL_SECTIONS = ("soap_note", "primary_diagnosis", "differential_diagnoses",
+                  "investigation_recommendations", "treatment_recommendations")
+
+
+# ----------------------------------------------------------------------- the data set
+
+@dataclass
+class Truth:
+    name: str
+    age: int
+    sex: str
+    icd: str                          # the generator's admission diagnosis code
+    disease: str
+    labs: list[tuple[str, float, str, str]] = field(default_factory=list)  # name, value, unit, flag
+
+
+def generate(diseases: list[str], per_disease: int, seed: int) -> list[Truth]:
+    logging.disable(logging.CRITICAL)   # the generator logs every nursing document
+    from clinosim.api import SimulatorConfig, run_forced
+    from clinosim.types.config import ForcedScenario
+
+    out: list[Truth] = []
+    for i, disease in enumerate(diseases):
+        ds = run_forced(ForcedScenario(disease_id=disease, count=per_disease),
+                        SimulatorConfig(random_seed=seed + i))
+        for p in ds.patients:
+            first: dict[str, tuple[str, float, str, str]] = {}
+            for r in sorted(p.lab_results, key=lambda r: r.result_datetime):
+                if r.lab_name not in first and isinstance(r.value, (int, float)):
+                    first[r.lab_name] = (r.lab_name, float(r.value), r.unit or "",
+                                         (r.flag or "").upper())
+            name = p.patient.name.display_name
+            out.append(Truth(name=name, age=int(p.patient.age), sex=p.patient.sex,
+                             icd=p.clinical_diagnosis.admission_diagnosis_code or "",
+                             disease=disease, labs=list(first.values())))
+    logging.disable(logging.NOTSET)
+    return out
+
+
+def _num(x: float) -> str:
+    return f"{x:.2f}".rstrip("0").rstrip(".") if x != int(x) else str(int(x))
+
+
+def render(t: Truth, fmt: str) -> tuple[str, bytes, str]:
+    header = [f"Patient: {t.name}   Age/Sex: {t.age}/{t.sex}", "ADMISSION LABORATORY REPORT"]
+    if fmt == "csv":
+        rows = ["Test,Result,Unit,Flag"] + [f"{n},{_num(v)},{u},{f}" for n, v, u, f in t.labs]
+        return "labs.csv", ("\n".join(rows) + "\n").encode(), "text/csv"
+    lines = [f"{n} {_num(v)} {u} {f}".strip() for n, v, u, f in t.labs]
+    if fmt == "pdf":
+        return "labs.pdf", df.text_pdf(header + lines), "application/pdf"
+    return "labs-scan.pdf", df.scanned_pdf(header + [ln.replace(" ", "\t", 1) for ln in lines]),\
+        "application/pdf"
+
+
+# ----------------------------------------------------------------------- the server
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, tmp: Path, model: Path | None, remote_url: str | None):
+        self.data = tmp / "data"
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MEDMITRA_")}
+        env.update({"MEDMITRA_STORAGE_DATA_DIR": str(self.data),
+                    "MEDMITRA_SERVER_PORT": str(port), "MEDMITRA_LLM_WORKERS": "1",
+                    "MEDMITRA_LOG_LEVEL": "WARNING"})
+        if remote_url:
+            env["MEDMITRA_LLM_REMOTE_URL"] = remote_url
+        else:
+            env["MEDMITRA_LLM_MODEL_PATH"] = str(model)
+        self.proc = subprocess.Popen([sys.executable, "-m", "medmitra", "serve"], cwd=ROOT,
+                                     env=env, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(self.url + "/health", timeout=2).json().get(
+                        "model", {}).get("state") == "ready":
+                    break
+            except (httpx.TransportError, ValueError):
+                pass
+            time.sleep(0.2)
+        else:
+            self.stop()
+            raise SystemExit("the server did not get ready")
+        token = subprocess.run([sys.executable, "-m", "medmitra", "token", "create",
+                                "--user-id", str(uuid.uuid4()), "--data-dir", str(self.data)],
+                               cwd=ROOT, capture_output=True, text=True, check=True).stdout
+        self.client = httpx.Client(base_url=self.url, timeout=60,
+                                   headers={"Authorization": f"Bearer {token.strip()}"})
+
+    def analyse(self, t: Truth, file: tuple[str, bytes, str], timeout_s: float) -> dict:
+        r = self.client.post("/cases/create_case", files=[("lab_files", file)], data={
+            "patient_name": t.name, "patient_age": str(t.age),
+            "patient_gender": {"F": "female", "M": "male"}.get(t.sex, "other"),
+            "case_summary": f"{t.name} admitted for evaluation."})
+        r.raise_for_status()
+        cid = r.json()["case"]["case_id"]
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            body = self.client.get(f"/cases/cases/{cid}").json()
+            if body["case"]["status"] != "processing":
+                return body
+            time.sleep(0.5)
+        return body
+
+    def stop(self) -> None:
+        try:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(60)
+        except (subprocess.TimeoutExpired, ProcessLookupError):
+            self.proc.kill()
+
+
+# ----------------------------------------------------------------------- scoring
+
+def _norm(name: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", name.lower())
+
+
+def _strings(obj, key=""):
+    if isinstance(obj, str):
+        yield key, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _strings(v, k)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _strings(v, key)
+
+
+def score(t: Truth, body: dict, seconds: float) -> dict:
+    s = {"failed": int(body["case"]["status"] != "completed"), "seconds": round(seconds, 1)}
+    ins = body.get("insights") or {}
+    if s["failed"] or not ins:
+        return s | {"error": (body.get("analysis") or {}).get("error")}
+    s["abstained"] = sum(1 for v in ins["stages"].values() if v["status"] == "abstained")
+    s["junk"] = sum(1 for sec in MODEL_SECTIONS for k, v in _strings(ins[sec], sec)
+                    if v and v != "Not available." and k not in ("icd_code", "urgency",
+                                                                   "icd_reason")
+                    and junk.junk_reason(v, k) is not None)
+    truth = {_norm(n): (v, f) for n, v, _u, f in t.labs}
+    got = {_norm(r["analyte"]): r for r in ins["labs"]}
+    tp = sum(1 for k, r in got.items() if k in truth and r["numeric"] is not None
+             and abs(r["numeric"] - truth[k][0]) <= 1e-6 * max(1.0, abs(truth[k][0])) + 0.01)
+    s["precision"] = tp / len(got) if got else 0.0
+    s["recall"] = tp / len(truth) if truth else 1.0
+    want = {"H": "high", "L": "low", "": "normal"}
+    judged = [(got[k]["flag"], want.get(f, "?")) for k, (_v, f) in truth.items() if k in got]
+    s["direction_acc"] = (sum(a == b for a, b in judged) / len(judged)) if judged else 0.0
+    kf = " | ".join(ins["case_summary"]["key_findings"])
+    s["abnormal_missing"] = sum(1 for r in ins["labs"] if r["flag"] in ("low", "high")
+                                and f"{r['analyte']} {r['value']}" not in kf)
+    files = body.get("files") or []
+    texts = [ins["case_summary"].get("doctor_notes") or ""] + [f.get("text_data") or ""
+                                                               for f in files]
+    from medmitra.clinical.labs import make_row
+    rows = [make_row(r["analyte"], r["value"], r["unit"], r["range"], r["lab_flag"])
+            for r in ins["labs"]]
+    g = Grounder(rows, texts + [str(t.age)], has_radiology=False)
+    s["ungrounded"] = sum(len(g.problems(v)[1]) for sec in MODEL_SECTIONS
+                          for k, v in _strings(ins[sec], sec)
+                          if v and k not in ("icd_code", "urgency", "icd_reason"))
+    model_text = json.dumps({k: v for k, v in ins.items() if k != "case_summary"}) + \
+        json.dumps({k: v for k, v in ins["case_summary"].items() if k != "patient_context"}
+                   ) + json.dumps([f.get("ai_summary") for f in files])
+    parts = [p for p in t.name.split() if len(p) >= 3]
+    s["identity_leaks"] = sum(1 for p in parts if p in model_text)
+    pd = ins["primary_diagnosis"]
+    code = pd.get("icd_code")
+    s["icd_disagree"] = int(bool(code) and coding.agreement(pd["primary_diagnosis"], code)
+                            is not None)
+    s["icd_category_match"] = int(bool(code) and code[:3] == t.icd[:3])
+    s["icd_code"] = code
+    return s
+
+
+# ----------------------------------------------------------------------- main
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--patients", type=int, default=1, help="patients per disease")
+    ap.add_argument("--diseases", default=",".join(DEFAULT_DISEASES))
+    ap.add_argument("--formats", default=",".join(FORMATS))
+    ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    ap.add_argument("--remote-url", default=None)
+    ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--case-timeout", type=float, default=900)
+    args = ap.parse_args(argv)
+    formats = [f for f in args.formats.split(",") if f in FORMATS]
+    started = time.monotonic()
+    truths = generate(args.diseases.split(","), args.patients, args.seed)
+    print(f"generated {len(truths)} patient(s) with clinosim in "
+          f"{time.monotonic() - started:.0f} s; formats: {', '.join(formats)}")
+    results: list[tuple[str, dict]] = []
+    with tempfile.TemporaryDirectory(prefix="medmitra-eval-") as tmp:
+        server = Server(Path(tmp), args.model, args.remote_url)
+        try:
+            for t in truths:
+                for fmt in formats:
+                    t0 = time.monotonic()
+                    body = server.analyse(t, render(t, fmt), args.case_timeout)
+                    s = score(t, body, time.monotonic() - t0)
+                    label = f"{t.disease}/{fmt}"
+                    results.append((label, s))
+                    print(f"{label:40s} " + " ".join(f"{k}={v:.2f}" if isinstance(v, float)
+                                                     else f"{k}={v}" for k, v in s.items()),
+                          flush=True)
+        finally:
+            server.stop()
+    done = [s for _, s in results if not s["failed"]]
+    print("\nTOTAL over", len(results), "case(s)")
+    print(f"  failed cases           {sum(s['failed'] for _, s in results)}")
+    for key in ("abstained", "junk", "abnormal_missing", "ungrounded", "identity_leaks",
+                "icd_disagree", "icd_category_match"):
+        print(f"  {key:22s} {sum(s.get(key, 0) for s in done)}")
+    for fmt in formats:
+        rs = [s for label, s in results if label.endswith("/" + fmt) and not s["failed"]]
+        if rs:
+            p = sum(s["precision"] for s in rs) / len(rs)
+            r = sum(s["recall"] for s in rs) / len(rs)
+            f1 = 2 * p * r / (p + r) if p + r else 0.0
+            acc = sum(s["direction_acc"] for s in rs) / len(rs)
+            print(f"  lab rows {fmt:5s} precision {p:.2f} recall {r:.2f} F1 {f1:.2f} "
+                  f"direction accuracy {acc:.2f}")
+    secs = [s["seconds"] for _, s in results]
+    print(f"  seconds per case       {sum(secs) / len(secs):.1f} (max {max(secs):.1f})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
