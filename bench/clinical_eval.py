@@ -171,24 +171,13 @@ def _norm(name: str) -> str:
     return re.sub(r"[^a-z0-9]", "", name.lower())
 
 
-def _strings(obj, key=""):
-    if isinstance(obj, str):
-        yield key, obj
-    elif isinstance(obj, dict):
-        for k, v in obj.items():
-            yield from _strings(v, k)
-    elif isinstance(obj, list):
-        for v in obj:
-            yield from _strings(v, key)
-
-
 def score(t: Truth, body: dict, seconds: float) -> dict:
     s = {"failed": int(body["case"]["status"] != "completed"), "seconds": round(seconds, 1)}
     ins = body.get("insights") or {}
     if s["failed"] or not ins:
         return s | {"error": (body.get("analysis") or {}).get("error")}
     s["abstained"] = sum(1 for v in ins["stages"].values() if v["status"] == "abstained")
-    s["junk"] = sum(1 for sec in MODEL_SECTIONS for k, v in _strings(ins[sec], sec)
+    s["junk"] = sum(1 for sec in MODEL_SECTIONS for k, v in junk.text_fields(ins[sec], sec)
                     if v and v != "Not available." and k not in ("icd_code", "urgency",
                                                                    "icd_reason")
                     and junk.junk_reason(v, k) is not None)
@@ -212,7 +201,7 @@ def score(t: Truth, body: dict, seconds: float) -> dict:
             for r in ins["labs"]]
     g = Grounder(rows, texts + [str(t.age)], has_radiology=False)
     s["ungrounded"] = sum(len(g.problems(v)[1]) for sec in MODEL_SECTIONS
-                          for k, v in _strings(ins[sec], sec)
+                          for k, v in junk.text_fields(ins[sec], sec)
                           if v and k not in ("icd_code", "urgency", "icd_reason"))
     model_text = json.dumps({k: v for k, v in ins.items() if k != "case_summary"}) + \
         json.dumps({k: v for k, v in ins["case_summary"].items() if k != "patient_context"}

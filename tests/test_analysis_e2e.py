@@ -159,24 +159,13 @@ def test_full_case_reaches_completed_with_every_field(start_server, tmp_path: Pa
     assert "DOE" not in (by_name["chest.dcm"]["text_data"] or "")
 
 
-def _strings(obj, path=""):
-    if isinstance(obj, str):
-        yield path, obj
-    elif isinstance(obj, dict):
-        for k, v in obj.items():
-            yield from _strings(v, k)
-    elif isinstance(obj, list):
-        for v in obj:
-            yield from _strings(v, path)
-
-
 def _assert_no_junk(nested: dict) -> None:
     """No stored model-written text is junk by the filter's own rules."""
     from medmitra.clinical import junk
 
     for section in ("soap_note", "primary_diagnosis", "differential_diagnoses",
                     "investigation_recommendations", "treatment_recommendations"):
-        for field, text in _strings(nested[section]):
+        for field, text in junk.text_fields(nested[section]):
             if text and text != "Not available." and field not in ("icd_code", "urgency"):
                 assert junk.junk_reason(text, field) is None, (section, field, text)
 

@@ -97,20 +97,10 @@ class Grounder:
         """``text`` without its sentences that fail a check."""
         if not text:
             return text
-        kept_sentences = []
-        c = self._count(section)
-        for sentence in _SENTENCE_RE.split(text):
-            checked, failed = self.problems(sentence)
-            c.claims_checked += checked
-            if failed:
-                c.dropped += 1
-            else:
-                c.kept += checked
-                kept_sentences.append(sentence)
-        return " ".join(kept_sentences)
+        return " ".join(self.items(section, _SENTENCE_RE.split(text)))
 
     def items(self, section: str, items: Iterable[str]) -> list[str]:
-        """The items that pass every check."""
+        """The items (or sentences) that pass every check, counted for ``section``."""
         out = []
         c = self._count(section)
         for item in items:

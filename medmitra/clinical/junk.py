@@ -137,6 +137,19 @@ def junk_reason(text: Any, field: str, *, field_names: Iterable[str] = (),
     return None
 
 
+def text_fields(obj: Any, key: str = "") -> Iterable[tuple[str, str]]:
+    """(field name, text) of every string in a JSON-like value (list items carry the
+    name of their list): what ``junk_reason`` is asked about."""
+    if isinstance(obj, str):
+        yield key, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from text_fields(v, k)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from text_fields(v, key)
+
+
 def normalise_condition(text: str) -> str:
     """A diagnosis name reduced for comparison: lower case, no punctuation or filler."""
     ws = [w for w in words(text) if w not in ("the", "a", "an", "of", "with", "and", "acute",
