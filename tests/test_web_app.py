@@ -10,6 +10,7 @@ moves it) for a person to look at.
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import time
@@ -663,8 +664,23 @@ def test_clinician_flow_with_the_real_model(browser, start_server, tmp_path: Pat
     dx = ins["primary_diagnosis"]
     if dx["icd_code"]:
         assert dx["icd_code"] in page.locator("#diagnosis .icd").inner_text()
-    # Lab rows, with the abnormal ones highlighted (haemoglobin 9.1 is low in both files).
+    # A section whose stage abstained says so; the others do not.
+    section_stages = {"summary": "case_summary", "soap": "soap_note", "diagnosis": "diagnosis",
+                      "differentials": "differential", "investigations": "recommendations",
+                      "treatments": "recommendations", "labs": "lab_analysis",
+                      "radiology": "radiology_analysis"}
+    for section, stage in section_stages.items():
+        abstained = (ins.get("stages") or {}).get(stage, {}).get("status") == "abstained"
+        assert page.locator(f"section#{section} .abstained").count() == int(abstained), section
+    # Lab rows: the server's deterministic rows when it sends them, else each lab file's own
+    # values; the abnormal ones highlighted (haemoglobin 9.1 is low in both files).
     lab_rows = page.locator("#labs tbody tr")
+    if isinstance(ins.get("labs"), list):
+        assert lab_rows.count() == len(ins["labs"])
+    else:
+        assert lab_rows.count() == sum(
+            len(json.loads(f["ai_summary"]).get("lab_values", {}))
+            for f in body["files"] if f["file_category"] == "lab")
     assert lab_rows.count() >= 7
     assert page.locator("#labs tbody tr.abnormal", has_text="Hemoglobin").count() >= 1
     assert page.locator("#labs tbody tr.abnormal").count() < lab_rows.count()
@@ -746,7 +762,5 @@ def test_clinician_flow_with_the_real_model(browser, start_server, tmp_path: Pat
 
 
 def json_field(body: dict, file_name: str, key: str) -> str:
-    import json
-
     f = next(f for f in body["files"] if f["file_name"] == file_name)
     return json.loads(f["ai_summary"])[key]

@@ -6,9 +6,22 @@ const FLAG_TEXT = { high: "High", low: "Low", abnormal: "Abnormal", critical: "C
 
 const text = (v, empty = "Not available") => (v === null || v === undefined || v === "" ? empty : String(v));
 
+// Which pipeline stage wrote each section (insights.stages says how each stage went).
+const SECTION_STAGES = {
+  summary: "case_summary", soap: "soap_note", diagnosis: "diagnosis",
+  differentials: "differential", investigations: "recommendations",
+  treatments: "recommendations", labs: "lab_analysis", radiology: "radiology_analysis",
+};
+
+let currentStages = {};
+
 function section(id, title, ...body) {
+  const stage = currentStages[SECTION_STAGES[id]];
+  const note = stage && stage.status === "abstained"
+    ? h("p", { class: "abstained", text: `The model gave no usable answer here${stage.reason ? ` (${stage.reason})` : ""}; only what the server established from the case is shown.` })
+    : null;
   return h("section", { class: "insight card", id, "aria-labelledby": `${id}-h` },
-    h("h2", { id: `${id}-h`, text: title }), ...body);
+    h("h2", { id: `${id}-h`, text: title }), note, ...body);
 }
 
 function confidence(score, belowThreshold) {
@@ -115,6 +128,7 @@ export function renderInsights(insights, files) {
   const inv = insights.investigation_recommendations || [];
   const tx = insights.treatment_recommendations || [];
   const g = insights.grounding;
+  currentStages = insights.stages || {};
 
   return h("div", { class: "insights" },
     modelNote(insights),
