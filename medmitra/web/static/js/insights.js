@@ -114,10 +114,11 @@ export function modelNote(insights) {
 
 export function demoBanner(insights) {
   if (!insights?.model_info?.demonstration) return null;
+  // The server's own words when it sends them (model_info.notice), else the same message.
   return h("div", { class: "banner-demo", role: "note", id: "demo-banner" },
     h("strong", { text: "Demonstration model. " }),
-    `${insights.model_info.name || insights.model} is the small model bundled so the product can be tried. `,
-    "Its text is not medically meaningful. Configure a clinical model (llm.model_path) before relying on any insight.");
+    insights.model_info.notice ||
+      `${insights.model_info.name || insights.model} is the small model bundled so the product can be tried; its text is not medically meaningful. Configure a clinical model (llm.model_path) before relying on any insight.`);
 }
 
 export function renderInsights(insights, files) {
