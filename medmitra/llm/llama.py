@@ -127,7 +127,7 @@ class LlamaRuntime:
         key = json.dumps(schema)  # property order matters: the grammar emits keys in it
         grammar = self._grammars.get(key)
         if grammar is None:
-            grammar = LlamaGrammar.from_json_schema(key, verbose=False)
+            grammar = LlamaGrammar.from_string(schema_grammar(key), verbose=False)
             self._grammars[key] = grammar
         return grammar
 
@@ -205,6 +205,21 @@ class LlamaRuntime:
             if llm is not None:
                 llm.close()
         self._vision = None
+
+
+# llama-cpp-python's converter lets a JSON string hold raw control characters
+# (char ::= [^"\\] ...); JSON forbids them, and "Invalid control character" failed whole
+# cases. The rule llama.cpp's own converter writes excludes them.
+_LOOSE_CHAR_RULE = 'char ::= [^"\\\\]'
+_JSON_CHAR_RULE = 'char ::= [^"\\\\\\x7F\\x00-\\x1F]'
+
+
+def schema_grammar(schema_json: str) -> str:
+    """The GBNF grammar of a JSON schema, strings without raw control characters."""
+    from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+    gbnf = json_schema_to_gbnf(schema_json)
+    return gbnf.replace(_LOOSE_CHAR_RULE, _JSON_CHAR_RULE)
 
 
 def load_runtime(llm: LLMSettings, *, threads: int,
