@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 WAIT_S = 30.0
 TABLES = {"schema_version", "cases", "case_files", "ai_insights", "jobs", "auth_signing_keys",
           "auth_users", "auth_sessions", "auth_refresh_tokens", "auth_flow_codes",
-          "audit_log"}
+          "audit_log", "auth_api_tokens"}
 PATIENT = {"patient_name": "  Asha Rao  ", "patient_age": " 52 ", "patient_gender": "female",
            "case_summary": "Fatigue and breathlessness for three weeks"}
 
