@@ -57,11 +57,11 @@ async function render() {
   }
   const [re, load, opts = {}] = route;
   try {
-    if (!opts.public) {
-      if (!hasSession()) return toSignIn();
-      if (!currentUser()) await refresh(); // a reload: get a fresh access token quietly
-    }
-    const mod = await load();
+    if (!opts.public && !hasSession()) return toSignIn();
+    const loading = load(); // the page's module loads while the session is renewed
+    loading.catch(() => {}); // its failure is reported where it is awaited, not twice
+    if (!opts.public && !currentUser()) await refresh(); // a reload: a fresh access token, quietly
+    const mod = await loading;
     if (mine !== generation) return;
     showTopbar(!opts.public);
     document.title = `${opts.title} · MedMitra Edge`;
