@@ -119,6 +119,9 @@ def test_backup_verify_restore_round_trip(populated, tmp_path: Path,
         assert state["stored"][fid].read_bytes() == content
         assert state["rows"][fid] == _sha(content)
     assert not (target / ".restore-partial").exists()
+    # The audit trail comes back with its key: its chain still verifies.
+    assert main(["audit", "verify", "--data-dir", str(target)]) == 0
+    assert "audit trail ok" in capsys.readouterr().out
 
     # A server starts on the restored dir and serves the files with the same bytes.
     with serve(target) as url:
