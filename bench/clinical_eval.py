@@ -187,9 +187,12 @@ def score(t: Truth, body: dict, seconds: float) -> dict:
              and abs(r["numeric"] - truth[k][0]) <= 1e-6 * max(1.0, abs(truth[k][0])) + 0.01)
     s["precision"] = tp / len(got) if got else 0.0
     s["recall"] = tp / len(truth) if truth else 1.0
-    want = {"H": "high", "L": "low", "": "normal"}
-    judged = [(got[k]["flag"], want.get(f, "?")) for k, (_v, f) in truth.items() if k in got]
-    s["direction_acc"] = (sum(a == b for a, b in judged) / len(judged)) if judged else 0.0
+    # The generator prints no reference ranges: a row it calls normal can only be
+    # "unknown" here (nothing to judge it by), so direction is scored on its H/L rows.
+    want = {"H": "high", "L": "low"}
+    judged = [(got[k]["flag"], want[f]) for k, (_v, f) in truth.items() if k in got
+              and f in want]
+    s["direction_acc"] = (sum(a == b for a, b in judged) / len(judged)) if judged else 1.0
     kf = " | ".join(ins["case_summary"]["key_findings"])
     s["abnormal_missing"] = sum(1 for r in ins["labs"] if r["flag"] in ("low", "high")
                                 and f"{r['analyte']} {r['value']}" not in kf)
@@ -203,11 +206,15 @@ def score(t: Truth, body: dict, seconds: float) -> dict:
     s["ungrounded"] = sum(len(g.problems(v)[1]) for sec in MODEL_SECTIONS
                           for k, v in junk.text_fields(ins[sec], sec)
                           if v and k not in ("icd_code", "urgency", "icd_reason"))
+    # Model-written text only: patient_context and doctor_notes are the case's own fields.
     model_text = json.dumps({k: v for k, v in ins.items() if k != "case_summary"}) + \
-        json.dumps({k: v for k, v in ins["case_summary"].items() if k != "patient_context"}
-                   ) + json.dumps([f.get("ai_summary") for f in files])
+        json.dumps({k: v for k, v in ins["case_summary"].items()
+                    if k not in ("patient_context", "doctor_notes")}) + \
+        json.dumps([f.get("ai_summary") for f in files])
     parts = [p for p in t.name.split() if len(p) >= 3]
-    s["identity_leaks"] = sum(1 for p in parts if p in model_text)
+    s["identity_leaks"] = sum(1 for p in parts
+                              if re.search(rf"(?<![A-Za-z0-9]){re.escape(p)}(?![A-Za-z0-9])",
+                                           model_text))
     pd = ins["primary_diagnosis"]
     code = pd.get("icd_code")
     s["icd_disagree"] = int(bool(code) and coding.agreement(pd["primary_diagnosis"], code)
