@@ -84,7 +84,10 @@ def create_app(settings: Settings, *, start_workers: bool = True,
     # orjson renders a 100-case list ~5x faster than the standard library.
     app = Sanic(name or f"medmitra_{uuid.uuid4().hex[:12]}", dumps=orjson.dumps,
                 signal_router=QuietSignalRouter())
-    app.config.REQUEST_MAX_SIZE = settings.server.request_max_bytes
+    # Every non-streaming body (JSON, sign-in) is capped while it arrives, before auth; the
+    # streaming upload routes set their own cap (server.request_max_bytes, multipart.py).
+    app.config.REQUEST_MAX_SIZE = settings.server.json_max_bytes
+    app.config.KEEP_ALIVE_TIMEOUT = settings.server.keep_alive_timeout_s
     app.config.REQUEST_TIMEOUT = 120
     app.config.RESPONSE_TIMEOUT = 300
     app.config.GRACEFUL_SHUTDOWN_TIMEOUT = settings.server.graceful_shutdown_s

@@ -171,8 +171,14 @@ def _serve(settings: Settings) -> int:
         return 2
     host, port = settings.server.host, settings.server.port
     _banner(settings)
+    from medmitra.connguard import GuardedHttpProtocol, fit_open_files
+
+    app.ctx.max_connections = fit_open_files(settings.server.max_connections)
+
     # access_log=False: Sanic's would log full URLs; httpsec.py logs route templates.
-    app.prepare(host=host, port=port, single_process=True, access_log=False, motd=False)
+    # GuardedHttpProtocol: header deadline and connection cap (connguard.py).
+    app.prepare(host=host, port=port, single_process=True, access_log=False, motd=False,
+                protocol=GuardedHttpProtocol, backlog=1024)
     Sanic.serve_single(app)
     return 0
 

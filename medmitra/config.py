@@ -96,6 +96,17 @@ class ServerSettings(Section):
         min=0, max=10)
     request_max_bytes: int = setting(120 * MiB, "one request's body, all files together",
                                      min=1024)
+    json_max_bytes: int = setting(
+        1 * MiB, "body of every other route (JSON, sign-in), refused while it arrives, "
+        "before authentication", min=1024, max=64 * MiB)
+    header_timeout_s: float = setting(
+        10.0, "a client must send its request line and headers within this", min=0.5,
+        max=600)
+    keep_alive_timeout_s: float = setting(
+        5.0, "an idle keep-alive connection is closed after this", min=0.5, max=3600)
+    max_connections: int = setting(
+        512, "open at once; past it idle ones are closed first, then new ones get 503",
+        min=16, max=100_000)
     cors_origins: str = setting(
         "*", "comma-separated origins allowed to call the API from a browser")
     graceful_shutdown_s: float = setting(
@@ -225,6 +236,9 @@ class JobsSettings(Section):
     poll_s: float = setting(
         1.0, "idle workers look for new jobs this often (new jobs also wake them)",
         min=0.05, max=600)
+    max_queued_per_user: int = setting(
+        20, "analyses one user may have waiting; more answer 429 (the queue is fair "
+        "across users)", min=1, max=1_000_000)
 
     def _check(self) -> None:
         if self.heartbeat_s >= self.lease_s:

@@ -54,7 +54,10 @@ HTTP_TIMEOUT_S = 30.0
 def live(start_server, tmp_path) -> Served:
     # Auth rate limit raised so /auth/v1 is fuzzed past its first 30 requests; the
     # 429 path is documented and covered by tests/test_auth_api.py.
-    return start_server(make_settings(tmp_path, auth={"rate_limit_per_min": 100000}))
+    # Likewise the per-user queue limit: the seeded cases of every operation wait in the
+    # queue (no workers), and the 429 path is covered by tests/test_hardening_limits.py.
+    return start_server(make_settings(tmp_path, auth={"rate_limit_per_min": 100000},
+                                      jobs={"max_queued_per_user": 1_000_000}))
 
 
 def _seed(live: Served, token: str) -> dict[str, list[Any]]:

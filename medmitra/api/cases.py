@@ -139,7 +139,9 @@ async def analyze_case(request: Request, case_id: str) -> HTTPResponse:
     user_id = await current_user(request)
     case = await svc.get_case(user_id, case_id)
     options = svc.parse_analyze_options(_json_body(request))
-    case = await svc.analyze(case, options, _ctx(request).settings.jobs.max_attempts)
+    jobs = _ctx(request).settings.jobs
+    case = await svc.analyze(case, options, jobs.max_attempts,
+                             max_queued=jobs.max_queued_per_user)
     _notify_pool(request, case.id)
     return json_response({"message": "Case analysis started successfully",
                           "case": svc.case_dict(case)})
@@ -171,7 +173,8 @@ async def upload(request: Request) -> HTTPResponse:
             raise field_error("file", "no file in the request")
         case = await svc.get_case(user_id, raw_case)
         rows = await svc.add_files(_ctx(request).storage, lim, settings.jobs.max_attempts,
-                                   case=case, files=[(f, category) for f in form.files])
+                                   case=case, files=[(f, category) for f in form.files],
+                                   max_queued=settings.jobs.max_queued_per_user)
     finally:
         form.discard()
     _notify_pool(request, case.id)

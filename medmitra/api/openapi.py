@@ -300,7 +300,8 @@ def _responses() -> dict[str, Schema]:
         "PayloadTooLarge": _error_response("A file or the request body is over its limit."),
         "UnsupportedMediaType": _error_response("File content is not accepted for its "
                                                 "category (judged by content, not name)."),
-        "TooManyRequests": _error_response("Rate limit hit."),
+        "TooManyRequests": _error_response("Rate limit hit, or too many analyses of this "
+                                           "user waiting."),
         "InsufficientStorage": _error_response("Not enough free disk space for the upload."),
         "ServiceUnavailable": _error_response("Not ready: starting, shutting down, or no "
                                               "model for analysis."),
@@ -479,7 +480,7 @@ def _cases_paths() -> dict[str, Schema]:
                            "analysis": _nullable(_ref("Analysis")),
                        }, ["case", "files", "ai_insights", "insights", "analysis"]))})),
             "put": _op("Cases", "updateCase", "Update case fields",
-                       _protected({"200": _json(case_resp)}),
+                       _protected({"200": _json(case_resp)}, "413"),
                        requestBody={"required": True, "content": {
                            "application/json": {"schema": update_body}}}),
             "delete": _op("Cases", "deleteCase",
@@ -488,8 +489,10 @@ def _cases_paths() -> dict[str, Schema]:
         },
         "/cases/analyze/{case_id}": {"post": _op(
             "Analysis", "analyzeCase", "Queue a fresh analysis run",
-            _protected({"200": _json(case_resp)}, "503"),
-            description="Case status becomes `processing`. 503 when no model is available.",
+            _protected({"200": _json(case_resp)}, "413", "429", "503"),
+            description="Case status becomes `processing`. 503 when no model is available; "
+                        "429 when the user already has `jobs.max_queued_per_user` analyses "
+                        "waiting.",
             parameters=[CASE_ID_PARAM],
             requestBody={"required": False, "content": {
                 "application/json": {"schema": analyze_body}}})},
@@ -499,7 +502,7 @@ def _cases_paths() -> dict[str, Schema]:
                 "message": {"type": "string", "const": "File uploaded successfully"},
                 "file": _ref("CaseFile"),
                 "files": {"type": "array", "items": _ref("CaseFile")},
-            }, ["message", "file", "files"]), "Created")}, "413", "415", "507"),
+            }, ["message", "file", "files"]), "Created")}, "413", "415", "429", "507"),
             requestBody=_multipart(upload_form, {"file": {"contentType": "*/*"},
                                                  "files": {"contentType": "*/*"}}))},
         "/cases/files/{case_id}": {"get": _op(

@@ -10,10 +10,13 @@ runs through tortoise's async connection, in one REPEATABLE READ transaction.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import sqlite3
+import threading
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -62,6 +65,11 @@ def _dict_row(cursor: sqlite3.Cursor, row: tuple) -> dict[str, Any]:
     return dict(zip([d[0] for d in cursor.description], row))
 
 
+# Big reads (an unpaged case list can be tens of MiB) run on these threads, each with a
+# read-only connection of its own, so the event loop keeps serving other requests.
+BIG_READ_THREADS = 2
+
+
 class Reader:
     """Runs SELECTs and returns rows as dicts.
 
@@ -76,23 +84,68 @@ class Reader:
 
     def __init__(self, sqlite_path: Path | None, busy_timeout_ms: int = 10000):
         self._conn: sqlite3.Connection | None = None
+        self._path = sqlite_path
+        self._busy_timeout_ms = busy_timeout_ms
+        self._local = threading.local()          # big-read threads: a connection each
+        self._thread_conns: list[sqlite3.Connection] = []
+        self._pool: ThreadPoolExecutor | None = None
         self.is_sqlite = sqlite_path is not None
         self._cache: OrderedDict[Any, tuple[int, list[list[Any]]]] = OrderedDict()
         if sqlite_path is not None:
-            conn = sqlite3.connect(f"file:{sqlite_path}?mode=ro", uri=True,
-                                   check_same_thread=False, isolation_level=None)
-            conn.row_factory = _dict_row
-            conn.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
-            conn.execute("PRAGMA query_only=1")
+            conn = self._connect()
             self._conn = conn
             self._version_cursor = conn.cursor()
             self._version_cursor.row_factory = None
 
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(f"file:{self._path}?mode=ro", uri=True,
+                               check_same_thread=False, isolation_level=None)
+        conn.row_factory = _dict_row
+        conn.execute(f"PRAGMA busy_timeout={int(self._busy_timeout_ms)}")
+        conn.execute("PRAGMA query_only=1")
+        return conn
+
     def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        for conn in self._thread_conns:
+            conn.close()
+        self._thread_conns.clear()
         if self._conn is not None:
             self._conn.close()
             self._conn = None
             self._cache.clear()
+
+    def _thread_conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = self._connect()
+            self._thread_conns.append(conn)
+        return conn
+
+    async def off_loop(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run ``fn(*args)`` on a big-read thread (it may call ``many_sync`` there)."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(BIG_READ_THREADS, thread_name_prefix="big-read")
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    def many_sync(self, queries: Sequence[tuple[str, Sequence[Any]]], *,
+                  tuples: bool = False) -> list[list[Any]]:
+        """SQLite only: one consistent snapshot on this thread's own connection (for
+        ``off_loop``). Not cached: a big read's rows would pin tens of MiB."""
+        conn = self._thread_conn()
+        conn.execute("BEGIN")
+        try:
+            out = []
+            for sql, params in queries:
+                cur = conn.cursor()
+                if tuples:
+                    cur.row_factory = None
+                out.append(cur.execute(sql, params).fetchall())
+            return out
+        finally:
+            conn.execute("COMMIT")
 
     async def many(self, queries: Sequence[tuple[str, Sequence[Any]]], *,
                    tuples: bool = False) -> list[list[Any]]:
@@ -142,6 +195,10 @@ def _dollar(sql: str) -> str:
     return _QMARK.sub(lambda _: f"${next(counter)}", sql)
 
 
+# The newest job row of case_view's query, as its fair-queue position subquery names it.
+_OUTER_JOB_ID = '"jobs"."id"'
+
+
 async def case_view(reader: Reader, user_id: str, ident: dict[str, Any]) -> dict[str, Any] | None:
     """Case row, its files, newest insights and newest job (with its queue position)."""
     key, value = next(iter(ident.items()))
@@ -152,9 +209,11 @@ async def case_view(reader: Reader, user_id: str, ident: dict[str, Any]) -> dict
     files_sql = f'SELECT {FILE_COLS} FROM "case_files" WHERE "case_id" = {sub} ORDER BY "id"'
     ins_sql = (f'SELECT "data", "model", "stages", "generated_at", "created_at", "updated_at" '
                f'FROM "ai_insights" WHERE "case_id" = {sub} ORDER BY "id" DESC LIMIT 1')
+    from medmitra.jobs.queue import AHEAD_SQL   # the fair queue order (one definition)
+
     job_sql = (f'SELECT "id", "state", "stage", "progress", "attempts", "error", "started_at", '
-               f'"finished_at", (SELECT COUNT(*) FROM "jobs" AS q '
-               f'WHERE q."state" = \'{JobState.QUEUED}\' AND q."id" < "jobs"."id") AS "ahead" '
+               f'"finished_at", CASE WHEN "state" = \'{JobState.QUEUED}\' THEN '
+               f'{AHEAD_SQL.format(job=_OUTER_JOB_ID)} ELSE 0 END AS "ahead" '
                f'FROM "jobs" WHERE "case_id" = {sub} '
                f'ORDER BY "id" DESC LIMIT 1')
     p = (value, user_id)
@@ -257,12 +316,24 @@ async def list_cases_json(reader: Reader, q: CaseQuery,
     order = _case_order(q)
     page = f" LIMIT {int(q.limit)} OFFSET {int(q.offset)}" if q.limit is not None else ""
     if reader.is_sqlite:
-        count_sql = (f'SELECT COUNT(*) FROM "cases" WHERE {cond}', params)
-        rows, count = await reader.many([
+        queries = [
             (f'SELECT {CASE_JSON_SQLITE} FROM "cases" WHERE {cond} ORDER BY {order}{page}',
-             params), count_sql], tuples=True)
-        return "[" + ",".join(r[0] for r in rows) + "]", int(count[0][0])
+             params), (f'SELECT COUNT(*) FROM "cases" WHERE {cond}', params)]
+
+        def joined(rows: list[Any], count: list[Any]) -> tuple[str, int]:
+            return "[" + ",".join(r[0] for r in rows) + "]", int(count[0][0])
+
+        if q.limit is None:
+            # Unpaged (the original frontend's list): any size, so read and joined off the
+            # event loop; other requests go on meanwhile.
+            return await reader.off_loop(lambda: joined(*reader.many_sync(queries,
+                                                                          tuples=True)))
+        return joined(*await reader.many(queries, tuples=True))
     rows, count = await reader.many([
         (f'SELECT {CASE_COLS} FROM "cases" WHERE {cond} ORDER BY {order}{page}', params),
         (f'SELECT COUNT(*) AS "n" FROM "cases" WHERE {cond}', params)])
+    if q.limit is None:
+        text = await asyncio.get_running_loop().run_in_executor(
+            None, lambda: orjson.dumps([render(r) for r in rows]).decode())
+        return text, int(count[0]["n"])
     return orjson.dumps([render(r) for r in rows]).decode(), int(count[0]["n"])

@@ -54,22 +54,70 @@ async def enqueue(case: Case, options: dict[str, Any], *, max_attempts: int,
                             using_db=conn)
 
 
+# Fair order (round-robin by owner): a job's turn is its rank among its owner's waiting
+# jobs plus the number of its owner's jobs running now. One user's backlog of 300 then
+# waits behind every other user's first job instead of in front of it. Ties: oldest first.
+# ``{runnable}`` and ``{running}`` are the conditions for "waiting" and "running now".
+_TURNS = ('SELECT j."id" AS "id", ROW_NUMBER() OVER (PARTITION BY c."user_id" ORDER BY j."id") '
+          '+ COALESCE(b."n", 0) AS "turn" '
+          'FROM "jobs" AS j JOIN "cases" AS c ON c."id" = j."case_id" '
+          'LEFT JOIN (SELECT rc."user_id" AS "owner", COUNT(*) AS "n" FROM "jobs" AS r '
+          'JOIN "cases" AS rc ON rc."id" = r."case_id" WHERE {running} '
+          'GROUP BY rc."user_id") AS b ON b."owner" = c."user_id" '
+          'WHERE {runnable}')
+_QUEUED_TURNS = _TURNS.format(runnable=f'j."state" = \'{JobState.QUEUED}\'',
+                              running=f'r."state" = \'{JobState.RUNNING}\'')
+# Queued jobs ahead of job ``{job}`` (an SQL expression) in the fair order: its position - 1.
+AHEAD_SQL = (f'(SELECT COUNT(*) FROM ({_QUEUED_TURNS}) AS q, ({_QUEUED_TURNS}) AS me '
+             f'WHERE me."id" = {{job}} AND (q."turn" < me."turn" '
+             f'OR (q."turn" = me."turn" AND q."id" < me."id")))')
+
+
+class QueueFull(Exception):
+    """The user already has the configured number of analyses waiting."""
+
+
+async def check_user_backlog(case: Case, limit: int, conn: Any = None) -> None:
+    """Refuse another queued analysis for ``case``'s owner once ``limit`` of theirs wait.
+    A new run of a case that is already waiting replaces it, so it does not count."""
+    waiting = await Job.filter(state=JobState.QUEUED, case__user_id=case.user_id).exclude(
+        case_id=case.id).using_db(conn).count()
+    if waiting >= limit:
+        raise QueueFull(f"{waiting} analyses of this user are already waiting (limit {limit}); "
+                        "try again when some have finished")
+
+
 async def claim(owner: str, lease_s: float) -> Job | None:
-    """Atomically take the oldest runnable job (queued, or running with a lapsed lease)."""
+    """Atomically take the next runnable job (queued, or running with a lapsed lease) in
+    the fair order across owners (``_TURNS``)."""
     now = _now()
     epoch = now.timestamp()
     Q, R = JobState.QUEUED, JobState.RUNNING
     if _is_sqlite():
-        pick = (f'SELECT "id" FROM "jobs" WHERE "state"=\'{Q}\' OR ("state"=\'{R}\' '
-                f'AND "lease_expires_at" < ?) ORDER BY "id" LIMIT 1')
+        turns = _TURNS.format(
+            runnable=f'(j."state" = \'{Q}\' OR (j."state" = \'{R}\' '
+                     'AND j."lease_expires_at" < ?))',
+            running=f'r."state" = \'{R}\' AND r."lease_expires_at" >= ?')
+        pick = f'SELECT k."id" FROM ({turns}) AS k ORDER BY k."turn", k."id" LIMIT 1'
         sql = (f'UPDATE "jobs" SET "state"=\'{R}\', "lease_owner"=?, "lease_expires_at"=?, '
                f'"attempts"="attempts"+1, "started_at"=COALESCE("started_at", ?), '
                f'"updated_at"=?, "stage"=NULL, "progress"=0 WHERE "id" = ({pick}) '
                f'RETURNING "id"')
-        params: list[Any] = [owner, epoch + lease_s, now.isoformat(), now.isoformat(), epoch]
+        # Placeholders in text order: SET (4), then the running count, then runnable.
+        params: list[Any] = [owner, epoch + lease_s, now.isoformat(), now.isoformat(),
+                             epoch, epoch]
     else:
-        pick = (f'SELECT "id" FROM "jobs" WHERE "state"=\'{Q}\' OR ("state"=\'{R}\' '
-                f'AND "lease_expires_at" < $5) ORDER BY "id" LIMIT 1 FOR UPDATE SKIP LOCKED')
+        turns = _TURNS.format(
+            runnable=f'(j."state" = \'{Q}\' OR (j."state" = \'{R}\' '
+                     'AND j."lease_expires_at" < $5))',
+            running=f'r."state" = \'{R}\' AND r."lease_expires_at" >= $5')
+        # The window function lives in a sub-select; only the jobs row taken is locked. The
+        # state test is repeated on t: a row another claimer took meanwhile is re-checked
+        # under READ COMMITTED once its lock is released, and must then no longer qualify.
+        pick = (f'SELECT t."id" FROM "jobs" AS t JOIN ({turns}) AS k ON k."id" = t."id" '
+                f'WHERE t."state" = \'{Q}\' OR (t."state" = \'{R}\' '
+                f'AND t."lease_expires_at" < $5) '
+                f'ORDER BY k."turn", k."id" LIMIT 1 FOR UPDATE OF t SKIP LOCKED')
         sql = (f'UPDATE "jobs" SET "state"=\'{R}\', "lease_owner"=$1, "lease_expires_at"=$2, '
                f'"attempts"="attempts"+1, "started_at"=COALESCE("started_at", $3), '
                f'"updated_at"=$4, "stage"=NULL, "progress"=0 WHERE "id" = ({pick}) '
@@ -192,8 +240,11 @@ async def analysis_status(case_pk: int) -> dict[str, Any] | None:
     job = await Job.filter(case_id=case_pk).order_by("-id").first()
     if job is None:
         return None
-    ahead = await Job.filter(state=JobState.QUEUED, id__lt=job.id).count() \
-        if job.state == JobState.QUEUED else 0
+    ahead = 0
+    if job.state == JobState.QUEUED:
+        sql = f'SELECT {AHEAD_SQL.format(job=int(job.id))} AS "ahead"'
+        rows = await connections.get("default").execute_query_dict(sql)
+        ahead = int(rows[0]["ahead"])
     return reads.analysis_from_row({
         "state": job.state, "stage": job.stage, "progress": job.progress,
         "attempts": job.attempts, "error": job.error, "started_at": job.started_at,

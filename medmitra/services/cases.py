@@ -24,8 +24,8 @@ from medmitra.contract import CaseStatus, FileCategory
 from medmitra.db import reads
 from medmitra.db.models import Case, CaseFile
 from medmitra.db.reads import Reader
-from medmitra.errors import (BadRequest, NotFound, PayloadTooLarge, UnsupportedMediaType,
-                             field_error)
+from medmitra.errors import (BadRequest, NotFound, PayloadTooLarge, TooManyRequests,
+                             UnsupportedMediaType, field_error)
 from medmitra.jobs import queue
 from medmitra.services.compat import flat_insights
 from medmitra.storage import FilePart, Storage
@@ -235,10 +235,21 @@ async def create_case(storage: Storage, limits: LimitsSettings, max_attempts: in
     return case, rows
 
 
+async def _check_backlog(case: Case, max_queued: int | None, conn: Any = None) -> None:
+    if max_queued is None:
+        return
+    try:
+        await queue.check_user_backlog(case, max_queued, conn)
+    except queue.QueueFull as exc:
+        raise TooManyRequests(str(exc)) from None
+
+
 async def add_files(storage: Storage, limits: LimitsSettings, max_attempts: int, *,
-                    case: Case, files: list[tuple[FilePart, str | None]]) -> list[CaseFile]:
+                    case: Case, files: list[tuple[FilePart, str | None]],
+                    max_queued: int | None = None) -> list[CaseFile]:
     accepted = vet_files(files, limits)
     now = now_utc()
+    await _check_backlog(case, max_queued)   # before any byte is moved into place
 
     async def write(conn: Any) -> list[CaseFile]:
         # The case may have been deleted while the bytes were arriving.
@@ -327,9 +338,11 @@ def parse_analyze_options(body: Any) -> dict[str, Any]:
     return opts
 
 
-async def analyze(case: Case, options: dict[str, Any], max_attempts: int) -> Case:
+async def analyze(case: Case, options: dict[str, Any], max_attempts: int,
+                  max_queued: int | None = None) -> Case:
     now = now_utc()
     async with in_transaction() as conn:
+        await _check_backlog(case, max_queued, conn)
         await Case.filter(id=case.id).using_db(conn).update(status=CaseStatus.PROCESSING,
                                                             updated_at=now)
         await queue.enqueue(case, options, max_attempts=max_attempts, conn=conn)
