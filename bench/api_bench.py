@@ -174,6 +174,8 @@ def main() -> None:
         env = {**os.environ, "MEDMITRA_STORAGE_DATA_DIR": str(tmp / "data"),
                "MEDMITRA_SERVER_PORT": str(port), "MEDMITRA_LLM_WORKERS": "0",
                "MEDMITRA_LOG_LEVEL": "WARNING",
+               # The bench's one user uploads many files; each upload queues an analysis.
+               "MEDMITRA_JOBS_MAX_QUEUED_PER_USER": "1000000",
                "MEDMITRA_LIMITS_RADIOLOGY_MAX_BYTES": str(60 * 1024 * 1024)}
         server = subprocess.Popen([sys.executable, "-m", "medmitra", "serve"], cwd=ROOT, env=env,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -110,3 +110,38 @@ def test_reads_are_reused_only_while_the_database_is_unchanged(tmp_path: Path) -
             await close_db()
 
     asyncio.run(run())
+
+
+def test_read_cache_is_bounded_by_size_and_skips_big_reads(tmp_path: Path) -> None:
+    """A read larger than CACHE_ITEM_MAX_BYTES is never kept, the kept reads together stay
+    under CACHE_MAX_BYTES, and an unpaged-list style read off the loop is kept when small."""
+    settings = make_settings(tmp_path)
+    db_path = Path(settings.database_url.removeprefix("sqlite://"))
+
+    async def run() -> None:
+        await open_db(settings)
+        reader = reads.Reader(db_path)
+        reader.CACHE_ITEM_MAX_BYTES = 1000
+        reader.CACHE_MAX_BYTES = 2500
+        try:
+            big = [('SELECT ? AS "t"', ["x" * 1500])]
+            await reader.many(big)
+            assert len(reader._cache) == 0 and reader._cache_bytes == 0
+            for i in range(5):
+                await reader.many([('SELECT ? AS "t", ? AS "i"', ["y" * 800, i])])
+            # 5 reads of ~816 bytes: only the newest three fit under 2500 bytes.
+            assert len(reader._cache) == 3
+            assert 0 < reader._cache_bytes <= reader.CACHE_MAX_BYTES
+            small = [('SELECT ? AS "t"', ["z" * 10])]
+            first = await reader.many_off_loop(small, tuples=True)
+            assert first == [[("z" * 10,)]]
+            assert reader._key(small, True) in reader._cache
+            again = await reader.many_off_loop(small, tuples=True)
+            assert again == first and again is not first
+            await reader.many_off_loop(big, tuples=True)
+            assert reader._key(big, True) not in reader._cache
+        finally:
+            reader.close()
+            await close_db()
+
+    asyncio.run(run())

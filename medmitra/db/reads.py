@@ -68,6 +68,9 @@ def _dict_row(cursor: sqlite3.Cursor, row: tuple) -> dict[str, Any]:
 # Big reads (an unpaged case list can be tens of MiB) run on these threads, each with a
 # read-only connection of its own, so the event loop keeps serving other requests.
 BIG_READ_THREADS = 2
+# An unpaged list of up to this many cases is joined into its response on the loop (a
+# thread hop costs more than the join); a longer one on a big-read thread.
+JOIN_ON_LOOP_ROWS = 1000
 
 
 class Reader:
@@ -77,10 +80,14 @@ class Reader:
     is unchanged: ``PRAGMA data_version`` moves whenever another connection commits
     (every write of the server goes through tortoise's connection, never this one), so a
     client polling a case or the case list costs one pragma instead of its queries until
-    something is written. Hits get fresh copies of the rows.
+    something is written. Hits get fresh copies of the rows. The cache is bounded by entries
+    and by size, and a read larger than ``CACHE_ITEM_MAX_BYTES`` is never kept, so a few
+    big unpaged lists cannot pin memory.
     """
 
     CACHE_ENTRIES = 256     # distinct reads kept (a read is its SQL texts and parameters)
+    CACHE_MAX_BYTES = 64 * 1024 * 1024        # all kept reads together, roughly (text sizes)
+    CACHE_ITEM_MAX_BYTES = 4 * 1024 * 1024    # a larger read is not kept
 
     def __init__(self, sqlite_path: Path | None, busy_timeout_ms: int = 10000):
         self._conn: sqlite3.Connection | None = None
@@ -90,7 +97,8 @@ class Reader:
         self._thread_conns: list[sqlite3.Connection] = []
         self._pool: ThreadPoolExecutor | None = None
         self.is_sqlite = sqlite_path is not None
-        self._cache: OrderedDict[Any, tuple[int, list[list[Any]]]] = OrderedDict()
+        self._cache: OrderedDict[Any, tuple[int, list[list[Any]], int]] = OrderedDict()
+        self._cache_bytes = 0
         if sqlite_path is not None:
             conn = self._connect()
             self._conn = conn
@@ -116,6 +124,51 @@ class Reader:
             self._conn.close()
             self._conn = None
             self._cache.clear()
+            self._cache_bytes = 0
+
+    # -- the read cache (event-loop thread only) ----------------------------------------
+
+    @staticmethod
+    def _key(queries: Sequence[tuple[str, Sequence[Any]]], tuples: bool) -> Any:
+        return (tuples, tuple((sql, tuple(params)) for sql, params in queries))
+
+    def _version(self) -> int:
+        # Read before the snapshot it keys: a commit in between makes the next read miss.
+        return self._version_cursor.execute("PRAGMA data_version").fetchone()[0]
+
+    @staticmethod
+    def _copy(out: list[list[Any]], tuples: bool) -> list[list[Any]]:
+        return [list(rows) if tuples else [dict(r) for r in rows] for rows in out]
+
+    def _cache_get(self, key: Any, version: int, tuples: bool) -> list[list[Any]] | None:
+        hit = self._cache.get(key)
+        if hit is None or hit[0] != version:
+            return None
+        self._cache.move_to_end(key)
+        return self._copy(hit[1], tuples)
+
+    @staticmethod
+    def _size(out: list[list[Any]]) -> int:
+        size = 0
+        for rows in out:
+            for row in rows:
+                values = row.values() if isinstance(row, dict) else row
+                size += sum(len(v) if isinstance(v, (str, bytes)) else 16 for v in values)
+        return size
+
+    def _cache_put(self, key: Any, version: int, out: list[list[Any]], tuples: bool) -> None:
+        size = self._size(out)
+        old = self._cache.pop(key, None)
+        if old is not None:
+            self._cache_bytes -= old[2]
+        if size > self.CACHE_ITEM_MAX_BYTES:
+            return
+        self._cache[key] = (version, self._copy(out, tuples), size)
+        self._cache_bytes += size
+        while self._cache and (len(self._cache) > self.CACHE_ENTRIES
+                               or self._cache_bytes > self.CACHE_MAX_BYTES):
+            _, evicted = self._cache.popitem(last=False)
+            self._cache_bytes -= evicted[2]
 
     def _thread_conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
@@ -130,10 +183,23 @@ class Reader:
             self._pool = ThreadPoolExecutor(BIG_READ_THREADS, thread_name_prefix="big-read")
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
+    async def many_off_loop(self, queries: Sequence[tuple[str, Sequence[Any]]], *,
+                            tuples: bool = False) -> list[list[Any]]:
+        """SQLite only: ``many`` for reads of any size. A kept result is handed out on the
+        loop; otherwise the read runs on a big-read thread and is kept only if small."""
+        key = self._key(queries, tuples)
+        version = self._version()
+        hit = self._cache_get(key, version, tuples)
+        if hit is not None:
+            return hit
+        out = await self.off_loop(lambda: self.many_sync(queries, tuples=tuples))
+        self._cache_put(key, version, out, tuples)
+        return out
+
     def many_sync(self, queries: Sequence[tuple[str, Sequence[Any]]], *,
                   tuples: bool = False) -> list[list[Any]]:
         """SQLite only: one consistent snapshot on this thread's own connection (for
-        ``off_loop``). Not cached: a big read's rows would pin tens of MiB."""
+        ``off_loop``). Not cached here (``many_off_loop`` keeps small results)."""
         conn = self._thread_conn()
         conn.execute("BEGIN")
         try:
@@ -152,14 +218,11 @@ class Reader:
         """Run several SELECTs as one consistent snapshot; rows as dicts (or tuples)."""
         if self._conn is not None:
             conn = self._conn
-            key = (tuples, tuple((sql, tuple(params)) for sql, params in queries))
-            # Read before the snapshot: a commit in between makes the next read miss.
-            version = self._version_cursor.execute("PRAGMA data_version").fetchone()[0]
-            hit = self._cache.get(key)
-            if hit is not None and hit[0] == version:
-                self._cache.move_to_end(key)
-                return [list(rows) if tuples else [dict(r) for r in rows]
-                        for rows in hit[1]]
+            key = self._key(queries, tuples)
+            version = self._version()
+            hit = self._cache_get(key, version, tuples)
+            if hit is not None:
+                return hit
             conn.execute("BEGIN")
             try:
                 out = []
@@ -170,11 +233,7 @@ class Reader:
                     out.append(cur.execute(sql, params).fetchall())
             finally:
                 conn.execute("COMMIT")
-            self._cache[key] = (version, [list(rows) if tuples else [dict(r) for r in rows]
-                                          for rows in out])
-            self._cache.move_to_end(key)
-            if len(self._cache) > self.CACHE_ENTRIES:
-                self._cache.popitem(last=False)
+            self._cache_put(key, version, out, tuples)
             return out
         out = []
         # PostgreSQL's default READ COMMITTED takes a new snapshot per statement; REPEATABLE
@@ -324,10 +383,12 @@ async def list_cases_json(reader: Reader, q: CaseQuery,
             return "[" + ",".join(r[0] for r in rows) + "]", int(count[0][0])
 
         if q.limit is None:
-            # Unpaged (the original frontend's list): any size, so read and joined off the
-            # event loop; other requests go on meanwhile.
-            return await reader.off_loop(lambda: joined(*reader.many_sync(queries,
-                                                                          tuples=True)))
+            # Unpaged (the original frontend's list): any size, so read off the event loop
+            # (other requests go on meanwhile) and joined there; small results are kept.
+            rows, count = await reader.many_off_loop(queries, tuples=True)
+            if len(rows) <= JOIN_ON_LOOP_ROWS:
+                return joined(rows, count)
+            return await reader.off_loop(joined, rows, count)
         return joined(*await reader.many(queries, tuples=True))
     rows, count = await reader.many([
         (f'SELECT {CASE_COLS} FROM "cases" WHERE {cond} ORDER BY {order}{page}', params),
