@@ -143,6 +143,20 @@ def create_app(settings: Settings, *, start_workers: bool = True,
         app.ctx.verifier = TokenVerifier.from_settings(settings, secret)
         app.ctx.links = LinkSigner(secret, settings.limits.file_url_ttl_s)
 
+    # Registered before everything that uses the database: Sanic runs after_server_stop
+    # listeners in reverse order, so this one runs last. The audit trail is closed here
+    # too (closing twice is harmless): its last rows must be written before the database
+    # closes, whatever order the listeners end up in.
+    @app.after_server_stop
+    async def close_resources(app: Sanic) -> None:
+        audit = getattr(app.ctx, "audit", None)
+        if audit is not None:
+            await audit.close()
+        reader = getattr(app.ctx, "reader", None)
+        if reader is not None:
+            reader.close()
+        await close_db()
+
     # The local Supabase Auth subset adds its routes and a start-up listener that runs after
     # open_resources (listeners run in registration order).
     from medmitra.api.supabase_auth import register_auth_api
@@ -174,12 +188,6 @@ def create_app(settings: Settings, *, start_workers: bool = True,
         if app.ctx.pool is not None:
             await app.ctx.pool.stop()
 
-    @app.after_server_stop
-    async def close_resources(app: Sanic) -> None:
-        reader = getattr(app.ctx, "reader", None)
-        if reader is not None:
-            reader.close()
-        await close_db()
 
     return app
 

@@ -238,6 +238,28 @@ def test_batch_mode_commits_within_flush_interval(start_app, tmp_path: Path) -> 
     assert server.app.ctx.audit.written == 20
 
 
+@pytest.mark.e2e
+@pytest.mark.parametrize("how", ["in_process", "socket"])
+def test_a_graceful_stop_writes_every_queued_row_promptly(how: str, tmp_path: Path) -> None:
+    """batch mode with a long interval: rows still queued at stop are written before the
+    database closes, and the stop does not hang waiting for a closed database (it took
+    10 s and lost the rows while the database closed first)."""
+    from conftest import serve_in_process, serve_on_socket
+
+    serve = serve_in_process if how == "in_process" else serve_on_socket
+    settings = make_settings(tmp_path, audit={"durability": "batch", "flush_ms": 60000})
+    user = make_user()
+    with serve(settings, tmp_path=tmp_path) as server:
+        with server.client(user.token) as c:
+            for _ in range(3):
+                assert c.get("/cases/all_cases").status_code == 200
+        time.sleep(0.3)
+        assert _rows(settings.data_path) == []     # nothing flushed yet: all queued
+        stopping = time.monotonic()
+    assert time.monotonic() - stopping < 5
+    assert [r["action"] for r in _rows(settings.data_path)] == ["list"] * 3
+
+
 def test_disabled_trail_writes_nothing(start_app, tmp_path: Path) -> None:
     server = start_app(make_settings(tmp_path, audit={"enabled": False}))
     with server.client(make_user().token) as c:
