@@ -417,5 +417,7 @@ def test_big_unpaged_list_does_not_stall_other_requests(start_server, tmp_path, 
     with capsys.disabled():
         print(f"\n[limits] unpaged list of 1,500 long cases: one read {one_read_s:.3f} s; "
               f"worst event-loop stall during 3 parallel reads {worst:.3f} s")
-    # Relative, not absolute: the loop may be held only briefly compared with a read.
-    assert worst < one_read_s / 2, (worst, one_read_s)
+    # The loop may be held only briefly compared with a read (writing the ~30 MiB response
+    # still happens on the loop, ~0.2 s here), and never for a read's length: on the loop,
+    # the read itself stalled everything for 1.6 s.
+    assert worst < max(one_read_s / 2, 0.5), (worst, one_read_s)

@@ -45,6 +45,12 @@ def test_metrics_scrape_has_every_family(start_app, tmp_path: Path) -> None:
             assert time.monotonic() < deadline
             time.sleep(0.1)
         assert c.get("/no/such/route").status_code == 404
+    # The trail commits in batches (every flush_ms): let the first batch land before the
+    # scrape that counts it.
+    deadline = time.monotonic() + 10
+    while server.app.ctx.audit.written < 3:
+        assert time.monotonic() < deadline, "no audit batch written in 10 s"
+        time.sleep(0.05)
     r = server.client().get("/metrics")
     assert r.status_code == 200
     assert r.headers["content-type"].startswith("text/plain; version=")
