@@ -211,7 +211,10 @@ def start_server(data: Path, log: Path, secret: str, port: int,
     env = {k: v for k, v in os.environ.items() if not k.startswith("MEDMITRA_")}
     env.update({"MEDMITRA_STORAGE_DATA_DIR": str(data), "MEDMITRA_SERVER_PORT": str(port),
                 "MEDMITRA_AUTH_JWT_SECRET": secret, "MEDMITRA_LLM_WORKERS": "1",
-                "MEDMITRA_STORAGE_MIN_FREE_BYTES": "0"})
+                "MEDMITRA_STORAGE_MIN_FREE_BYTES": "0",
+                # A few users making hundreds of analyses in seconds: the per-user queue
+                # limit (429, tested on its own) would turn most of them into refusals.
+                "MEDMITRA_JOBS_MAX_QUEUED_PER_USER": "100000"})
     env.update(extra_env or {})
     with log.open("ab") as out:
         return subprocess.Popen([sys.executable, "-m", "medmitra", "serve"], cwd=ROOT, env=env,
