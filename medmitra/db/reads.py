@@ -73,6 +73,22 @@ BIG_READ_THREADS = 2
 JOIN_ON_LOOP_ROWS = 1000
 
 
+def _snapshot(conn: sqlite3.Connection, queries: Sequence[tuple[str, Sequence[Any]]],
+              tuples: bool) -> list[list[Any]]:
+    """Run ``queries`` in one read transaction (one consistent snapshot) on ``conn``."""
+    conn.execute("BEGIN")
+    try:
+        out = []
+        for sql, params in queries:
+            cur = conn.cursor()
+            if tuples:
+                cur.row_factory = None
+            out.append(cur.execute(sql, params).fetchall())
+        return out
+    finally:
+        conn.execute("COMMIT")
+
+
 class Reader:
     """Runs SELECTs and returns rows as dicts.
 
@@ -200,18 +216,7 @@ class Reader:
                   tuples: bool = False) -> list[list[Any]]:
         """SQLite only: one consistent snapshot on this thread's own connection (for
         ``off_loop``). Not cached here (``many_off_loop`` keeps small results)."""
-        conn = self._thread_conn()
-        conn.execute("BEGIN")
-        try:
-            out = []
-            for sql, params in queries:
-                cur = conn.cursor()
-                if tuples:
-                    cur.row_factory = None
-                out.append(cur.execute(sql, params).fetchall())
-            return out
-        finally:
-            conn.execute("COMMIT")
+        return _snapshot(self._thread_conn(), queries, tuples)
 
     async def many(self, queries: Sequence[tuple[str, Sequence[Any]]], *,
                    tuples: bool = False) -> list[list[Any]]:
@@ -223,16 +228,7 @@ class Reader:
             hit = self._cache_get(key, version, tuples)
             if hit is not None:
                 return hit
-            conn.execute("BEGIN")
-            try:
-                out = []
-                for sql, params in queries:
-                    cur = conn.cursor()
-                    if tuples:
-                        cur.row_factory = None
-                    out.append(cur.execute(sql, params).fetchall())
-            finally:
-                conn.execute("COMMIT")
+            out = _snapshot(conn, queries, tuples)
             self._cache_put(key, version, out, tuples)
             return out
         out = []

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from medmitra import __version__
+from medmitra.atomicfile import fsync_dir
 from medmitra.config import Settings
 
 log = logging.getLogger("medmitra.ops.backup")
@@ -120,16 +121,6 @@ def hash_file(path: Path) -> tuple[str, int]:
             digest.update(block)
             size += len(block)
     return digest.hexdigest(), size
-
-
-def fsync_dir(path: Path) -> None:
-    if os.name != "posix":
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _progress(total: int, desc: str, show: bool) -> Any:
