@@ -292,13 +292,19 @@ def test_full_analysis_with_the_real_model(runtime):
         assert isinstance(cs[key], str)
     assert cs["comprehensive_summary"]
     assert isinstance(cs["key_findings"], list)
-    assert cs["patient_context"] == {"age": 61, "gender": "male"}
+    # Copied from the case, name included (api.md: as the original's insights carried).
+    assert cs["patient_context"] == {"name": "Test Patient", "age": 61, "gender": "male"}
     for key in ("subjective", "objective", "assessment", "plan"):
         assert isinstance(soap[key], str) and soap[key]
     assert isinstance(pd["primary_diagnosis"], str) and pd["primary_diagnosis"]
     assert pd["icd_code"] is None or isinstance(pd["icd_code"], str)
     assert isinstance(pd["description"], str) and isinstance(pd["supporting_evidence"], list)
-    assert 3 <= len(ins["differential_diagnoses"]) <= 5
+    # A stage either answers within its contract or abstains with a reason (issue 9): the
+    # tiny model's differentials are often duplicates, which are refused, never stored.
+    if ins["stages"]["differential"]["status"] == "abstained":
+        assert ins["differential_diagnoses"] == [] and ins["stages"]["differential"]["reason"]
+    else:
+        assert 3 <= len(ins["differential_diagnoses"]) <= 5
     for d in ins["differential_diagnoses"]:
         assert isinstance(d["condition"], str) and isinstance(d["reasoning"], str)
         assert isinstance(d["distinguishing_factors"], list)
@@ -306,10 +312,15 @@ def test_full_analysis_with_the_real_model(runtime):
         assert r["urgency"] in ("urgent", "routine", "follow-up")
     for t in ins["treatment_recommendations"]:
         assert isinstance(t["precautions"], list) and isinstance(t["dosage"], str)
+    # Computed confidence: a number in [0, 1], or null for an abstained section; the
+    # overall score is the mean of the sections that have one.
     scores = [cs["confidence_score"], soap["confidence_score"], pd["confidence_score"]]
-    scores += [d["probability"] for d in ins["differential_diagnoses"]]
-    assert all(isinstance(x, float) and 0.0 <= x <= 1.0 for x in scores)
-    assert ins["overall_confidence_score"] == pytest.approx(sum(scores[:3]) / 3)
+    probs = [d["probability"] for d in ins["differential_diagnoses"]]
+    assert all(x is None or (isinstance(x, float) and 0.0 <= x <= 1.0) for x in scores)
+    assert all(isinstance(x, float) and 0.0 <= x <= 1.0 for x in probs)
+    given = [x for x in scores if x is not None]
+    assert ins["overall_confidence_score"] == (
+        pytest.approx(sum(given) / len(given), abs=1e-3) if given else None)
     assert ins["model"] == "SmolLM2-135M-Instruct"
     assert result.model["sha256"] == MODEL_SHA256
     assert result.file_summaries["lab-1"]["lab_values"]["CRP"]["status"] == "abnormal"
