@@ -90,6 +90,11 @@ def test_parse_csv_is_bounded() -> None:
     ("CRP <0.5 mg/L <5", ("CRP", "<0.5", "mg/L", "<5", "normal", None)),
     # UCUM units as a lab system exports them, no range, the lab's own marker
     ("pO2 59.6 mm[Hg] L", ("pO2", "59.6", "mm[Hg]", None, "low", "L")),
+    # Seen in generated reports (tests/test_clinosim_labs.py): an element symbol as the
+    # name, a UCUM annotation as the unit, OCR gluing "/uL" to the value
+    ("K 4.5 mmol/L", ("K", "4.5", "mmol/L", None, "unknown", None)),
+    ("PT_INR 1.4 {INR} H", ("PT_INR", "1.4", "{INR}", None, "high", "H")),
+    ("WBC 10831/uL H", ("WBC", "10831", "/uL", None, "high", "H")),
 ])
 def test_parse_text_lines(line: str, expected: tuple) -> None:
     rows = labs.parse_text_lines(line)
@@ -101,6 +106,7 @@ def test_parse_text_lines(line: str, expected: tuple) -> None:
 @pytest.mark.parametrize("line", [
     "Page 1 of 2", "Age 45 years", "Date 12/03/2024", "CITY DIAGNOSTICS LAB",
     "Sample collected at 10 am", "Dr. Smith, MBBS", "Report ID 44512", "", "   ",
+    "A 5 times", "BP 120/80 mmHg sitting",
 ])
 def test_parse_text_lines_ignores_non_results(line: str) -> None:
     assert labs.parse_text_lines(line) == []

@@ -207,13 +207,16 @@ _RANGE_START_RE = re.compile(rf"^[(\[]?(?:[<>≤≥]|{_NUM}|up|upto|below|above|
                              re.IGNORECASE)
 # A number with a marker or a unit glued to it ("8.8#", "6.1H", "1.30ng/L"); "10^3/uL"
 # (a unit that starts with digits) is not split because '^' is not a letter.
-_GLUED_RE = re.compile(rf"^([<>]?{_NUM})(#|\*{{1,2}}|HH|LL|H|L|↑|↓|[A-Za-zµμ%][A-Za-z0-9µμ%/^.]*)$")
+# A unit may also start with "/" before a letter ("10831/uL"), never before a digit
+# ("120/80" stays one value).
+_GLUED_RE = re.compile(
+    rf"^([<>]?{_NUM})(#|\*{{1,2}}|HH|LL|H|L|↑|↓|(?:[A-Za-zµμ%]|/[A-Za-zµμ])[A-Za-z0-9µμ%/^.]*)$")
 
 
 def _looks_like_unit(tok: str) -> bool:
     t = tok.lower()
-    # "[" covers UCUM spellings a lab system exports ("mm[Hg]", "[pH]", "[IU]/L").
-    if t in _UNIT_WORDS or "/" in t or "%" in t or "^" in t or "[" in t \
+    # "[" and "{" cover UCUM spellings a lab system exports ("mm[Hg]", "[IU]/L", "{INR}").
+    if t in _UNIT_WORDS or "/" in t or "%" in t or "^" in t or "[" in t or t.startswith("{") \
             or t.startswith(("x10", "10e", "10*")):
         return True
     return False
@@ -240,7 +243,10 @@ def _parse_line(line: str, page: int | None = None) -> LabRow | None:
     else:
         return None
     name = " ".join(tokens[:i]).strip(" :=-.")
-    if len(name) < 2 or not _TEST_RE.search(name) or len(name) > 60:
+    # One letter only as an element symbol with a real unit after it ("K 4.5 mmol/L").
+    short_ok = len(name) == 1 and name.isupper() and len(tokens) > i + 1 \
+        and _looks_like_unit(tokens[i + 1])
+    if (len(name) < 2 and not short_ok) or not _TEST_RE.search(name) or len(name) > 60:
         return None
     value = tokens[i]
     rest = tokens[i + 1:]
