@@ -276,6 +276,27 @@ def start_server(request: pytest.FixtureRequest,
             serve_on_socket(settings, tmp_path=tmp_path, **kw))
 
 
+def database_at_version(settings: Settings, version: int) -> None:
+    """Create ``settings``' database with the migrations up to ``version`` only (an old
+    install, for upgrade tests)."""
+    from medmitra.db import setup as dbsetup
+
+    kind = dbsetup.dialect(settings)
+    upto = [m for m in dbsetup.available_migrations(kind) if m[0] <= version]
+
+    async def build() -> None:
+        await dbsetup.open_db(settings, migrate=False)
+        orig = dbsetup.available_migrations
+        dbsetup.available_migrations = lambda kind: upto  # type: ignore[assignment]
+        try:
+            await dbsetup.apply_migrations(settings)
+        finally:
+            dbsetup.available_migrations = orig  # type: ignore[assignment]
+            await dbsetup.close_db()
+
+    asyncio.run(build())
+
+
 # -- users ----------------------------------------------------------------------------------
 
 @dataclass

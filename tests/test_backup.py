@@ -28,7 +28,7 @@ import pytest
 
 import docfactory as df
 from conftest import (MODEL_PATH, ROOT, TEST_SECRET, Served, free_port, make_settings, make_user,
-                      wait_healthy)
+                      wait_healthy, database_at_version)
 from medmitra.cli import main
 from medmitra.llm.runtime import FakeRuntime
 from medmitra.ops.backup import MANIFEST, make_backup, verify_backup
@@ -224,24 +224,10 @@ def test_restore_refuses_a_newer_schema(populated, tmp_path: Path,
 
 def test_restore_runs_migrations_forward(tmp_path: Path, capsys) -> None:
     """A backup of a data dir at schema version 1 comes back at the newest version."""
-    import asyncio
-
     from medmitra.db import setup as dbsetup
 
     settings = make_settings(tmp_path)
-    first = [m for m in dbsetup.available_migrations("sqlite") if m[0] == 1]
-
-    async def old_db() -> None:
-        await dbsetup.open_db(settings, migrate=False)
-        orig = dbsetup.available_migrations
-        dbsetup.available_migrations = lambda kind: first  # type: ignore[assignment]
-        try:
-            await dbsetup.apply_migrations(settings)
-        finally:
-            dbsetup.available_migrations = orig  # type: ignore[assignment]
-            await dbsetup.close_db()
-
-    asyncio.run(old_db())
+    database_at_version(settings, 1)
     dest = tmp_path / "bk"
     assert make_backup(settings, dest).manifest["schema_version"] == 1
     target = tmp_path / "t"

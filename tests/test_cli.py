@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sqlite3
 import uuid
 from pathlib import Path
 
 import pytest
+from conftest import database_at_version
 
 from medmitra.auth.jwt import TokenVerifier
 from medmitra.cli import main
@@ -92,20 +92,7 @@ def test_migration_upgrade_keeps_existing_data(tmp_path: Path) -> None:
     from medmitra.db import setup as dbsetup
 
     settings = load_settings(None, env={}, overrides={"storage": {"data_dir": str(tmp_path)}})
-    first = [m for m in dbsetup.available_migrations("sqlite") if m[0] == 1]
-
-    async def at_v1() -> None:
-        await dbsetup.open_db(settings, migrate=False)
-        await dbsetup.current_version()
-        orig = dbsetup.available_migrations
-        dbsetup.available_migrations = lambda kind: first  # type: ignore[assignment]
-        try:
-            await dbsetup.apply_migrations(settings)
-        finally:
-            dbsetup.available_migrations = orig  # type: ignore[assignment]
-        await dbsetup.close_db()
-
-    asyncio.run(at_v1())
+    database_at_version(settings, 1)
     db = sqlite3.connect(tmp_path / "medmitra.sqlite3")
     db.execute("INSERT INTO cases (case_id, user_id, patient_name, patient_age, patient_gender, "
                "status, created_at, updated_at) VALUES ('c1', 'u1', 'Old Patient', 70, 'M', "
