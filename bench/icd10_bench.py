@@ -31,19 +31,23 @@ PHRASES = ["Hypertension", "Type 2 diabetes mellitus", "Cardiovascular disease",
 COMMON = ["fracture", "disease"]
 CODES = ["E11.9", "e119", "S52.501A", "I10", "E11.99999", "J18.9", "T14.90XA", "Z99"]
 
-CHILD_TABLE = r"""
-import json, sys, time
-t0 = time.perf_counter()
-from medmitra.clinical import icd10
-assert icd10.title("E11.9")
-ready = time.perf_counter() - t0
+# Seconds per call of fn over args, in both child processes.
+PER_CALL = r"""
 def per_call(fn, args, rounds):
     t = time.perf_counter()
     for _ in range(rounds):
         for a in args:
             fn(a)
     return (time.perf_counter() - t) / (rounds * len(args))
-phrases, common, codes = json.loads(sys.argv[1])
+"""
+
+CHILD_TABLE = r"""
+import json, sys, time
+t0 = time.perf_counter()
+from medmitra.clinical import icd10
+assert icd10.title("E11.9")
+ready = time.perf_counter() - t0
+{per_call}phrases, common, codes = json.loads(sys.argv[1])
 print(json.dumps({
     "ready": ready,
     "lookup": per_call(lambda c: icd10.is_valid(c) and icd10.title(c), codes, 200),
@@ -53,7 +57,7 @@ print(json.dumps({
     "search phrase, any word": per_call(
         lambda p: icd10.search(p, 5, require_all=False), phrases, 5),
 }))
-"""
+""".replace("{per_call}", PER_CALL)
 
 CHILD_BASELINE = r"""
 import json, sys, time, warnings
@@ -63,18 +67,12 @@ with warnings.catch_warnings():
     import simple_icd_10_cm as cm
 assert cm.get_description("E11.9")
 ready = time.perf_counter() - t0
-def per_call(fn, args, rounds):
-    t = time.perf_counter()
-    for _ in range(rounds):
-        for a in args:
-            fn(a)
-    return (time.perf_counter() - t) / (rounds * len(args))
-phrases, common, codes = json.loads(sys.argv[1])
+{per_call}phrases, common, codes = json.loads(sys.argv[1])
 def lookup(c):
     c = c.strip().upper()
     return cm.is_valid_item(c) and cm.get_description(c)
 print(json.dumps({"ready": ready, "lookup": per_call(lookup, codes, 200)}))
-"""
+""".replace("{per_call}", PER_CALL)
 
 
 def _run(child: str) -> dict[str, float]:
