@@ -9,8 +9,17 @@ a previous step), --repeat times, and printed as median [min-max]:
   XML at import);
 - per call: ``is_valid``/``title`` of a code, ``info``, and ``search`` with common
   diagnosis phrases and single very common words ("fracture", "disease"), against the
-  baseline's ``is_valid_item`` + ``get_description``.
-The baseline needs the test extras (scripts/setup.sh --test).
+  baseline's ``is_valid_item`` + ``get_description``;
+- search latency, each call timed on its own, p50/p99/max over all calls of all
+  processes (goal: <= 5 ms per lookup), for
+  - common words: single words that occur in thousands of titles and index terms;
+  - real diagnosis phrases: the diagnosis and differential names of clinosim's disease
+    reference data (a public synthetic-patient generator; nobody here wrote them), each
+    with the shorter searches ``clinical.coding.candidates`` falls back to (words left out
+    from the front: "acute tubular necrosis", "tubular necrosis", "necrosis"); without
+    clinosim installed, the built-in phrase list above;
+  - the same phrases with ``require_all=False`` (any word).
+The baseline and clinosim need the test extras (scripts/setup.sh --test).
 """
 
 from __future__ import annotations
@@ -29,6 +38,12 @@ PHRASES = ["Hypertension", "Type 2 diabetes mellitus", "Cardiovascular disease",
            "Acute myocardial infarction", "Urinary tract infection", "Iron deficiency anemia",
            "Gastroesophageal reflux disease", "Fracture of femur"]
 COMMON = ["fracture", "disease"]
+# Words found in more than a thousand titles and index terms each, and diagnosis head
+# nouns a shortened search ends with (see clinical.coding.candidates).
+COMMON_WORDS = ["disease", "fracture", "pain", "injury", "disorder", "infection",
+                "neoplasm", "ulcer", "syndrome", "poisoning", "failure", "hemorrhage", "burn",
+                "chronic", "acute", "malignant", "congenital", "pregnancy", "complication",
+                "laceration", "unspecified", "other", "left", "right", "lower", "upper"]
 CODES = ["E11.9", "e119", "S52.501A", "I10", "E11.99999", "J18.9", "T14.90XA", "Z99"]
 
 # Seconds per call of fn over args, in both child processes.
@@ -41,13 +56,25 @@ def per_call(fn, args, rounds):
     return (time.perf_counter() - t) / (rounds * len(args))
 """
 
+# Seconds of each call of fn over args, rounds times over (so first calls count too).
+SAMPLES = r"""
+def samples(fn, args, rounds):
+    out = []
+    for _ in range(rounds):
+        for a in args:
+            t = time.perf_counter()
+            fn(a)
+            out.append(time.perf_counter() - t)
+    return out
+"""
+
 CHILD_TABLE = r"""
 import json, sys, time
 t0 = time.perf_counter()
 from medmitra.clinical import icd10
 assert icd10.title("E11.9")
 ready = time.perf_counter() - t0
-{per_call}phrases, common, codes = json.loads(sys.argv[1])
+{per_call}{samples}phrases, common, codes, words, real = json.loads(sys.argv[1])
 print(json.dumps({
     "ready": ready,
     "lookup": per_call(lambda c: icd10.is_valid(c) and icd10.title(c), codes, 200),
@@ -56,8 +83,14 @@ print(json.dumps({
     "search common word": per_call(icd10.search, common, 5),
     "search phrase, any word": per_call(
         lambda p: icd10.search(p, 5, require_all=False), phrases, 5),
+    "samples": {
+        "common words": samples(icd10.search, words, 10),
+        "diagnosis phrases": samples(lambda p: icd10.search(p, 20), real, 2),
+        "diagnosis phrases, any word": samples(
+            lambda p: icd10.search(p, 5, require_all=False), real, 1),
+    },
 }))
-""".replace("{per_call}", PER_CALL)
+""".replace("{per_call}", PER_CALL).replace("{samples}", SAMPLES)
 
 CHILD_BASELINE = r"""
 import json, sys, time, warnings
@@ -67,7 +100,7 @@ with warnings.catch_warnings():
     import simple_icd_10_cm as cm
 assert cm.get_description("E11.9")
 ready = time.perf_counter() - t0
-{per_call}phrases, common, codes = json.loads(sys.argv[1])
+{per_call}phrases, common, codes, _words, _real = json.loads(sys.argv[1])
 def lookup(c):
     c = c.strip().upper()
     return cm.is_valid_item(c) and cm.get_description(c)
@@ -75,10 +108,52 @@ print(json.dumps({"ready": ready, "lookup": per_call(lookup, codes, 200)}))
 """.replace("{per_call}", PER_CALL)
 
 
-def _run(child: str) -> dict[str, float]:
-    out = subprocess.run([sys.executable, "-c", child, json.dumps([PHRASES, COMMON, CODES])],
+def real_phrases() -> tuple[list[str], str]:
+    """The diagnosis phrases of clinosim's disease reference data with the shortened
+    searches clinical.coding.candidates makes of them, and where they came from."""
+    try:
+        import clinosim
+        import yaml
+    except ImportError:
+        return PHRASES, "built-in list (clinosim not installed)"
+    names: set[str] = set()
+
+    def walk(node: object) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if k == "name" and isinstance(v, str):
+                    names.add(v.replace("_", " "))   # complications: "wound_infection"
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    data = Path(clinosim.__file__).parent / "modules" / "disease" / "reference_data"
+    for path in sorted(data.glob("*.yaml")):
+        walk(yaml.safe_load(path.read_text()))
+    from medmitra.clinical.coding import _words, specific_words
+    searches: dict[str, None] = {}
+    for name in sorted(names):
+        words = _words(name)
+        for start in range(len(words)):
+            rest = " ".join(words[start:])
+            if not specific_words(rest):
+                break
+            searches[rest] = None
+    return list(searches), (f"clinosim {clinosim.__version__}: {len(names)} names, "
+                            f"{len(searches)} searches")
+
+
+def _run(child: str, real: list[str]) -> dict:
+    args = json.dumps([PHRASES, COMMON, CODES, COMMON_WORDS, real])
+    out = subprocess.run([sys.executable, "-c", child, args],
                          cwd=ROOT, capture_output=True, text=True, check=True, timeout=300)
     return json.loads(out.stdout)
+
+
+def _pct(values: list[float], q: float) -> float:
+    ms = sorted(values)
+    return ms[min(len(ms) - 1, int(q * len(ms)))] * 1000
 
 
 def _fmt(values: list[float]) -> str:
@@ -90,13 +165,20 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
+    sys.path.insert(0, str(ROOT))
+    real, real_source = real_phrases()
     table: dict[str, list[float]] = {}
     base: dict[str, list[float]] = {}
+    samples: dict[str, list[float]] = {}
     for _ in range(args.repeat):      # interleaved, so both see the same machine load
-        for key, value in _run(CHILD_TABLE).items():
-            table.setdefault(key, []).append(value)
+        for key, value in _run(CHILD_TABLE, real).items():
+            if key == "samples":
+                for name, values in value.items():
+                    samples.setdefault(name, []).extend(values)
+            else:
+                table.setdefault(key, []).append(value)
         try:
-            for key, value in _run(CHILD_BASELINE).items():
+            for key, value in _run(CHILD_BASELINE, real).items():
                 base.setdefault(key, []).append(value)
         except subprocess.CalledProcessError:
             pass
@@ -107,6 +189,12 @@ def main() -> int:
         b = base.get(key)
         ratio = f"{statistics.median(b) / statistics.median(values):10.3g}" if b else ""
         print(f"{key:26} {_fmt(values):>32} {_fmt(b) if b else '-':>32}  {ratio}")
+    print(f"\nsearch, each call timed (goal <= 5 ms); phrases: {real_source}")
+    print(f"{'':28} {'calls':>6} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'> 5 ms':>7}")
+    for name, values in samples.items():
+        over = sum(v > 0.005 for v in values)
+        print(f"{name:28} {len(values):6} {_pct(values, .5):8.3f} {_pct(values, .99):8.3f} "
+              f"{max(values) * 1000:8.3f} {over:7}")
     if not base:
         print("(baseline not measured: simple-icd-10-cm is not installed; "
               "scripts/setup.sh --test installs it)")
