@@ -30,6 +30,12 @@ extensions; chapters and blocks are not diagnosis codes and are left out):
   word of a query must be found in one title or one term, not spread over several.
   The view name_text is its external content, so the text is stored once. Searched with
   SQLite's BM25.
+- frequent_tokens(id, token, matches), frequent_words(word, token_id),
+  frequent_ranked(token_id, pos, code_id, rank): for each search term (a Porter stem) of
+  more than icd10.FREQUENT_MATCHES names, the words of the names that search for it
+  ("fracture", "fractures") and its best icd10.FREQUENT_RANKED codes in search order
+  (icd10.rank_order over every match, each code with its best name's BM25 rank), so a
+  one-word search for it reads them instead of ranking thousands of names.
 - meta(name, value): the source and its version.
 
 The output is deterministic for a given source: rows in the table's own order.
@@ -48,9 +54,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from medmitra.clinical.icd10 import TABLE_FILE, name_hash, name_key  # noqa: E402
+from medmitra.clinical.icd10 import (  # noqa: E402
+    _FILLER, FREQUENT_MATCHES, FREQUENT_RANKED, RANKED_SQL, TABLE_FILE, match_expression,
+    name_hash, name_key, rank_order, words_of)
 
 DEFAULT_OUT = ROOT / "medmitra" / "clinical" / "data" / TABLE_FILE
+TOKENIZE = "porter unicode61 remove_diacritics 2"
 
 SCHEMA = """
 CREATE TABLE codes (
@@ -79,9 +88,24 @@ CREATE VIEW name_text (id, title, term) AS
            replace(coalesce(n.term, ''), '-', '')
     FROM names AS n JOIN codes AS c ON c.id = n.code_id;
 CREATE VIRTUAL TABLE code_search USING fts5(
-    title, term, content='name_text', content_rowid='id',
-    tokenize='porter unicode61 remove_diacritics 2'
+    title, term, content='name_text', content_rowid='id', tokenize='{tokenize}'
 );
+CREATE TABLE frequent_tokens (
+    id      INTEGER PRIMARY KEY,
+    token   TEXT NOT NULL UNIQUE,
+    matches INTEGER NOT NULL
+);
+CREATE TABLE frequent_words (
+    word     TEXT PRIMARY KEY,
+    token_id INTEGER NOT NULL REFERENCES frequent_tokens (id)
+) WITHOUT ROWID;
+CREATE TABLE frequent_ranked (
+    token_id INTEGER NOT NULL REFERENCES frequent_tokens (id),
+    pos      INTEGER NOT NULL,
+    code_id  INTEGER NOT NULL REFERENCES codes (id),
+    rank     REAL NOT NULL,
+    PRIMARY KEY (token_id, pos)
+) WITHOUT ROWID;
 CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
@@ -119,13 +143,48 @@ def _rows():
                int(cm.is_leaf(code)), title), terms
 
 
+def _frequent(db: sqlite3.Connection) -> None:
+    """Fill frequent_tokens, frequent_words and frequent_ranked (see the docstring)."""
+    db.execute("CREATE VIRTUAL TABLE temp.vocab USING fts5vocab(main, code_search, row)")
+    counts = dict(db.execute("SELECT term, doc FROM temp.vocab WHERE doc > ?",
+                             (FREQUENT_MATCHES,)).fetchall())
+    # Each word of the names, tokenised as the search tokenises it (one row per word).
+    words = sorted({w for title, term in db.execute("SELECT title, term FROM name_text")
+                    for w in words_of(f"{title} {term}") if w not in _FILLER})
+    db.execute(f"CREATE VIRTUAL TABLE temp.surface USING fts5(word, tokenize='{TOKENIZE}')")
+    db.executemany("INSERT INTO temp.surface (rowid, word) VALUES (?, ?)",
+                   enumerate(words, 1))
+    db.execute("CREATE VIRTUAL TABLE temp.surface_tokens "
+               "USING fts5vocab(temp, surface, instance)")
+    tokens: dict[int, list[str]] = {}
+    for doc, token in db.execute("SELECT doc, term FROM temp.surface_tokens"):
+        tokens.setdefault(doc, []).append(token)
+    by_token: dict[str, list[str]] = {}
+    for doc, toks in tokens.items():
+        if len(toks) == 1 and toks[0] in counts:
+            by_token.setdefault(toks[0], []).append(words[doc - 1])
+    for token_id, token in enumerate(sorted(by_token), 1):
+        db.execute("INSERT INTO frequent_tokens VALUES (?, ?, ?)",
+                   (token_id, token, counts[token]))
+        db.executemany("INSERT INTO frequent_words VALUES (?, ?)",
+                       [(w, token_id) for w in by_token[token]])
+        rows = sorted(db.execute(RANKED_SQL, (match_expression(by_token[token][:1]), -1)),
+                      key=rank_order)[:FREQUENT_RANKED]
+        db.executemany("INSERT INTO frequent_ranked VALUES (?, ?, ?, ?)",
+                       [(token_id, pos, code_id, rank)
+                        for pos, (code_id, _key, rank) in enumerate(rows)])
+    db.execute("DROP TABLE temp.surface_tokens")
+    db.execute("DROP TABLE temp.surface")
+    db.execute("DROP TABLE temp.vocab")
+
+
 def build(out: Path) -> dict[str, int]:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     tmp.unlink(missing_ok=True)
     db = sqlite3.connect(tmp)
     try:
-        db.executescript(SCHEMA)
+        db.executescript(SCHEMA.replace("{tokenize}", TOKENIZE))
         names = []
         for code, terms in _rows():
             db.execute("INSERT INTO codes VALUES (?, ?, ?, ?, ?, ?)", code)
@@ -137,6 +196,7 @@ def build(out: Path) -> dict[str, int]:
             "INSERT INTO names (code_id, in_title, term, key_hash) VALUES (?, ?, ?, ?)", names)
         db.execute("INSERT INTO code_search (code_search) VALUES ('rebuild')")
         db.execute("INSERT INTO code_search (code_search) VALUES ('optimize')")
+        _frequent(db)
         version = importlib.metadata.version("simple-icd-10-cm")
         db.executemany("INSERT INTO meta VALUES (?, ?)", [
             ("source", "ICD-10-CM tabular list and code list, as shipped by simple-icd-10-cm"),

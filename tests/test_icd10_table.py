@@ -111,6 +111,11 @@ def test_billable_and_category() -> None:
     ("Gout", "M10"),
     ("Fracture of femur", "S72"),
     ("Chronic kidney disease stage 3", "N18.3"),
+    # Single common words (read from the stored ranking): the code whose name is the word.
+    ("Pain", "R52"),               # "Pain NOS"
+    ("Fracture", "T14.8"),         # "Fracture NOS"
+    ("Injury", "T14.9"),           # "Unspecified injury"
+    ("Hemorrhage", "R58"),         # "Hemorrhage NOS"
 ])
 def test_search_ranks_the_named_code_first(phrase: str, first: str) -> None:
     results = icd10.search(phrase, 5)
@@ -161,3 +166,53 @@ def test_name_key_normal_form() -> None:
         "disease human immunodeficiency virus"
     assert icd10.name_key("Anemia, unspecified") == "anemia"
     assert icd10.name_key("Gastro-esophageal reflux") == "gastroesophageal reflux"
+
+
+# Words found in the most names (each a stored ranking) and a few found in few (FTS5).
+_COMMON = ["disease", "fracture", "fractures", "pain", "injury", "disorder", "syndrome",
+           "assault", "unintentional", "left", "unspecified", "other", "hematoma", "asthma"]
+
+
+@pytest.mark.parametrize("word", _COMMON)
+def test_equal_scores_go_to_the_shorter_code(word: str) -> None:
+    # "assault" once gave T61.03 before X96 (same score): the FTS5 LIMIT cut the ties.
+    results = icd10.search(word, 100)
+    assert len(results) >= 30
+    for (code_a, _ta, score_a), (code_b, _tb, score_b) in zip(results, results[1:]):
+        assert score_a >= score_b, (word, code_a, code_b)
+    ranked = icd10.ranked([word], 100)
+    for (_i, key_a, rank_a), (_j, key_b, rank_b) in zip(ranked, ranked[1:]):
+        assert (rank_a, len(key_a), key_a) < (rank_b, len(key_b), key_b), (word, key_a, key_b)
+
+
+def test_stored_rankings_are_the_fts_ranking_of_every_match() -> None:
+    """Every word of more than FREQUENT_MATCHES names has a stored ranking, and it is what
+    ranking all its matches with BM25 gives (computed here on its own)."""
+    db = sqlite3.connect(str(icd10._table_path()))
+    try:
+        db.execute("CREATE VIRTUAL TABLE temp.vocab USING fts5vocab(main, code_search, row)")
+        frequent = {t for (t,) in db.execute("SELECT term FROM temp.vocab WHERE doc > ?",
+                                            (icd10.FREQUENT_MATCHES,))}
+        stored = dict(db.execute("SELECT token, id FROM frequent_tokens").fetchall())
+        # All but the words a search leaves out ("of", "and", "the", ...).
+        assert {t for t in frequent if t not in stored} <= icd10._FILLER
+        assert len(stored) >= 250
+        words = db.execute("SELECT t.token, min(w.word), count(*) FROM frequent_words AS w "
+                           "JOIN frequent_tokens AS t ON t.id = w.token_id "
+                           "GROUP BY t.id").fetchall()
+        assert len(words) == len(stored)
+        for token, word, _n in words:
+            expected = []
+            for code_id, key_, rank in db.execute(
+                    "SELECT n.code_id, c.key, min(s.r) FROM (SELECT rowid, "
+                    "bm25(code_search, 2.0, 1.0) AS r FROM code_search "
+                    "WHERE code_search MATCH ? LIMIT -1) AS s "
+                    "JOIN names AS n ON n.id = s.rowid JOIN codes AS c ON c.id = n.code_id "
+                    "GROUP BY n.code_id", (f'"{word}"',)):
+                expected.append((rank, len(key_), key_, code_id))
+            expected.sort()
+            want = [(code_id, key_, rank) for rank, _n, key_, code_id
+                    in expected[:icd10.FREQUENT_RANKED]]
+            assert icd10.ranked([word], icd10.FREQUENT_RANKED) == want, (token, word)
+    finally:
+        db.close()

@@ -22,6 +22,12 @@ blocks ("E08-E13") are not diagnosis codes and are not in it.
   the words, for a list of candidates to choose from. 7th-character extensions are not
   searched (their words are their parent's plus the encounter): a search names the
   code a clinician names, and ``info`` tells whether it is billable as it is.
+  A single word found in hundreds of names ("fracture", "disease", "pain": more than
+  FREQUENT_MATCHES) would have BM25 score every one of them on each search (5-25 ms);
+  for those words the build ranks all matches once and stores the best codes
+  (``frequent_ranked``), so the search reads them in order (well under a millisecond).
+  The stored order is BM25 over every match, equal ranks to the shorter code; the tests
+  recompute it for every such word.
 
 Read-only and safe to use from any thread (one connection per thread).
 """
@@ -51,6 +57,11 @@ _NAME_FILLER = _FILLER | {"unspecified"}
 # Column weights for BM25 (title, index term): a word in the official title counts twice
 # one in an index term.
 _WEIGHTS = "bm25(code_search, 2.0, 1.0)"
+# A word found in more names than this has its ranked codes stored at build time
+# (FREQUENT_RANKED of them, enough for the largest limit after the named codes).
+FREQUENT_MATCHES = 200
+_MAX_LIMIT = 100
+FREQUENT_RANKED = 2 * _MAX_LIMIT
 
 _local = threading.local()
 _path: Path | None = None
@@ -165,10 +176,16 @@ def is_billable(code: object) -> bool:
     return found is not None and found.billable
 
 
+def words_of(text: str) -> list[str]:
+    """Every word of ``text``, lower-case, hyphens joined ("gastro-esophageal" ->
+    "gastroesophageal")."""
+    return _WORD.findall(text.lower().replace("-", ""))
+
+
 def query_words(text: str) -> list[str]:
-    """The words of ``text`` a search looks for: lower-case, hyphens joined
-    ("gastro-esophageal" -> "gastroesophageal"), fillers left out, at most 12."""
-    words = _WORD.findall(str(text)[:_MAX_QUERY_CHARS].lower().replace("-", ""))
+    """The words of ``text`` a search looks for (``words_of``), fillers left out, each
+    once, at most 12."""
+    words = words_of(str(text)[:_MAX_QUERY_CHARS])
     return list(dict.fromkeys(w for w in words if w not in _FILLER))[:_MAX_QUERY_WORDS]
 
 
@@ -190,12 +207,42 @@ def name_hash(key_: str) -> int:
 _NAMED_SQL = ("SELECT c.id, c.key, n.in_title, coalesce(n.term, c.title) FROM names AS n "
               "JOIN codes AS c ON c.id = n.code_id WHERE n.key_hash = ?")
 # The best-ranked names first, inside the FTS table (so joins see only the few rows it
-# returns), then each code once with its best name's rank.
-_RANKED_SQL = (f"SELECT c.id, c.key, min(r.rank) FROM (SELECT rowid, {_WEIGHTS} AS rank "
-               "FROM code_search WHERE code_search MATCH ? ORDER BY rank LIMIT ?) AS r "
-               "JOIN names AS n ON n.id = r.rowid JOIN codes AS c ON c.id = n.code_id "
-               "GROUP BY c.id")
+# returns), then each code once with its best name's rank. LIMIT -1: every match (what
+# the build stores for a frequent word).
+RANKED_SQL = (f"SELECT c.id, c.key, min(r.rank) FROM (SELECT rowid, {_WEIGHTS} AS rank "
+              "FROM code_search WHERE code_search MATCH ? ORDER BY rank LIMIT ?) AS r "
+              "JOIN names AS n ON n.id = r.rowid JOIN codes AS c ON c.id = n.code_id "
+              "GROUP BY c.id")
+_FREQUENT_SQL = ("SELECT r.code_id, c.key, r.rank FROM frequent_words AS w "
+                 "JOIN frequent_ranked AS r ON r.token_id = w.token_id "
+                 "JOIN codes AS c ON c.id = r.code_id WHERE w.word = ? ORDER BY r.pos LIMIT ?")
 _TITLE_SQL = "SELECT title FROM code_titles WHERE id = ?"
+
+
+def match_expression(words: list[str], require_all: bool = True) -> str:
+    """The FTS5 query for ``words``: each word quoted, so FTS5 reads it as a plain term,
+    never as query syntax."""
+    return (" AND " if require_all else " OR ").join(f'"{w}"' for w in words)
+
+
+def rank_order(row: tuple[int, str, float]) -> tuple[float, int, str]:
+    """Sort key of a ranked (id, key, rank) row: best rank first, then the shorter (more
+    general) code, then the code."""
+    return row[2], len(row[1]), row[1]
+
+
+def ranked(words: list[str], limit: int, *,
+           require_all: bool = True) -> list[tuple[int, str, float]]:
+    """``[(code id, key, rank)]``, best (lowest) rank first, of the codes with a name
+    matching ``words`` (query words), at least ``limit`` of them when there are."""
+    db = _db()
+    if len(words) == 1:
+        rows = db.execute(_FREQUENT_SQL, (words[0], limit)).fetchall()
+        if rows:
+            return rows
+    # A code has a few names (title, terms): enough of them to fill the limit with codes.
+    return sorted(db.execute(RANKED_SQL, (match_expression(words, require_all),
+                                           4 * limit + 20)).fetchall(), key=rank_order)
 
 
 def search(text: object, limit: int = 5, *,
@@ -218,16 +265,13 @@ def search(text: object, limit: int = 5, *,
     words = query_words(text)
     if not words:
         return []
-    limit = min(int(limit), 100)
+    limit = min(int(limit), _MAX_LIMIT)
     db = _db()
-    # Each word quoted: FTS5 reads it as a plain term, never as query syntax.
-    match = (" AND " if require_all else " OR ").join(f'"{w}"' for w in words)
-    # A code has a few names (title, terms): enough of them to fill the limit with codes.
-    ranked = sorted(db.execute(_RANKED_SQL, (match, 4 * limit + 20)).fetchall(),
-                    key=lambda row: (row[2], len(row[1]), row[1]))
-    if not ranked:
+    # Up to ``limit`` named codes may come first: twice the limit fills it after them.
+    found = ranked(words, 2 * limit, require_all=require_all)
+    if not found:
         return []
-    best = -ranked[0][2]
+    best = -found[0][2]
     # Named codes hold every word of the query in one name (the FTS condition) when the
     # query has no word a name leaves out ("unspecified", parenthesised modifiers).
     key_ = name_key(text)
@@ -241,7 +285,7 @@ def search(text: object, limit: int = 5, *,
                 named.append((code_id, k, best))
         named = named[:limit]
     seen = {code_id for code_id, _k, _s in named}
-    picked = named + [(code_id, k, -rank) for code_id, k, rank in ranked
+    picked = named + [(code_id, k, -rank) for code_id, k, rank in found
                       if code_id not in seen]
     return [(dotted(k), db.execute(_TITLE_SQL, (code_id,)).fetchone()[0], round(score, 4))
             for code_id, k, score in picked[:limit]]
