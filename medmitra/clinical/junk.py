@@ -6,6 +6,13 @@ as ``TASK_1``, ``maxLength:220``, ``{{1}}``, ``array`` as an investigation type,
 names echoed as values, looping repetitions, duplicated differentials, differentials
 repeating the primary diagnosis and "probabilities" that sum to 3.95.
 
+Seen afterwards with the default model: echoes of the instruction in other words
+("Primary diagnosis of the" as the primary diagnosis; "Evidence from the facts. The evidence
+provided by the facts." as supporting evidence). So an answer is also junk when its content
+words are nearly all words of the prompt, the field names or filler; when it is one
+sentence ending in a function word ("of the"); when it says the same twice in other words;
+and when it prints a dose above any dose in routine use of the drug it names.
+
 ``junk_reason(text, field)`` names the first problem found, or None. The stage code
 rejects (and retries, then abstains) an answer whose required prose is junk, and drops
 junk items from lists. Pure functions, no model, no I/O.
@@ -37,6 +44,38 @@ REPEAT_UNIQUE_SHARE = 0.35
 SAME_WORD_RUN = 4
 # Prompt echo: this many consecutive words of an instruction appearing in the answer.
 ECHO_NGRAM = 6
+# Prompt echo in other words: an answer whose content words (function words aside) are at
+# least this share prompt, schema-field or filler words says nothing of the case
+# ("Primary diagnosis of the", "Evidence from the facts").
+ECHO_WORD_SHARE = 0.8
+# Paraphrased repetition: two sentences of one text (or two required fields of one
+# answer) whose content-word sets overlap this much (Jaccard) say the same thing twice.
+PARAPHRASE_OVERLAP = 0.6
+PARAPHRASE_FIELD_OVERLAP = 0.8
+PARAPHRASE_MIN_WORDS = 2
+
+# Function words: they carry no content, and a one-sentence answer that ends in one was
+# cut off ("Primary diagnosis of the").
+_FUNCTION_WORDS = frozenset("""
+a an the of and or but nor to in on at by for from with without as is are was were be been
+being am this that these those it its their there here which who whom whose what when where
+why how than then so such into onto about per via not no do does did has have had can could
+may might must shall should will would our your his her they them we you i me my he she also
+any all some each other more most very only just both either neither if""".split())
+_DANGLING_END = frozenset("""
+the a an of and or but nor to in on at by for from with as is are was were be been than that
+which whose its their his her this these those into onto if via""".split())
+# Words that fill an answer without saying anything about the patient.
+_FILLER_WORDS = frozenset("""
+facts fact provided given based information data details detail following above below
+mentioned described stated listed shown according relevant appropriate various etc thing
+things something case patient text field answer output input json schema response question
+task instruction instructions note notes section item items available""".split())
+# What the model was told to write when it has nothing: a legitimate answer.
+_NOT_AVAILABLE_RE = re.compile(
+    r"^(?:(?:this|the) )?(?:information |data )?(?:is )?not available"
+    r"(?: (?:in|from) the (?:case )?facts)?$")
+_SENTENCE_SPLIT_RE = re.compile(r"(?<=[.!?;])\s+")
 
 # JSON-schema vocabulary and type names: they belong to the prompt, never to an answer.
 _SCHEMA_RE = re.compile(
@@ -59,6 +98,37 @@ _TIMESTAMP_RE = re.compile(
     r"^\s*\d{4}-\d{2}-\d{2}(?:[T ]\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?(?:Z|[+-]\d{2}:?\d{2})?)?\s*$"
     r"|^\s*\d{1,2}:\d{2}(?::\d{2})?\s*$")
 _WORD_RE = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
+
+# Invented doses ("steroid 25g/day" was stored in the evaluation). A printed mass is
+# compared, as a single dose, with the largest daily dose in routine use of the drug named
+# beside it (British National Formulary, adult maxima): corticosteroids 1 g/day
+# (methylprednisolone pulse), paracetamol 4 g/day. Any other drug: DOSE_MAX_GRAMS_ANY, above
+# the largest single oral/IV doses in routine use (e.g. macrogol 17 g sachets).
+# Reading a mass as one dose never over-counts, so a plausible dose is never rejected.
+DOSE_MAX_GRAMS_ANY = 50.0
+DOSE_MAX_GRAMS: tuple[tuple[re.Pattern[str], float], ...] = (
+    (re.compile(r"\b(?:cortico)?steroids?\b|\b(?:methyl)?prednisol?one\b|\bprednisone\b"
+                r"|\bdexamethasone\b|\bhydrocortisone\b|\bbetamethasone\b", re.IGNORECASE), 1.0),
+    (re.compile(r"\bparacetamol\b|\bacetaminophen\b", re.IGNORECASE), 4.0),
+)
+_GRAMS_PER_UNIT = {"kg": 1000.0, "g": 1.0, "gm": 1.0, "gram": 1.0, "grams": 1.0,
+                   "mg": 1e-3, "mcg": 1e-6, "ug": 1e-6, "µg": 1e-6, "μg": 1e-6}
+_MASS_RE = re.compile(r"(\d+(?:[.,]\d+)?)\s*(kg|grams?|gm|g|mg|mcg|ug|µg|μg)(?![a-z])",
+                      re.IGNORECASE)
+
+
+def dose_problem(text: str, drug: str = "") -> str | None:
+    """Why a dose printed in ``text`` is implausible for the drug named in ``drug`` or
+    ``text`` (rules above DOSE_MAX_GRAMS_ANY), or None."""
+    named = f"{drug} {text}"
+    ceiling = min((g for pat, g in DOSE_MAX_GRAMS if pat.search(named)),
+                  default=DOSE_MAX_GRAMS_ANY)
+    for m in _MASS_RE.finditer(text):
+        grams = float(m.group(1).replace(",", ".")) * _GRAMS_PER_UNIT[m.group(2).lower()]
+        if grams > ceiling:
+            return (f"an implausible dose ({m.group(0)} is above {ceiling:g} g, the largest "
+                    f"daily dose in routine use)")
+    return None
 
 
 def words(text: str) -> list[str]:
@@ -88,6 +158,60 @@ def _repetition(ws: list[str]) -> str | None:
 
 def _ngrams(ws: list[str], n: int) -> set[tuple[str, ...]]:
     return {tuple(ws[i:i + n]) for i in range(len(ws) - n + 1)}
+
+
+def content_words(text: str) -> list[str]:
+    """The words of ``text`` that can carry content: function words left out."""
+    return [w for w in words(text) if w not in _FUNCTION_WORDS]
+
+
+def _overlap(a: set[str], b: set[str]) -> float:
+    return len(a & b) / len(a | b) if a and b else 0.0
+
+
+def prompt_vocabulary(field: str, field_names: Iterable[str] = (),
+                      prompt_texts: Iterable[str] = ()) -> frozenset[str]:
+    """Words an answer may not consist of: those of the instructions, of the schema's field
+    names, and filler. Numbers are never prompt words (they are facts or doses)."""
+    vocab = set(_FILLER_WORDS)
+    for n in list(field_names) + [field]:
+        vocab.update(words(n.replace("_", " ")))
+    for p in prompt_texts:
+        vocab.update(words(p))
+    return frozenset(w for w in vocab if not w.isdigit() and w not in _FUNCTION_WORDS)
+
+
+def _echo_in_other_words(s: str, vocab: frozenset[str]) -> str | None:
+    cws = content_words(s)
+    if not cws:
+        return "no content words"
+    echoed = sum(w in vocab for w in cws)
+    if echoed / len(cws) >= ECHO_WORD_SHARE:
+        return "an echo of the prompt or field names in other words"
+    return None
+
+
+def _dangling(s: str) -> str | None:
+    """A one-sentence answer ending in a function word was cut off."""
+    if _SENTENCE_SPLIT_RE.search(s.strip()):
+        return None  # longer prose: a cut last sentence is not the whole answer
+    tail = re.findall(r"[A-Za-z]+", s)
+    if not tail:
+        return None
+    last = tail[-1]
+    if last.lower() in _DANGLING_END and last != "A":  # "Hepatitis A", "Vitamin A"
+        return f"a fragment ending in {last.lower()!r}"
+    return None
+
+
+def _paraphrase(s: str) -> str | None:
+    sets = [set(content_words(x)) for x in _SENTENCE_SPLIT_RE.split(s)]
+    sets = [x for x in sets if len(x) >= PARAPHRASE_MIN_WORDS]
+    for i, a in enumerate(sets):
+        for b in sets[i + 1:]:
+            if _overlap(a, b) >= PARAPHRASE_OVERLAP:
+                return "the same said twice in other words"
+    return None
 
 
 def junk_reason(text: Any, field: str, *, field_names: Iterable[str] = (),
@@ -129,12 +253,16 @@ def junk_reason(text: Any, field: str, *, field_names: Iterable[str] = (),
     min_chars = FIELD_MIN_CHARS.get(field, 0)
     if _content_chars(s) < min_chars:
         return f"too short for {name} (under {min_chars} characters)"
+    prompts = list(prompt_texts)
     answer_grams = _ngrams(ws, ECHO_NGRAM)
     if answer_grams:
-        for prompt in prompt_texts:
+        for prompt in prompts:
             if answer_grams & _ngrams(words(prompt), ECHO_NGRAM):
                 return "an echo of the prompt"
-    return None
+    if _NOT_AVAILABLE_RE.match(low):
+        return None  # what the rules ask the model to say when the facts are silent
+    return (_echo_in_other_words(s, prompt_vocabulary(field, field_names, prompts))
+            or _dangling(s) or _paraphrase(s) or dose_problem(s))
 
 
 def text_fields(obj: Any, key: str = "") -> Iterable[tuple[str, str]]:
@@ -227,18 +355,23 @@ def _required_text(schema: dict) -> bool:
 
 def _screen_object(data: dict, schema: dict, names: set[str], prompts: list[str]) -> dict:
     out = dict(data)
-    seen: dict[str, str] = {}
+    seen: dict[str, set[str]] = {}
     for key, sub in (schema.get("properties") or {}).items():
         value = out.get(key)
         if sub.get("type") == "string" and "enum" not in sub and isinstance(value, str):
             reason = junk_reason(value, key, field_names=names, prompt_texts=prompts)
-            norm = " ".join(words(value))
-            if reason is None and norm and _required_text(sub):
-                for other, other_norm in seen.items():
-                    if norm == other_norm:
+            if reason is None and value.strip():
+                # A dose is judged with the drug the rest of the object names.
+                others = " ".join(v for k, v in data.items() if k != key and isinstance(v, str))
+                reason = dose_problem(value, others)
+            cws = set(content_words(value)) or set(words(value))
+            if reason is None and cws and _required_text(sub):
+                for other, other_cws in seen.items():
+                    if cws == other_cws or (len(cws) >= PARAPHRASE_MIN_WORDS and _overlap(
+                            cws, other_cws) >= PARAPHRASE_FIELD_OVERLAP):
                         reason = f"a repeat of {other.replace('_', ' ')}"
                         break
-                seen[key] = norm
+                seen[key] = cws
             if reason is not None:
                 if _required_text(sub):
                     raise JunkAnswer(f"{key.replace('_', ' ')} is {reason}")
