@@ -68,7 +68,9 @@ def test_parse_csv_is_bounded() -> None:
     assert len(labs.parse_csv(many)) == labs.MAX_ROWS
     assert labs.parse_csv("\x00\x01garbage\x7f" * 1000) == []
     assert labs.parse_csv('"unterminated,quote\n' * 10) == []
-    assert time.perf_counter() - started < 5
+    # A hang guard, not a speed claim (speed is measured in bench/): the work is bounded
+    # by MAX_ROWS/MAX_COLUMNS; 5 s failed on a loaded 2-core machine (load 15).
+    assert time.perf_counter() - started < 60
 
 
 @pytest.mark.parametrize("line, expected", [
@@ -127,3 +129,76 @@ def test_parse_pages_keeps_the_page_number() -> None:
 def test_render_row_shows_direction_and_marker() -> None:
     r = labs.make_row("Hb", "8.8", "g/dL", "12-15", "#")
     assert labs.render_row(r) == "Hb: 8.8 g/dL (reference 12-15) [low; report marker #]"
+
+
+# --------------------------------------------------------------------------- critical limits
+
+@pytest.mark.parametrize("test, value, unit, rng, flag, expected_flag, critical", [
+    # issue 9: an INR of 2.7 (a patient on warfarin) is high, not critical (limit > 5.0)
+    ("INR", "2.7", None, "0.8-1.2", None, "high", False),
+    ("PT INR", "5.4", None, "0.8-1.2", None, "high", True),
+    ("Potassium", "6.8", "mmol/L", "3.5-5.1", None, "high", True),
+    ("K", "6.8", "mmol/L", None, None, "high", True),            # no range: the limit's side
+    ("Serum potassium", "6.8", "mEq/L", "3.5-5.1", None, "high", True),
+    ("Potassium", "2.5", "mmol/L", "3.5-5.1", None, "low", True),
+    ("Potassium", "6.2", "mmol/L", "3.5-5.1", None, "high", False),  # limits are exclusive
+    ("Potassium", "6.8", None, None, None, "unknown", False),        # no unit: not from table
+    ("Potassium", "6.8", "mg/dL", None, None, "unknown", False),     # unknown unit for K
+    ("Glucose", "40", "mg/dL", "70-100", None, "low", True),
+    ("Glucose", "40", "mmol/L", "3.9-5.6", None, "high", True),
+    ("Glucose (fasting)", "240", "mg/dL", "70-100", None, "high", False),
+    ("Blood glucose", ">600", "mg/dL", "70-140", None, "high", True),
+    # twice outside its range but within the limits: not critical
+    ("Sodium", "128", "mmol/L", "135-145", None, "low", False),
+    ("Haemoglobin", "6.1", "g/dL", "12-16", None, "low", True),
+    ("Hb", "61", "g/L", "120-160", None, "low", True),
+    ("Hemoglobin", "9.1", "g/dL", "13.5-17.5", "L", "low", False),
+    ("Hemoglobin A1c", "15", "%", "4-6", None, "high", False),       # not haemoglobin
+    ("Platelet count", "15", "10^3/uL", "150-400", None, "low", True),
+    ("Platelets", "15", "x10^9/L", "150-400", None, "low", True),
+    ("WBC", "45.0", "10^9/L", "4-11", None, "high", True),
+    ("WBC", "22.0", "10^9/L", "4-11", None, "high", False),          # twice the top: not critical
+    ("Troponin I", "0.45", "ng/mL", "<0.04", None, "high", True),
+    ("Troponin I", "<0.01", "ng/mL", "<0.04", None, "normal", False),
+    ("pH", "7.12", None, "7.35-7.45", None, "low", True),
+    ("pCO2", "72", "mmHg", "35-45", None, "high", True),
+    ("Calcium", "14.1", "mg/dL", "8.5-10.5", None, "high", True),
+    ("Ionised calcium", "0.70", "mmol/L", "1.15-1.30", None, "low", True),
+    # the report's own range calls it normal: the table does not override the lab
+    ("Glucose", "40", "mmol/L", "30-50", None, "normal", False),
+    # the lab's own critical marker still counts, whatever the table says
+    ("Potassium", "5.9", "mmol/L", "3.5-5.1", "HH", "high", True),
+    ("Ferritin", "3", "ng/mL", "15-150", "LL", "low", True),
+    ("Sodium", "131", "mmol/L", None, "critical", "unknown", True),
+])
+def test_critical_only_from_documented_limits_or_the_lab_marker(
+        test, value, unit, rng, flag, expected_flag, critical) -> None:
+    row = labs.make_row(test, value, unit, rng, flag)
+    assert (row.flag, row.critical) == (expected_flag, critical)
+    assert row.status == ("critical" if critical else row.status)
+
+
+def test_every_parser_applies_the_critical_limits() -> None:
+    csv_rows = labs.parse_csv("test,value,unit,range\nPotassium,6.8,mmol/L,3.5-5.1\n"
+                              "INR,2.7,,0.8-1.2\n")
+    assert [(r.test, r.critical) for r in csv_rows] == [("Potassium", True), ("INR", False)]
+    text_rows = labs.parse_text_lines("Potassium 6.8 mmol/L 3.5-5.1\nGlucose 40 mg/dL 70-100\n"
+                                      "Sodium 128 mmol/L 135-145")
+    assert [(r.test, r.critical) for r in text_rows] == [
+        ("Potassium", True), ("Glucose", True), ("Sodium", False)]
+    assert text_rows[0].finding() == "Potassium 6.8 mmol/L (high; critical)"
+
+
+def test_the_critical_table_is_one_documented_table() -> None:
+    from medmitra.clinical import critical
+    for lim in critical.LIMITS:
+        assert lim.source in (critical.KOST_1990, critical.ARUP_2019)
+        assert lim.low is not None or lim.high is not None
+        assert lim.low is None or lim.high is None or lim.low < lim.high
+    # one name never means two analytes in the same unit
+    seen: dict[tuple[str, str], str] = {}
+    for lim in critical.LIMITS:
+        for n in lim.names:
+            for u in lim.units or ("",):
+                key = (critical.norm_name(n), critical.norm_unit(u))
+                assert seen.setdefault(key, lim.analyte) == lim.analyte, key

@@ -2,7 +2,8 @@
 
 Every row is judged by the one reference-range check, ``medmitra.clinical.ranges.judge``:
 its direction (``low``/``normal``/``high``/``unknown``) and the report's own marker are kept
-side by side. ``critical`` is never inferred from a multiple of the range.
+side by side. ``critical`` comes only from the report's own marker or the documented
+critical limits of ``clinical.critical``, never from a multiple of the range.
 
 Everything here is pure and deterministic; inputs are bounded (rows, columns, line
 length) so hostile files cost bounded time and memory.
@@ -16,7 +17,7 @@ import re
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Literal
 
-from medmitra.clinical import identity, ranges
+from medmitra.clinical import critical, identity, ranges
 from medmitra.clinical.ranges import Direction, parse_range, to_number
 from medmitra.filetypes import detect_delimiter
 
@@ -79,11 +80,24 @@ class LabRow:
 def make_row(test: str, value: str, unit: str | None = None,
              reference_range: str | None = None, lab_flag: str | None = None,
              page: int | None = None) -> LabRow:
-    """A LabRow judged by the one reference-range check."""
+    """A LabRow judged by the one reference-range check and the one critical-limits table
+    (every parser makes its rows here).
+
+    ``critical``: the report's own critical marker, or a value beyond a documented critical
+    limit (``clinical.critical``) -- unless the report's range says the value is normal or
+    on the other side. A value beyond a critical limit is outside any reference range, so
+    when the report prints no range its direction is the limit's side."""
     j = ranges.judge(value, reference_range, lab_flag)
+    direction = j.direction
+    beyond = critical.critical_side(test, unit or j.unit, j.numeric, j.comparator)
+    table_critical = False
+    if beyond is not None and direction in ("unknown", beyond[0]):
+        table_critical = True
+        direction = beyond[0]
     return LabRow(test=test, value=value, unit=unit, reference_range=reference_range,
-                  flag=j.direction, lab_flag=j.lab_flag, numeric=j.numeric,
-                  critical=j.marker_critical, page=page, marker_abnormal=j.marker_abnormal)
+                  flag=direction, lab_flag=j.lab_flag, numeric=j.numeric,
+                  critical=j.marker_critical or table_critical, page=page,
+                  marker_abnormal=j.marker_abnormal)
 
 
 # ---------------------------------------------------------------------------- CSV

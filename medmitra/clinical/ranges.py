@@ -94,6 +94,8 @@ class Judgement:
     lab_flag: str | None             # the report's own marker, as printed
     marker_abnormal: bool = False    # the report marks it abnormal (any marker but N)
     marker_critical: bool = False    # the report marks it critical (HH, LL, "critical")
+    comparator: str | None = None    # "<", "<=", ">", ">=" when the value has one
+    unit: str | None = None          # a unit glued to or following the value
 
     @property
     def abnormal(self) -> bool:
@@ -266,7 +268,8 @@ def judge(value: str | None, reference_range: str | None,
         if d == "unknown" and marker_dir is not None:
             d = marker_dir
     return Judgement(direction=d, numeric=v.numeric, lab_flag=marker or None,
-                     marker_abnormal=abnormal, marker_critical=critical)
+                     marker_abnormal=abnormal, marker_critical=critical,
+                     comparator=v.comparator, unit=v.unit)
 
 
 def flag(value: str | None, reference_range: str | None) -> Direction:
