@@ -93,8 +93,8 @@ def test_happy_path_shape_field_by_field(icd):
     # Computed (clinical/confidence.py): grounding, first-try validity, deterministic share.
     determ = confidence.deterministic_share(2, 0)
     g = ins["grounding"]["sections"]["case_summary"]
-    assert cs["confidence_score"] == confidence.section("ok", g["kept"] / g["claims_checked"],
-                                                        determ)
+    assert cs["confidence_score"] == confidence.section(
+        "ok", g["verified"] / (g["verified"] + g["unverified"] + g["dropped"]), determ)
     assert {k: v for k, v in ins["soap_note"].items() if k != "confidence_score"} == \
         {k: v for k, v in GOOD["soap_note"].items() if k != "confidence_score"}
     pd = ins["primary_diagnosis"]
@@ -324,7 +324,8 @@ def test_scores_are_clamped_and_non_finite_become_zero(icd):
         "case_summary": [json.dumps(GOOD["case_summary"] | {"confidence_score": 12})],
         "soap_note": [json.dumps(GOOD["soap_note"]).replace('"confidence_score": 0.5',
                                                             '"confidence_score": Infinity')],
-        "diagnosis": [dx_answer(confidence_score=-3).replace("-3", "1e999")],
+        "diagnosis": [dx_answer(confidence_score=-3, supporting_evidence=[
+            "Haemoglobin 9.1 g/dL"]).replace("-3", "1e999")],
         "differential": [json.dumps({"differential_diagnoses": [
             {"condition": "Asthma", "probability": -0.5, "reasoning": "",
              "distinguishing_factors": "Wheeze"},
@@ -452,7 +453,8 @@ def test_deterministic_lab_flag_wins_and_the_model_never_sets_a_value(icd):
     # "WBC high" contradicts the WBC row (normal): grounding dropped it.
     assert csv["key_abnormalities"] == ["Hb 9.1 g/dL (low)"]
     assert csv["summary"] == "Anaemia with a low haemoglobin."
-    assert 0 < csv["confidence_score"] < 1 and csv["confidence_score"] != 0.8
+    # Nothing the model wrote was verified ("WBC high" was dropped): 0.0, never its 0.8.
+    assert csv["confidence_score"] == 0.0
     assert result.insights["grounding"]["sections"]["lab_analysis"]["dropped"] >= 1
     assert csv["labs"][0] == {"analyte": "Hb", "value": "9.1", "numeric": 9.1, "unit": "g/dL",
                               "range": "12-16", "flag": "low", "lab_flag": None,

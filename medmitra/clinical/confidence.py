@@ -3,20 +3,23 @@
 For a model-written section (case summary, SOAP note, diagnosis, a lab file's
 interpretation):
 
-    confidence = 0.5 x G + 0.3 x T + 0.2 x D        (rounded to 3 decimals)
+    confidence = G x (0.60 + 0.25 x T + 0.15 x D)        (rounded to 3 decimals)
 
-- G, grounding: the share of the section's checked claims (numbers, lab directions,
-  imaging claims) that held against the sources (``clinical.grounding``); 0.5 when the
-  section made no checkable claim (nothing earned, nothing refuted);
-- T, first-try validity: 1.0 when the model's first answer was acceptable, 0.5 when it
-  took a retry;
-- D, deterministic share: of the result-like lines in the case's lab files, the share that
-  was parsed into lab rows (0 when there are no lab files): how much of what the model
-  read was also computed without it.
+- G, grounding: of the section's sentences and list items that the grounding check looked
+  at (``clinical.grounding``), the share that made at least one checkable claim (a number,
+  a lab direction, an imaging claim) and whose every claim held against the sources:
+  verified / (verified + unverified + dropped). Text with nothing checkable earns nothing:
+  G is 0 when no sentence was verified, so a section of unchecked prose scores 0.0 whatever
+  else went well -- 0.0 means "nothing here could be checked", not "wrong".
+- T, first-try validity: 1.0 when the model's first answer was acceptable, 0.5 when an
+  answer was rejected (invalid JSON, junk) and a retry was needed.
+- D, deterministic share: of the result-like lines in the case's lab files (for a lab file:
+  in that file), the share parsed into lab rows; 0 when there are no lab files.
 
-An abstained section has no confidence (``null``), and so has a radiology file no image
-model read. The overall score is the mean of the case summary, SOAP and diagnosis scores
-that exist (``null`` if none does).
+G multiplies the rest, so validity and parsed labs never lift unchecked text.
+A section whose answer was abstained (junk or invalid on every try) has no confidence
+(``null``), and so has a radiology file no image model read. The overall score is the mean
+of the case summary, SOAP and diagnosis scores that exist (``null`` if none does).
 
 ``confidenceThreshold``: sections are *flagged*, not withheld -- a nested section whose
 confidence is null or below the threshold carries ``below_threshold: true``; the flat
@@ -25,10 +28,9 @@ fields the original frontend reads stay as they are (it renders them unchanged).
 
 from __future__ import annotations
 
-WEIGHT_GROUNDING = 0.5
-WEIGHT_FIRST_TRY = 0.3
-WEIGHT_DETERMINISTIC = 0.2
-NEUTRAL_GROUNDING = 0.5
+WEIGHT_BASE = 0.60
+WEIGHT_FIRST_TRY = 0.25
+WEIGHT_DETERMINISTIC = 0.15
 RETRIED_VALIDITY = 0.5
 
 
@@ -38,13 +40,15 @@ def deterministic_share(rows_parsed: int, lines_not_parsed: int) -> float:
 
 
 def section(status: str, grounded_share: float | None, determ_share: float) -> float | None:
-    """The confidence of one section (formula in the module doc); None if abstained."""
+    """The confidence of one section (formula in the module doc); None if abstained.
+
+    ``grounded_share``: ``Grounder.share`` of the section (None: nothing was checked)."""
     if status == "abstained":
         return None
-    g = NEUTRAL_GROUNDING if grounded_share is None else grounded_share
+    g = 0.0 if grounded_share is None else min(1.0, max(0.0, grounded_share))
     t = 1.0 if status == "ok" else RETRIED_VALIDITY
-    return round(WEIGHT_GROUNDING * g + WEIGHT_FIRST_TRY * t
-                 + WEIGHT_DETERMINISTIC * determ_share, 3)
+    d = min(1.0, max(0.0, determ_share))
+    return round(g * (WEIGHT_BASE + WEIGHT_FIRST_TRY * t + WEIGHT_DETERMINISTIC * d), 3)
 
 
 def overall(scores: list[float | None]) -> float | None:

@@ -41,9 +41,13 @@ class Counts:
     claims_checked: int = 0
     kept: int = 0
     dropped: int = 0
+    # Sentences and items kept: with at least one checked claim (all held) / with none.
+    verified: int = 0
+    unverified: int = 0
 
     def as_dict(self) -> dict:
-        return {"claims_checked": self.claims_checked, "kept": self.kept, "dropped": self.dropped}
+        return {"claims_checked": self.claims_checked, "kept": self.kept, "dropped": self.dropped,
+                "verified": self.verified, "unverified": self.unverified}
 
 
 @dataclass
@@ -110,15 +114,21 @@ class Grounder:
                 c.dropped += 1
             else:
                 c.kept += checked
+                if checked:
+                    c.verified += 1
+                else:
+                    c.unverified += 1
                 out.append(item)
         return out
 
     def share(self, section: str) -> float | None:
-        """Share of the section's checked claims that held, None if none was checked."""
+        """Share of the section's sentences and items that were checked and held (verified
+        / (verified + unverified + dropped)); None if the section wrote nothing checked."""
         c = self.by_section.get(section)
-        if c is None or c.claims_checked == 0:
+        if c is None:
             return None
-        return c.kept / c.claims_checked
+        units = c.verified + c.unverified + c.dropped
+        return c.verified / units if units else None
 
     def summary(self) -> dict:
         total = Counts()
@@ -126,6 +136,8 @@ class Grounder:
             total.claims_checked += c.claims_checked
             total.kept += c.kept
             total.dropped += c.dropped
+            total.verified += c.verified
+            total.unverified += c.unverified
         return total.as_dict() | {"sections": {k: v.as_dict()
                                                for k, v in sorted(self.by_section.items())}}
 
