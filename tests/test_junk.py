@@ -273,3 +273,16 @@ def test_the_echoes_of_issue_9_reject_the_diagnosis_answer() -> None:
     out = junk.screen_answer(answer, schemas.DIAGNOSIS,
                              prompt_texts=(prompts.RULES, prompts.TASK_DIAGNOSIS))
     assert out["supporting_evidence"] == []
+
+
+@pytest.mark.parametrize("field, text", [
+    ("dosage", "Prednisolone 40 mg daily"),
+    ("plan", "Prednisolone 40 mg daily; recheck Hb 70 g/L and glucose 600 mg/dL."),
+    ("objective", "Hb 70 g/L, glucose 1200 mg/dL on prednisolone."),
+    ("summary", "Urine protein 60 g/L on dexamethasone."),
+])
+def test_concentrations_and_results_are_not_doses(field, text) -> None:
+    assert junk.junk_reason(text, field) is None
+    assert junk.screen_answer({"plan": "On steroids.", field: text},
+                              {"properties": {"plan": {"type": "string"},
+                                              field: {"type": "string"}}})[field] == text

@@ -113,8 +113,11 @@ DOSE_MAX_GRAMS: tuple[tuple[re.Pattern[str], float], ...] = (
 )
 _GRAMS_PER_UNIT = {"kg": 1000.0, "g": 1.0, "gm": 1.0, "gram": 1.0, "grams": 1.0,
                    "mg": 1e-3, "mcg": 1e-6, "ug": 1e-6, "µg": 1e-6, "μg": 1e-6}
-_MASS_RE = re.compile(r"(\d+(?:[.,]\d+)?)\s*(kg|grams?|gm|g|mg|mcg|ug|µg|μg)(?![a-z])",
-                      re.IGNORECASE)
+# A mass, not a concentration ("Hb 70 g/L", "glucose 600 mg/dL" are results, not doses).
+_MASS_RE = re.compile(r"(\d+(?:[.,]\d+)?)\s*(kg|grams?|gm|g|mg|mcg|ug|µg|μg)(?![a-z])"
+                      r"(?!\s*/\s*(?:[dcm]?l|lit|100\s*ml)\b)", re.IGNORECASE)
+# The fields where a dose is written (treatments, the SOAP plan).
+DOSE_FIELDS = frozenset({"dosage", "treatment_type", "description", "plan", "precautions"})
 
 
 def dose_problem(text: str, drug: str = "") -> str | None:
@@ -262,7 +265,8 @@ def junk_reason(text: Any, field: str, *, field_names: Iterable[str] = (),
     if _NOT_AVAILABLE_RE.match(low):
         return None  # what the rules ask the model to say when the facts are silent
     return (_echo_in_other_words(s, prompt_vocabulary(field, field_names, prompts))
-            or _dangling(s) or _paraphrase(s) or dose_problem(s))
+            or _dangling(s) or _paraphrase(s)
+            or (dose_problem(s) if field in DOSE_FIELDS else None))
 
 
 def text_fields(obj: Any, key: str = "") -> Iterable[tuple[str, str]]:
@@ -360,7 +364,7 @@ def _screen_object(data: dict, schema: dict, names: set[str], prompts: list[str]
         value = out.get(key)
         if sub.get("type") == "string" and "enum" not in sub and isinstance(value, str):
             reason = junk_reason(value, key, field_names=names, prompt_texts=prompts)
-            if reason is None and value.strip():
+            if reason is None and value.strip() and key in DOSE_FIELDS:
                 # A dose is judged with the drug the rest of the object names.
                 others = " ".join(v for k, v in data.items() if k != key and isinstance(v, str))
                 reason = dose_problem(value, others)
