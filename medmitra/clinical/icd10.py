@@ -34,13 +34,11 @@ Read-only and safe to use from any thread (one connection per thread).
 
 from __future__ import annotations
 
-import hashlib
 import re
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass
-from importlib import resources
+from collections import namedtuple
 from pathlib import Path
 
 TABLE_FILE = "icd10cm.sqlite"
@@ -69,16 +67,20 @@ _open_s: float | None = None
 _lock = threading.Lock()
 
 
-@dataclass(frozen=True, slots=True)
-class Code:
-    """One diagnosis code of the table."""
+# A named tuple, not a dataclass: importing dataclasses (and inspect) took about a third
+# of the time from import to the first answer.
+class Code(namedtuple("Code", "code title kind billable parent terms")):
+    """One diagnosis code of the table.
 
-    code: str                 # dotted: "E11.9", "S52.501A"
-    title: str                # the official description
-    kind: str                 # "category", "subcategory" or "extension" (7th character)
-    billable: bool            # a leaf code, valid on a claim (a category with children is not)
-    parent: str | None        # the dotted parent code; None for a category
-    terms: tuple[str, ...]    # index terms: inclusion terms and "includes" notes
+    code: str                 dotted: "E11.9", "S52.501A"
+    title: str                the official description
+    kind: str                 "category", "subcategory" or "extension" (7th character)
+    billable: bool            a leaf code, valid on a claim (a category with children is not)
+    parent: str | None        the dotted parent code; None for a category
+    terms: tuple[str, ...]    index terms: inclusion terms and "includes" notes
+    """
+
+    __slots__ = ()
 
     @property
     def category(self) -> str:
@@ -89,7 +91,9 @@ class Code:
 def _table_path() -> Path:
     global _path
     if _path is None:
-        _path = Path(str(resources.files("medmitra.clinical") / "data" / TABLE_FILE))
+        # Next to this module, in the source tree, an installed package and the one-file
+        # binary's unpack folder alike (importlib.resources took as long as all the rest).
+        _path = Path(__file__).resolve().parent / "data" / TABLE_FILE
     return _path
 
 
@@ -200,6 +204,7 @@ def name_key(text: str) -> str:
 
 def name_hash(key_: str) -> int:
     """The 64-bit number a name key is stored under in the table (names.key_hash)."""
+    import hashlib    # on the first search, not at import (it loads OpenSSL)
     return int.from_bytes(hashlib.blake2b(key_.encode(), digest_size=8).digest(), "big",
                           signed=True)
 
