@@ -13,6 +13,14 @@ Measured for both (side by side, with binary/source ratios):
 - peak RSS of the whole process tree (the binary's bootloader + its Python), idle after
   the model is ready and during one analysis (a text PDF + an image, to ``completed``).
 
+Two more variants of the same binary, made by changing one byte per archive entry of a copy
+(medmitra/lazyfiles.py), show where the time goes:
+- "binary, all unpacked at start": the lazily unpacked groups unpacked by the bootloader at
+  every start, as before lazyfiles.py (same files, same build);
+- the floor: the bootloader unpacking the same payload and starting Python with no script
+  at all (the main script entry is skipped), timed to its exit; once with what the binary
+  unpacks at start, once with everything.
+
 "Cold" here means a new process and a new data dir, with the OS file cache warm (the binary
 was just built or read); dropping the page cache would slow every other user of the machine.
 """
@@ -127,6 +135,16 @@ def print_size(binary: Path) -> None:
     print(f"dist/{binary.name}: {total / MiB:.1f} MiB ({total} bytes), model not included")
     for label, n in sorted(split.items(), key=lambda kv: -kv[1]):
         print(f"  {n / MiB:7.1f} MiB  {100 * n / total:5.1f} %  {label}")
+    from PyInstaller.archive.readers import CArchiveReader
+
+    unpacked = collections.Counter()
+    for _off, _clen, ulen, _flag, typecode in CArchiveReader(str(binary)).toc.values():
+        if typecode in ("b", "x", "Z"):
+            unpacked["at every start"] += ulen
+        elif typecode == "L":   # medmitra.lazyfiles.LAZY_TYPECODE
+            unpacked["on first import of its group (lazyfiles.py)"] += ulen
+    for when, n in unpacked.items():
+        print(f"unpacked {when}: {n / 1e6:.1f} MB")
 
 
 # -- running a server -----------------------------------------------------------------------
@@ -204,7 +222,7 @@ class Variant:
     results: dict[str, list[float]] = field(default_factory=lambda: collections.defaultdict(list))
 
 
-def binary_variant(binary: Path) -> Variant:
+def binary_variant(binary: Path, label: str = "binary") -> Variant:
     def prepare(folder: Path) -> list[str]:
         exe = folder / binary.name
         if not exe.exists():
@@ -214,7 +232,7 @@ def binary_variant(binary: Path) -> Variant:
             _link_or_copy(ROOT / "models" / MODEL_NAME, models / MODEL_NAME)
         return [str(exe), "serve"]
 
-    return Variant("binary", prepare, lambda folder: [str(folder / binary.name)])
+    return Variant(label, prepare, lambda folder: [str(folder / binary.name)])
 
 
 def source_variant() -> Variant:
@@ -222,6 +240,46 @@ def source_variant() -> Variant:
     # The source tree finds models/ beside the project (medmitra.config.app_root).
     return Variant("source", lambda folder: [py, "-m", "medmitra", "serve"],
                    lambda folder: [py, "-m", "medmitra"])
+
+
+# -- variants of the built binary, and the floor ----------------------------------------------
+
+
+def _lazy_names(binary: Path) -> list[str]:
+    from medmitra import lazyfiles
+
+    return [name for name, *_r, typecode in lazyfiles.entries(str(binary))
+            if typecode == lazyfiles.LAZY_TYPECODE]
+
+
+def _variant_copy(binary: Path, folder: Path, name: str, *, eager: bool,
+                  no_script: bool) -> Path:
+    """A copy of ``binary`` whose lazy entries are unpacked by the bootloader (``eager``)
+    and/or whose main script is skipped (``no_script``: the floor)."""
+    from medmitra import lazyfiles
+
+    out = folder / name
+    shutil.copy2(binary, out)
+    codes: dict[str, bytes] = {}
+    if eager:
+        codes.update((n, b"x") for n in _lazy_names(binary))
+    if no_script:
+        codes["__main__"] = lazyfiles.LAZY_TYPECODE
+    lazyfiles.retype(str(out), codes)
+    return out
+
+
+def run_floor(exe: Path) -> dict[str, float]:
+    """Bootloader unpack + Python start with no script, to the process's exit (including
+    the bootloader removing its temp folder)."""
+    started = time.perf_counter()
+    proc = subprocess.Popen([str(exe)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _pid, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{exe.name} exited with {proc.returncode}")
+    return {"floor_s": time.perf_counter() - started,
+            "floor_cpu_s": usage.ru_utime + usage.ru_stime}
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -349,11 +407,35 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print_size(binary)
     print()
+    sys.path.insert(0, str(ROOT))
+    work = Path(tempfile.mkdtemp(prefix="medmitra-bench-variants-"))
+    try:
+        return _compare(binary, work, args)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _compare(binary: Path, work: Path, args: argparse.Namespace) -> int:
+    lazy = bool(_lazy_names(binary))
     variants = [binary_variant(binary), source_variant()]
-    for i in range(max(args.runs, args.analyses)):
-        for v in variants:   # interleaved, so both see the same machine load
+    floors: dict[str, Path] = {}
+    if lazy:
+        eager = _variant_copy(binary, work, binary.name + "-eager", eager=True, no_script=False)
+        variants.insert(1, binary_variant(eager, "binary, all unpacked at start"))
+        floors["floor: unpack at start + Python, no script"] = _variant_copy(
+            binary, work, "floor-lazy", eager=False, no_script=True)
+    floors["floor: unpack everything + Python, no script"] = _variant_copy(
+        binary, work, "floor-eager", eager=True, no_script=True)
+    floor_results: dict[str, dict[str, list[float]]] = {
+        k: collections.defaultdict(list) for k in floors}
+    n = max(args.runs, args.analyses)
+    for i in range(n):
+        for v in variants:   # interleaved, so all see the same machine load
             for key, value in run_once(v, analyse=(i < args.analyses)).items():
                 v.results[key].append(value)
+        for label, exe in floors.items():
+            for key, value in run_floor(exe).items():
+                floor_results[label][key].append(value)
     rows = [("cold start to first 200 /health", "start_s", "s"),
             ("  CPU time used until then", "start_cpu_s", "s"),
             ("start to model ready", "model_ready_s", "s"),
@@ -362,16 +444,23 @@ def main(argv: list[str] | None = None) -> int:
             ("peak RSS during one analysis", "rss_analysis_mib", "MiB"),
             ("one analysis (PDF + image), wall", "analysis_s", "s"),
             ("one analysis, CPU time of the server", "analysis_cpu_s", "s")]
-    b, s = variants
-    print(f"{'':38} {'binary':>10} {'source':>10} {'ratio':>7}   (medians: "
-          f"{max(args.runs, args.analyses)} start-ups, {args.analyses} analyses)")
-    for title, key, unit in rows:
-        if not b.results[key] or not s.results[key]:
-            continue   # --analyses 0
-        bv, sv = statistics.median(b.results[key]), statistics.median(s.results[key])
-        spread = "  ".join(f"{v.label} {min(v.results[key]):.2f}-{max(v.results[key]):.2f}"
-                           for v in variants)
-        print(f"{title:38} {bv:10.2f} {sv:10.2f} {bv / sv:7.2f}   {unit}  ({spread})")
+    src = variants[-1]
+    print(f"medians of {n} start-ups and {args.analyses} analyses each, interleaved; "
+          f"ratio = binary / source; load average now {os.getloadavg()[0]:.2f}")
+    for v in variants[:-1]:
+        print(f"\n{v.label:38} {'binary':>10} {'source':>10} {'ratio':>7}")
+        for title, key, unit in rows:
+            if not v.results[key] or not src.results[key]:
+                continue   # --analyses 0
+            bv, sv = statistics.median(v.results[key]), statistics.median(src.results[key])
+            spread = "  ".join(f"{x.label.split(',')[0]} {min(x.results[key]):.2f}-"
+                               f"{max(x.results[key]):.2f}" for x in (v, src))
+            print(f"{title:38} {bv:10.2f} {sv:10.2f} {bv / sv:7.2f}   {unit}  ({spread})")
+    print()
+    for label, res in floor_results.items():
+        print(f"{label:46} {statistics.median(res['floor_s']):6.2f} s wall, "
+              f"{statistics.median(res['floor_cpu_s']):5.2f} s CPU  (wall "
+              f"{min(res['floor_s']):.2f}-{max(res['floor_s']):.2f})")
     return 0
 
 
