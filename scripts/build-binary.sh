@@ -5,7 +5,7 @@
 #   scripts/build-binary.sh               build (reusing PyInstaller's caches under build/)
 #   scripts/build-binary.sh --clean       build from scratch
 #   scripts/build-binary.sh --fast-start  store the archive uncompressed: ~390 MB instead of
-#                                         ~150 MB, but each start unpacks in ~0.5 s, not ~2 s
+#                                         ~150 MB, for less CPU when unpacking (docs/binary.md)
 #
 # Caches kept between runs on one machine: build/pyinstaller (PyInstaller's work dir: an
 # unchanged analysis is not redone), build/stripped (native libraries without debug info),
