@@ -28,6 +28,7 @@ from conftest import (ROOT, TEST_SECRET, Served, free_port, make_settings, make_
                       wait_healthy)
 from medmitra.cli import main
 from medmitra.ops import audit
+from medmitra.ops.audit_store import AUDIT_DB_NAME
 from tests.pg import pg_server, pg_url  # noqa: F401  (fixtures)
 
 PATIENT = "Zebulon Quixote-Audit"
@@ -41,7 +42,7 @@ def server(start_app, tmp_path: Path) -> Served:
 
 
 def _rows(data: Path) -> list[dict[str, Any]]:
-    conn = sqlite3.connect(data / "medmitra.sqlite3")
+    conn = sqlite3.connect(data / AUDIT_DB_NAME)
     conn.row_factory = sqlite3.Row
     try:
         return [dict(r) for r in conn.execute("SELECT * FROM audit_log ORDER BY id")]
@@ -131,7 +132,7 @@ def test_verify_names_edited_deleted_and_inserted_rows(server: Served,
     args = ["audit", "verify", "--data-dir", str(data)]
     assert main(args) == 0
     assert "audit trail ok: 11 rows (ids 1-11)" in capsys.readouterr().out
-    db = sqlite3.connect(data / "medmitra.sqlite3")
+    db = sqlite3.connect(data / AUDIT_DB_NAME)
 
     def check(expect: str) -> None:
         assert main(args) == 1
@@ -215,13 +216,75 @@ def test_retention_removes_old_rows_and_keeps_the_chain_verifiable(
     assert [r["id"] for r in rows] == [6, 7] and rows[1]["action"] == "retention"
     assert main(["audit", "verify", "--data-dir", str(data)]) == 0
     # Deleting the first remaining row is not covered by the retention record.
-    db = sqlite3.connect(data / "medmitra.sqlite3")
+    db = sqlite3.connect(data / AUDIT_DB_NAME)
     with db:
         db.execute("DELETE FROM audit_log WHERE id = 6")
     db.close()
     capsys.readouterr()
     assert main(["audit", "verify", "--data-dir", str(data)]) == 1
     assert "rows 1-6 are missing" in capsys.readouterr().out
+
+
+def _legacy_rows(db: Path, key: bytes, n: int) -> None:
+    """Chain ``n`` rows into the main file's audit_log, as a server before 0008 did."""
+    conn = sqlite3.connect(db)
+    prev = audit.GENESIS
+    with conn:
+        for i in range(1, n + 1):
+            row = {"id": i, "ts": audit.utc_now_iso(), "action": "view", "status": 200,
+                   "user_id": f"u{i}", "case_ref": str(i)}
+            h = audit.row_hash(key, prev, row)
+            conn.execute(audit.INSERT_HEAD + audit._placeholders("sqlite", len(audit.COLUMNS), 1),
+                         [row.get(c) for c in audit.FIELDS] + [prev, h])
+            prev = h
+    conn.close()
+
+
+@pytest.mark.parametrize("crash_after_copy", [False, True])
+def test_upgrade_moves_the_trail_into_its_own_file(tmp_path: Path, crash_after_copy: bool,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """Migration 0008 (SQLite): the rows of an older install move to audit.sqlite3 and their
+    chain still verifies; a crash after the copy and before the table is dropped repeats
+    the copy without duplicating or losing a row."""
+    from conftest import database_at_version
+    from medmitra.db import setup as dbsetup
+    from medmitra.ops import audit_store
+
+    settings = make_settings(tmp_path)
+    data = settings.data_path
+    database_at_version(settings, audit_store.MOVE_OUT_VERSION - 1)
+    (data / AUDIT_DB_NAME).unlink()     # the older install had no audit file
+    key = audit.load_or_create_key(data)
+    main_db = data / "medmitra.sqlite3"
+    _legacy_rows(main_db, key, 7)
+
+    async def copy_only() -> int:       # what a crash right after the copy leaves
+        await dbsetup.open_db(settings, migrate=False)
+        try:
+            return await audit_store.move_rows_out(dbsetup.connections.get("default"))
+        finally:
+            await dbsetup.close_db()
+
+    if crash_after_copy:
+        assert asyncio.run(copy_only()) == 7
+        assert len(_rows(data)) == 7
+    assert main(["audit", "verify", "--data-dir", str(data)]) == 0   # migrates, then checks
+    assert "audit trail ok: 7 rows" in capsys.readouterr().out
+    rows = _rows(data)
+    assert [r["id"] for r in rows] == list(range(1, 8))
+    assert [r["user_id"] for r in rows] == [f"u{i}" for i in range(1, 8)]
+    conn = sqlite3.connect(main_db)
+    try:
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
+        version = conn.execute('SELECT MAX("version") FROM "schema_version"').fetchone()[0]
+    finally:
+        conn.close()
+    assert "audit_log" not in tables and version >= audit_store.MOVE_OUT_VERSION
+    # New rows chain on from the moved ones.
+    assert main(["users", "add", "--email", "mover@example.org", "--password",
+                 "a long enough password 42", "--data-dir", str(data)]) == 0
+    assert main(["audit", "verify", "--data-dir", str(data)]) == 0
+    assert "audit trail ok: 8 rows" in capsys.readouterr().out
 
 
 def test_batch_mode_commits_within_flush_interval(start_app, tmp_path: Path) -> None:

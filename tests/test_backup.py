@@ -106,6 +106,9 @@ def test_backup_verify_restore_round_trip(populated, tmp_path: Path,
     assert "secrets/audit_key" in secrets
     assert any(p.startswith("secrets/auth_keys/") for p in secrets)
     assert manifest["counts"]["audit_log"] >= 4
+    # The trail is in a file of its own (ops/audit_store.py), copied and listed too.
+    assert manifest["audit_database"]["path"] == "audit.sqlite3"
+    assert (dest / "audit.sqlite3").is_file()
     assert main(["backup", "verify", str(dest), "--quiet"]) == 0
     assert "backup ok" in capsys.readouterr().out
 
@@ -177,6 +180,13 @@ def test_corrupted_database_or_manifest_is_refused(populated, tmp_path: Path) ->
     assert "checksum mismatch: medmitra.sqlite3" in verify_backup(dest)[1]
     raw[-100] ^= 0xFF
     db.write_bytes(bytes(raw))
+    trail = dest / "audit.sqlite3"
+    kept = trail.read_bytes()
+    trail.write_bytes(kept[:-1] + bytes([kept[-1] ^ 0xFF]))
+    assert verify_backup(dest)[1] == ["checksum mismatch: audit.sqlite3"]
+    trail.unlink()
+    assert verify_backup(dest)[1] == ["missing: audit.sqlite3"]
+    trail.write_bytes(kept)
     manifest = (dest / MANIFEST).read_text()
     (dest / MANIFEST).write_text(manifest.replace('"cases": 4', '"cases": 5'))
     from medmitra.ops.backup import BackupError
@@ -234,6 +244,35 @@ def test_restore_runs_migrations_forward(tmp_path: Path, capsys) -> None:
     assert main(["restore", str(dest), "--data-dir", str(target), "--quiet"]) == 0
     newest = max(v for v, _, _ in dbsetup.available_migrations("sqlite"))
     assert f"schema version {newest}, migrated forward: 2" in capsys.readouterr().out
+
+
+def test_restore_of_a_trail_kept_in_the_database_moves_it_to_its_own_file(
+        tmp_path: Path, capsys) -> None:
+    """A backup made before migration 0008 holds the audit rows in the database: restored,
+    they move to audit.sqlite3 and their chain still verifies."""
+    from test_audit import _legacy_rows
+
+    from medmitra.ops import audit
+    from medmitra.ops.audit_store import AUDIT_DB_NAME, MOVE_OUT_VERSION
+
+    settings = make_settings(tmp_path)
+    database_at_version(settings, MOVE_OUT_VERSION - 1)
+    data = settings.data_path
+    (data / AUDIT_DB_NAME).unlink()
+    _legacy_rows(data / "medmitra.sqlite3", audit.load_or_create_key(data), 5)
+    dest = tmp_path / "bk"
+    manifest = make_backup(settings, dest).manifest
+    assert "audit_database" not in manifest and manifest["counts"]["audit_log"] == 5
+    target = tmp_path / "t"
+    assert main(["restore", str(dest), "--data-dir", str(target), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["audit", "verify", "--data-dir", str(target)]) == 0
+    assert "audit trail ok: 5 rows" in capsys.readouterr().out
+    conn = sqlite3.connect(target / AUDIT_DB_NAME)
+    try:
+        assert conn.execute("SELECT COUNT(*) FROM audit_log").fetchone()[0] == 5
+    finally:
+        conn.close()
 
 
 def test_prune_keeps_the_newest(tmp_path: Path) -> None:

@@ -145,3 +145,42 @@ def test_read_cache_is_bounded_by_size_and_skips_big_reads(tmp_path: Path) -> No
             await close_db()
 
     asyncio.run(run())
+
+
+def test_audit_trail_writes_leave_cached_reads_in_place(tmp_path: Path, monkeypatch) -> None:
+    """The audit trail writes its batches to its own file (ops/audit_store.py): they must not
+    move the main file's data_version, or every batch would empty the read cache."""
+    from medmitra.ops import audit
+
+    settings = make_settings(tmp_path)
+    db_path = Path(settings.database_url.removeprefix("sqlite://"))
+    user = str(uuid.uuid4())
+    select = [(f'SELECT {reads.CASE_COLS} FROM "cases" WHERE "user_id" = ?', [user])]
+    snapshots = []
+    real = reads._snapshot
+    monkeypatch.setattr(reads, "_snapshot", lambda *a: snapshots.append(1) or real(*a))
+
+    async def run() -> None:
+        await open_db(settings)
+        reader = reads.Reader(db_path)
+        try:
+            now = datetime.now(timezone.utc)
+            await Case.create(case_id=str(uuid.uuid4()), user_id=user, patient_name="p",
+                              patient_age=40, patient_gender="f", status="processing",
+                              created_at=now, updated_at=now)
+            await reader.many(select)
+            assert len(snapshots) == 1
+            for i in range(3):
+                await audit.append_rows([{"ts": audit.utc_now_iso(), "action": "view",
+                                          "status": 200, "user_id": user}], b"k" * 32)
+                await reader.many(select)
+            assert len(snapshots) == 1, "an audit batch emptied the read cache"
+            assert len(await audit.fetch_rows()) == 3
+            await Case.filter(user_id=user).update(patient_name="q")   # a real change
+            (rows,) = await reader.many(select)
+            assert len(snapshots) == 2 and rows[0]["patient_name"] == "q"
+        finally:
+            reader.close()
+            await close_db()
+
+    asyncio.run(run())

@@ -71,11 +71,23 @@ async def open_db(settings: Settings, *, migrate: bool = True) -> None:
     # The global fallback lets handlers and background tasks (other contexts than the
     # listener that initialised tortoise) use the connection; see tortoise/context.py.
     await Tortoise.init(config=tortoise_config(settings), _enable_global_fallback=True)
+    await open_audit(settings)
     if migrate:
         await apply_migrations(settings)
 
 
+async def open_audit(settings: Settings) -> None:
+    """SQLite: open the audit trail's own file (ops/audit_store.py) beside the database."""
+    if settings.is_sqlite:
+        from medmitra.ops import audit_store
+
+        await audit_store.connection()
+
+
 async def close_db() -> None:
+    from medmitra.ops import audit_store
+
+    await audit_store.close()
     await Tortoise.close_connections()
 
 
@@ -108,6 +120,8 @@ async def current_version() -> int:
 
 async def apply_migrations(settings: Settings) -> list[int]:
     """Apply every migration the database has not recorded; return the versions applied."""
+    from medmitra.ops import audit_store
+
     kind = dialect(settings)
     conn = connections.get("default")
     await current_version()     # creates the version table when missing
@@ -124,6 +138,11 @@ async def apply_migrations(settings: Settings) -> list[int]:
         record = (f'INSERT INTO "schema_version" ("version", "name", "applied_at") '
                   f"VALUES ({version}, '{name}', '{now}');")
         if kind == "sqlite":
+            if version == audit_store.MOVE_OUT_VERSION:
+                # The audit rows go to their own file first; 0008 then drops the table.
+                moved = await audit_store.move_rows_out(conn)
+                if moved:
+                    log.info("moved %d audit row(s) to %s", moved, audit_store.AUDIT_DB_NAME)
             try:
                 await conn.execute_script(f"BEGIN IMMEDIATE;\n{sql}\n{record}\nCOMMIT;")
             except Exception:

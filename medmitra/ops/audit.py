@@ -1,6 +1,7 @@
 """The audit trail: who touched which patient record, when, from where, with what outcome.
 
-Rows (table ``audit_log``, migration 0005) carry ids and route templates only: user id,
+Rows (table ``audit_log``, migration 0005; on SQLite in a file of its own,
+``audit.sqlite3``: ops/audit_store.py) carry ids and route templates only: user id,
 token kind and session id, action, method, route template (never the URL), case and file
 ids, client address, HTTP status, request id. Never patient names or clinical text.
 
@@ -104,14 +105,15 @@ async def append_rows(rows: Sequence[dict[str, Any]], key: bytes,
     """Chain and insert ``rows`` in one transaction; returns the new head (id, hash).
     Safe against other writers (other processes, other nodes): the head is read inside the
     transaction (PostgreSQL: under an advisory lock), and a clash on the id is retried."""
-    from tortoise import connections
     from tortoise.exceptions import IntegrityError, OperationalError
-    from tortoise.transactions import in_transaction
 
-    dialect = connections.get("default").capabilities.dialect
+    from medmitra.ops import audit_store
+
+    conn = await audit_store.connection()
+    dialect = conn.capabilities.dialect
     for attempt in range(10):
         try:
-            async with in_transaction() as tx:
+            async with conn._in_transaction() as tx:
                 if dialect != "sqlite":
                     await tx.execute_query(f"SELECT pg_advisory_xact_lock({PG_AUDIT_LOCK_KEY})")
                 last = await tx.execute_query_dict(
@@ -387,9 +389,9 @@ def verify_rows(rows: Iterable[dict[str, Any]], key: bytes,
 
 async def fetch_rows(where: str = "", params: Sequence[Any] = (),
                      limit: int | None = None) -> list[dict[str, Any]]:
-    from tortoise import connections
+    from medmitra.ops import audit_store
 
-    conn = connections.get("default")
+    conn = await audit_store.connection()
     sql = "SELECT " + ", ".join(f'"{c}"' for c in COLUMNS) + ' FROM "audit_log"'
     if where:
         if conn.capabilities.dialect != "sqlite":
@@ -464,13 +466,13 @@ def render(rows: Iterable[dict[str, Any]], fmt: str) -> Iterator[str]:
 async def prune(key: bytes, retention_days: int, head_path: Path | None = None) -> int:
     """Delete rows older than ``retention_days`` and record it with a chained
     ``retention`` row naming the last id removed (verify accepts the gap it explains)."""
-    from tortoise import connections
+    from medmitra.ops import audit_store
 
     if retention_days <= 0:
         return 0
     cutoff = (datetime.now(timezone.utc) - timedelta(days=retention_days)).isoformat(
         timespec="microseconds")
-    conn = connections.get("default")
+    conn = await audit_store.connection()
     ph = "?" if conn.capabilities.dialect == "sqlite" else "$1"
     rows = await conn.execute_query_dict(
         f'SELECT MAX("id") AS m, COUNT(*) AS n FROM "audit_log" WHERE "ts" < {ph}', [cutoff])

@@ -1,5 +1,7 @@
 """The tortoise model of the audit trail's table (frozen in migration 0005_audit). Only
-medmitra/ops/audit.py writes these rows, always through its chain writer."""
+medmitra/ops/audit.py writes these rows, always through its chain writer, in plain SQL. On
+SQLite the table is in its own file since migration 0008 (ops/audit_store.py), not behind
+tortoise's default connection: this model is not queried."""
 
 from __future__ import annotations
 

@@ -5,11 +5,14 @@ A backup is a folder:
     manifest.json        format, versions, counts, and every file below with SHA-256 + size
     manifest.sha256      SHA-256 of manifest.json (a flipped byte in the manifest is caught)
     medmitra.sqlite3     the database (SQLite only; on PostgreSQL pg_dump does the database)
+    audit.sqlite3        the audit trail's own database file (SQLite only; ops/audit_store.py)
     files/<2 hex>/<id>   every uploaded file the database snapshot names
     secrets/jwt_secret, secrets/auth_keys/<kid>.pem, secrets/audit_key
 
 Consistency while the server runs: the database is copied first with ``VACUUM INTO``, one
 read transaction, so the copy is a snapshot; in WAL mode writers are not blocked meanwhile.
+The audit file is copied the same way right after it (its rows name accesses, never rows of
+the main file, so the two snapshots need not be one).
 Then exactly the files that snapshot names are copied. A stored file is written and
 renamed before its row is committed (storage.py), so every file of the snapshot exists,
 unless its case or file was deleted after the snapshot: such rows are dropped from the
@@ -39,11 +42,13 @@ from typing import Any, Callable
 from medmitra import __version__
 from medmitra.atomicfile import fsync_dir
 from medmitra.config import Settings
+from medmitra.ops.audit_store import AUDIT_DB_NAME
 
 log = logging.getLogger("medmitra.ops.backup")
 
 FORMAT = "medmitra-backup"
-FORMAT_VERSION = 1
+# 2: the audit trail in its own file (manifest key "audit_database"); 1 is still read.
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 MANIFEST_SUM = "manifest.sha256"
 DB_NAME = "medmitra.sqlite3"
@@ -55,6 +60,7 @@ SECRET_DIRS = ("auth_keys",)
 COPY_BLOCK_BYTES = 1 << 20
 # Tables counted in the manifest (those that exist in the snapshot).
 COUNTED_TABLES = ("cases", "case_files", "ai_insights", "jobs", "auth_users", "audit_log")
+AUDIT_TABLE = "audit_log"
 PG_NOTE = ("PostgreSQL: this backup holds the uploaded files, the keys and the manifest, "
            "not the database. Back the database up with pg_dump (e.g. pg_dump -Fc -f "
            "medmitra.dump DBNAME) at the same time, and restore it with pg_restore.")
@@ -186,8 +192,11 @@ def make_backup(settings: Settings, dest: Path | None = None, *, progress: bool 
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     try:
+        audit_entry = None
         if settings.is_sqlite:
             db_entry, file_rows, counts, version, warnings = _sqlite_snapshot(settings, staging)
+            audit_entry, audit_counts = _audit_snapshot(settings, staging)
+            counts.update(audit_counts)
         else:
             db_entry = None
             file_rows, counts, version = asyncio.run(_pg_listing(settings))
@@ -196,7 +205,8 @@ def make_backup(settings: Settings, dest: Path | None = None, *, progress: bool 
         if missing:
             if settings.is_sqlite:
                 _drop_vanished(settings, staging, missing)
-                db_entry, counts = _rehash_db(staging)
+                db_entry, main_counts = _rehash_db(staging)
+                counts.update(main_counts)
             warnings.append(f"{len(missing)} file(s) were deleted while the backup ran; "
                             "their rows are not in the backup")
         secrets = _copy_secrets(data, staging)
@@ -207,6 +217,7 @@ def make_backup(settings: Settings, dest: Path | None = None, *, progress: bool 
             "schema_version": version,
             "database": ({"kind": "sqlite", **db_entry.as_dict()} if db_entry else
                          {"kind": "postgres", "note": PG_NOTE}),
+            **({"audit_database": audit_entry.as_dict()} if audit_entry else {}),
             "counts": {**counts, "stored_files": len(entries),
                        "removed_during_backup": len(missing)},
             "files": [e.as_dict() for e in entries],
@@ -258,6 +269,29 @@ def _sqlite_snapshot(settings: Settings, staging: Path
         snap.close()
     sha, size = hash_file(out)
     return Entry(DB_NAME, sha, size), rows, counts, version, []
+
+
+def _audit_snapshot(settings: Settings, staging: Path) -> tuple[Entry | None, dict[str, int]]:
+    """The audit file, copied like the database (a snapshot, writers go on)."""
+    src = sqlite_path(settings).with_name(AUDIT_DB_NAME)
+    if not src.is_file():
+        return None, {}      # no trail written in this data dir yet
+    out = staging / AUDIT_DB_NAME
+    conn = _connect(src, settings.database.busy_timeout_ms)
+    try:
+        conn.execute("VACUUM INTO ?", (str(out),))
+    finally:
+        conn.close()
+    snap = sqlite3.connect(str(out), isolation_level=None)
+    try:
+        check = snap.execute("PRAGMA integrity_check").fetchall()
+        if check != [("ok",)]:
+            raise BackupError(f"the audit file copy fails integrity_check: {check[:5]}")
+        counts = _counts(snap)
+    finally:
+        snap.close()
+    sha, size = hash_file(out)
+    return Entry(AUDIT_DB_NAME, sha, size), counts
 
 
 async def _pg_listing(settings: Settings) -> tuple[list[tuple[str, str]], dict[str, int], int]:
@@ -384,6 +418,9 @@ def listed_entries(manifest: dict[str, Any]) -> list[Entry]:
     db = manifest.get("database", {})
     if db.get("kind") == "sqlite":
         out.append(Entry(db["path"], db["sha256"], int(db["size"])))
+    trail = manifest.get("audit_database")
+    if trail:
+        out.append(Entry(trail["path"], trail["sha256"], int(trail["size"])))
     for e in out:
         p = Path(e.path)
         if p.is_absolute() or ".." in p.parts:
@@ -414,12 +451,29 @@ def verify_backup(path: Path, *, progress: bool = False) -> tuple[dict[str, Any]
     listed = {e.path for e in entries} | {MANIFEST, MANIFEST_SUM}
     for p in sorted(path.rglob("*")):
         rel = p.relative_to(path).as_posix()
-        if p.is_file() and rel not in listed and not rel.startswith(f"{DB_NAME}-"):
+        if p.is_file() and rel not in listed and not rel.startswith(
+                (f"{DB_NAME}-", f"{AUDIT_DB_NAME}-")):
             problems.append(f"not in the manifest: {rel}")
     db = manifest.get("database", {})
     if db.get("kind") == "sqlite" and not any(x.endswith(DB_NAME) for x in problems):
         problems += _check_sqlite(path / DB_NAME, manifest)
+    if manifest.get("audit_database") and not any(x.endswith(AUDIT_DB_NAME) for x in problems):
+        problems += _check_audit_file(path / AUDIT_DB_NAME, manifest)
     return manifest, problems
+
+
+def _check_audit_file(db_path: Path, manifest: dict[str, Any]) -> list[str]:
+    conn = sqlite3.connect(f"file:{db_path}?mode=ro&immutable=1", uri=True)
+    try:
+        check = conn.execute("PRAGMA integrity_check").fetchall()
+        if check != [("ok",)]:
+            return [f"audit file integrity_check: {check[0][0]}"]
+        counts = _counts(conn)
+    finally:
+        conn.close()
+    n, said = counts.get(AUDIT_TABLE), manifest.get("counts", {}).get(AUDIT_TABLE)
+    return [] if n == said else [f"{AUDIT_TABLE}: {n} rows in {AUDIT_DB_NAME}, the manifest "
+                                 f"says {said}"]
 
 
 def _check_sqlite(db_path: Path, manifest: dict[str, Any]) -> list[str]:
@@ -444,6 +498,8 @@ def _check_sqlite(db_path: Path, manifest: dict[str, Any]) -> list[str]:
     for fid in sorted(have - ids):
         problems.append(f"file {fid} has no row in the database (orphan)")
     for table, n in counts.items():
+        if table == AUDIT_TABLE and manifest.get("audit_database"):
+            continue    # counted in the audit file (_check_audit_file)
         if manifest.get("counts", {}).get(table) != n:
             problems.append(f"{table}: {n} rows, the manifest says "
                             f"{manifest.get('counts', {}).get(table)}")

@@ -14,10 +14,15 @@ from medmitra.config import Settings
 
 @asynccontextmanager
 async def ops_db(settings: Settings, *, migrate: bool = True) -> AsyncIterator[None]:
-    from medmitra.db.setup import apply_migrations, tortoise_config
+    from medmitra.db.setup import apply_migrations, open_audit, tortoise_config
+    from medmitra.ops import audit_store
 
     async with TortoiseContext() as ctx:
         await ctx.init(config=tortoise_config(settings))
-        if migrate:
-            await apply_migrations(settings)
-        yield
+        try:
+            await open_audit(settings)
+            if migrate:
+                await apply_migrations(settings)
+            yield
+        finally:
+            await audit_store.close()

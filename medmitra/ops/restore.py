@@ -21,8 +21,8 @@ from typing import Any
 
 from medmitra.config import Settings
 from medmitra.ops.backup import (
-    DB_NAME, FILES_DIR, SECRETS_DIR, BackupError, copy_hashed, fsync_dir, listed_entries,
-    utc_stamp, verify_backup, _progress,
+    AUDIT_DB_NAME, DB_NAME, FILES_DIR, SECRETS_DIR, BackupError, copy_hashed, fsync_dir,
+    listed_entries, utc_stamp, verify_backup, _progress,
 )
 
 STAGING = ".restore-partial"
@@ -110,14 +110,18 @@ def restore_backup(backup: Path, settings: Settings, *, force: bool = False,
     version = int(manifest.get("schema_version", 0))
     if kind == "sqlite":
         # PostgreSQL: the database comes back with pg_restore; `medmitra migrate` after it.
+        # A backup of format 1 had the audit trail in the database: 0008 moves it out.
         applied, version = asyncio.run(_migrate(settings))
-        conn = sqlite3.connect(str(data / DB_NAME))
-        try:
-            check = conn.execute("PRAGMA integrity_check").fetchall()
-        finally:
-            conn.close()
-        if check != [("ok",)]:
-            raise BackupError(f"restored database fails integrity_check: {check[:3]}")
+        for name in (DB_NAME, AUDIT_DB_NAME):
+            if not (data / name).is_file():
+                continue
+            conn = sqlite3.connect(str(data / name))
+            try:
+                check = conn.execute("PRAGMA integrity_check").fetchall()
+            finally:
+                conn.close()
+            if check != [("ok",)]:
+                raise BackupError(f"restored {name} fails integrity_check: {check[:3]}")
     return RestoreResult(data, manifest, version, applied, moved_aside)
 
 
