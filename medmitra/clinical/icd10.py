@@ -239,7 +239,9 @@ def rank_order(row: tuple[int, str, float]) -> tuple[float, int, str]:
 def ranked(words: list[str], limit: int, *,
            require_all: bool = True) -> list[tuple[int, str, float]]:
     """``[(code id, key, rank)]``, best (lowest) rank first, of the codes with a name
-    matching ``words`` (query words), at least ``limit`` of them when there are."""
+    matching ``words`` (query words): for a frequent single word the first ``limit`` of
+    its stored ranking, else the codes of the 4 * limit + 20 best-ranked names (a code
+    has a few names, so that is ``limit`` codes or more when there are)."""
     db = _db()
     if len(words) == 1:
         rows = db.execute(_FREQUENT_SQL, (words[0], limit)).fetchall()
