@@ -186,7 +186,12 @@ def test_every_parser_applies_the_critical_limits() -> None:
                                       "Sodium 128 mmol/L 135-145")
     assert [(r.test, r.critical) for r in text_rows] == [
         ("Potassium", True), ("Glucose", True), ("Sodium", False)]
-    assert text_rows[0].finding() == "Potassium 6.8 mmol/L (high; critical)"
+    # The key finding says which documented limit made it critical; the lab's own marker
+    # needs no limit.
+    assert text_rows[0].finding() == \
+        "Potassium 6.8 mmol/L (high; critical, beyond the limit > 6.2)"
+    assert labs.make_row("Ferritin", "3", "ng/mL", "15-150", "LL").finding() == \
+        "Ferritin 3 ng/mL (low; report marker LL; critical)"
 
 
 def test_the_critical_table_is_one_documented_table() -> None:

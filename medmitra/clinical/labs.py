@@ -45,6 +45,7 @@ class LabRow:
     critical: bool = False              # only from documented limits or the lab's marker
     page: int | None = None             # 1-based page of a PDF/OCR report
     marker_abnormal: bool = False       # the report marks it abnormal without a direction
+    critical_limit: str | None = None   # the table's limit that made it critical ("> 6.2")
 
     @property
     def abnormal(self) -> bool:
@@ -63,7 +64,8 @@ class LabRow:
         if self.lab_flag:
             marks.append(f"report marker {self.lab_flag}")
         if self.critical:
-            marks.append("critical")
+            marks.append(f"critical, beyond the limit {self.critical_limit}"
+                         if self.critical_limit else "critical")
         unit = f" {self.unit}" if self.unit else ""
         return f"{self.test} {self.value}{unit} ({'; '.join(marks)})"
 
@@ -90,14 +92,15 @@ def make_row(test: str, value: str, unit: str | None = None,
     j = ranges.judge(value, reference_range, lab_flag)
     direction = j.direction
     beyond = critical.critical_side(test, unit or j.unit, j.numeric, j.comparator)
-    table_critical = False
+    limit_text = None
     if beyond is not None and direction in ("unknown", beyond[0]):
-        table_critical = True
-        direction = beyond[0]
+        side, lim = beyond
+        direction = side
+        limit_text = f"< {lim.low:g}" if side == "low" else f"> {lim.high:g}"
     return LabRow(test=test, value=value, unit=unit, reference_range=reference_range,
                   flag=direction, lab_flag=j.lab_flag, numeric=j.numeric,
-                  critical=j.marker_critical or table_critical, page=page,
-                  marker_abnormal=j.marker_abnormal)
+                  critical=j.marker_critical or limit_text is not None, page=page,
+                  marker_abnormal=j.marker_abnormal, critical_limit=limit_text)
 
 
 # ---------------------------------------------------------------------------- CSV
