@@ -280,6 +280,7 @@ def test_the_echoes_of_issue_9_reject_the_diagnosis_answer() -> None:
     ("plan", "Prednisolone 40 mg daily; recheck Hb 70 g/L and glucose 600 mg/dL."),
     ("objective", "Hb 70 g/L, glucose 1200 mg/dL on prednisolone."),
     ("summary", "Urine protein 60 g/L on dexamethasone."),
+    ("plan", "Weight 70 kg; prednisolone 40 mg daily."),
 ])
 def test_concentrations_and_results_are_not_doses(field, text) -> None:
     assert junk.junk_reason(text, field) is None

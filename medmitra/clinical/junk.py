@@ -111,10 +111,11 @@ DOSE_MAX_GRAMS: tuple[tuple[re.Pattern[str], float], ...] = (
                 r"|\bdexamethasone\b|\bhydrocortisone\b|\bbetamethasone\b", re.IGNORECASE), 1.0),
     (re.compile(r"\bparacetamol\b|\bacetaminophen\b", re.IGNORECASE), 4.0),
 )
-_GRAMS_PER_UNIT = {"kg": 1000.0, "g": 1.0, "gm": 1.0, "gram": 1.0, "grams": 1.0,
+# No "kg": a weight in a plan ("weight 70 kg") is not a dose.
+_GRAMS_PER_UNIT = {"g": 1.0, "gm": 1.0, "gram": 1.0, "grams": 1.0,
                    "mg": 1e-3, "mcg": 1e-6, "ug": 1e-6, "µg": 1e-6, "μg": 1e-6}
 # A mass, not a concentration ("Hb 70 g/L", "glucose 600 mg/dL" are results, not doses).
-_MASS_RE = re.compile(r"(\d+(?:[.,]\d+)?)\s*(kg|grams?|gm|g|mg|mcg|ug|µg|μg)(?![a-z])"
+_MASS_RE = re.compile(r"(\d+(?:[.,]\d+)?)\s*(grams?|gm|g|mg|mcg|ug|µg|μg)(?![a-z])"
                       r"(?!\s*/\s*(?:[dcm]?l|lit|100\s*ml)\b)", re.IGNORECASE)
 # The fields where a dose is written (treatments, the SOAP plan).
 DOSE_FIELDS = frozenset({"dosage", "treatment_type", "description", "plan", "precautions"})
