@@ -3,7 +3,8 @@
 PyInstaller's one-file bootloader unpacks every library and data file of its archive into a
 temp folder (``sys._MEIPASS``) before Python starts: ~370 MB and about 2 s of CPU, most of it
 for the model (numpy, llama.cpp), OCR (OpenCV, onnxruntime, the OCR models) and documents
-(PDFium, Pillow), none of which is needed to answer ``/health``. ``build.spec`` gives the
+(PDFium, Pillow) and the ICD-10-CM table, none of which is needed to answer ``/health``.
+``build.spec`` gives the
 archive entries of those groups a type code that the bootloader does not unpack
 (``LAZY_TYPECODE``) and lists them in ``MANIFEST``; :func:`install` adds an import hook
 that unpacks a whole group into the same folder, under the same names, the first time one of
@@ -24,15 +25,17 @@ import sys
 import threading
 import zlib
 
-# group -> (top-level import names that need it, auditwheel folders of its vendored libs).
-# build.spec assigns each archive entry to a group by its top folder, or by the
-# `<dist>.libs` folder its library came from (PyInstaller may move those to the top level).
+# group -> (imports that need it, archive paths in it). An import name also claims its own
+# folder; a path ending in ".libs/" is an auditwheel folder of vendored libraries, whose
+# files PyInstaller may move to the top level (matched by where they were collected from).
 GROUPS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "model": (("numpy", "llama_cpp"), ("numpy.libs",)),
+    "model": (("numpy", "llama_cpp"), ("numpy.libs/",)),
     "ocr": (("cv2", "onnxruntime", "rapidocr_onnxruntime", "shapely", "pyclipper"),
-            ("opencv_python_headless.libs", "opencv_python.libs", "shapely.libs",
-             "onnxruntime.libs")),
-    "documents": (("PIL", "pypdfium2", "pypdfium2_raw"), ("pillow.libs",)),
+            ("opencv_python_headless.libs/", "opencv_python.libs/", "shapely.libs/",
+             "onnxruntime.libs/")),
+    "documents": (("PIL", "pypdfium2", "pypdfium2_raw"), ("pillow.libs/",)),
+    # the ICD-10-CM table, first opened by the model worker's warm-up or an analysis
+    "icd10": (("medmitra.clinical.icd10",), ("medmitra/clinical/data/icd10cm.sqlite",)),
 }
 
 LAZY_TYPECODE = b"L"        # not one of PyInstaller's, so its bootloader skips the entry
@@ -51,12 +54,14 @@ _triggers: dict[str, str] = {}
 
 
 def group_of(dest: str, src: str = "") -> str | None:
-    """The group of an archive entry (build time): by its top folder, or by the vendored
-    library folder it was collected from."""
-    top = dest.replace(os.sep, "/").split("/", 1)[0]
-    src = src.replace(os.sep, "/")
-    for group, (imports, libdirs) in GROUPS.items():
-        if top in imports or top in libdirs or any(f"/{d}/" in src for d in libdirs):
+    """The group of an archive entry (build time): by its path, or by the vendored library
+    folder it was collected from."""
+    dest, src = dest.replace(os.sep, "/"), src.replace(os.sep, "/")
+    for group, (imports, paths) in GROUPS.items():
+        prefixes = tuple(name.replace(".", "/") + "/" for name in imports if "." not in name)
+        if dest.startswith(prefixes + paths):
+            return group
+        if any(f"/{p}" in src for p in paths if p.endswith(".libs/")):
             return group
     return None
 
@@ -156,7 +161,7 @@ class _Finder:
 
     @staticmethod
     def find_spec(fullname, path=None, target=None):
-        group = _triggers.get(fullname.partition(".")[0])
+        group = _triggers.get(fullname) or _triggers.get(fullname.partition(".")[0])
         if group is not None and group not in _done:
             ensure(group)
         return None
@@ -172,7 +177,7 @@ def install() -> None:
         return
     if not os.path.exists(os.path.join(sys._MEIPASS, MANIFEST)):
         return   # built without lazy groups (other platforms): everything is unpacked
-    for group, (imports, _libdirs) in GROUPS.items():
+    for group, (imports, _paths) in GROUPS.items():
         for name in imports:
             _triggers[name] = group
     sys.meta_path.insert(0, _Finder())

@@ -132,7 +132,22 @@ def test_groups_cover_the_heavy_packages():
     assert lazyfiles.group_of("llama_cpp/lib/libllama.so.0") == "model"
     assert lazyfiles.group_of("rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx") == "ocr"
     assert lazyfiles.group_of("PIL/_imaging.cpython-311-x86_64-linux-gnu.so") == "documents"
+    assert lazyfiles.group_of("medmitra/clinical/data/icd10cm.sqlite") == "icd10"
     # what /health needs stays with the bootloader
-    for name in ("libpython3.11.so.1.0", "medmitra/clinical/data/icd10cm.sqlite",
+    for name in ("libpython3.11.so.1.0", "medmitra/static/redoc/redoc.standalone.js",
+                 "numpyish/x.so", "cv2x/y.so",
                  "uvloop/loop.cpython-311-x86_64-linux-gnu.so", "base_library.zip"):
         assert lazyfiles.group_of(name) is None
+
+
+def test_a_module_can_trigger_a_group(monkeypatch):
+    calls = []
+    monkeypatch.setattr(lazyfiles, "ensure", calls.append)
+    monkeypatch.setattr(lazyfiles, "_done", set())
+    monkeypatch.setattr(lazyfiles, "_triggers",
+                        {"medmitra.clinical.icd10": "icd10", "numpy": "model"})
+    finder = lazyfiles._Finder()
+    assert finder.find_spec("medmitra.clinical.icd10") is None
+    assert finder.find_spec("medmitra.clinical.labs") is None
+    assert finder.find_spec("numpy.linalg") is None
+    assert calls == ["icd10", "model"]
