@@ -404,3 +404,27 @@ def test_account_and_key_administration_is_recorded(tmp_path: Path, monkeypatch,
     assert "password" not in json.dumps(rows)
     capsys.readouterr()
     assert main(["audit", "verify"] + data) == 0
+
+
+def test_row_hash_is_the_documented_hmac_over_json_for_any_text() -> None:
+    """The fast path (orjson, a reused keyed HMAC) hashes exactly the bytes of the documented
+    form, HMAC-SHA256(key, prev_hash + "\\n" + json.dumps(fields, compact, ASCII)): chains
+    written before it still verify. Random text covers control characters, DEL, quotes,
+    backslashes and non-ASCII."""
+    import hashlib
+    import hmac
+    import random
+
+    rnd = random.Random(1234)
+    alphabet = [chr(i) for i in range(0x80)] + ["é", "\u2028", "😀", "\u00a0", "ß"]
+    for i in range(3000):
+        key = bytes(rnd.randrange(256) for _ in range(rnd.choice((16, 64))))
+        row = {f: "".join(rnd.choice(alphabet) for _ in range(rnd.randrange(12)))
+               if rnd.random() < 0.8 else None for f in audit.FIELDS}
+        row["id"] = rnd.choice((i, 2**70 + i))
+        row["status"] = rnd.choice((200, 404, 0))
+        prev = hashlib.sha256(str(i).encode()).hexdigest()
+        payload = json.dumps([row.get(f) for f in audit.FIELDS], separators=(",", ":"),
+                             ensure_ascii=True)
+        want = hmac.new(key, f"{prev}\n{payload}".encode("ascii"), hashlib.sha256).hexdigest()
+        assert audit.row_hash(key, prev, row) == want, row

@@ -40,6 +40,8 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
+import orjson
+
 from medmitra import filemodes
 
 log = logging.getLogger("medmitra.ops.audit")
@@ -81,10 +83,34 @@ def utc_now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="microseconds")
 
 
+def _payload(values: list[Any]) -> bytes:
+    """``json.dumps(values, separators=(",", ":"), ensure_ascii=True)`` as bytes (the hashed
+    form; changing it invalidates every chain). orjson writes the same bytes ~25x faster
+    when its output is ASCII without DEL (json escapes DEL, orjson does not); otherwise
+    json writes it. tests/test_audit.py holds the two equal over random rows."""
+    try:
+        out = orjson.dumps(values)
+    except TypeError:       # e.g. an int beyond 64 bits
+        out = b"\x7f"
+    if out.isascii() and b"\x7f" not in out:
+        return out
+    return json.dumps(values, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+
+
+# The keyed HMAC state of each key in use; a row's hash copies it (building a new HMAC
+# object per row cost ~35 us, more than the rest of an audited request's trail work).
+_KEYED: dict[bytes, Any] = {}
+
+
 def row_hash(key: bytes, prev_hash: str, row: dict[str, Any]) -> str:
-    payload = json.dumps([row.get(f) for f in FIELDS], separators=(",", ":"),
-                         ensure_ascii=True)
-    return hmac.new(key, f"{prev_hash}\n{payload}".encode("ascii"), hashlib.sha256).hexdigest()
+    base = _KEYED.get(key)
+    if base is None:
+        if len(_KEYED) > 16:
+            _KEYED.clear()
+        base = _KEYED[key] = hmac.new(key, digestmod=hashlib.sha256)
+    h = base.copy()
+    h.update(prev_hash.encode("ascii") + b"\n" + _payload([row.get(f) for f in FIELDS]))
+    return h.hexdigest()
 
 
 def _placeholders(dialect: str, n_cols: int, n_rows: int) -> str:
