@@ -71,3 +71,20 @@ def test_an_unverifiable_diagnosis_scores_zero_and_is_flagged_below_the_threshol
     cs = ins["case_summary"]
     assert cs["confidence_score"] > 0 and ins["grounding"]["sections"]["case_summary"][
         "verified"] >= 1
+
+
+def test_the_code_tables_title_is_not_grounded_as_model_text() -> None:
+    """With an ICD-10 code, the description is the table's title: "Type 2 ..." was dropped
+    as an ungrounded number (and counted against the diagnosis' confidence)."""
+    case = CaseInput(case_id="c2", patient_name="Ravi Kumar", patient_age=61,
+                     patient_gender="male", doctor_notes="Thirst and polyuria.",
+                     files=[], options=AnalysisOptions())
+    rt = GoodFake({"diagnosis": [json.dumps(GOOD["diagnosis"] | {
+        "primary_diagnosis": "Type 2 diabetes mellitus without complications",
+        "supporting_evidence": ["Thirst and polyuria"]})]})
+    ins = run_analysis(case, rt, LLMSettings(), progress=lambda s, f: None,
+                       should_stop=lambda: False).insights
+    pd = ins["primary_diagnosis"]
+    assert pd["icd_code"] is not None and pd["icd_code"].startswith("E11")
+    assert pd["description"].startswith("Type 2 diabetes mellitus")
+    assert ins["grounding"]["sections"]["primary_diagnosis"]["dropped"] == 0

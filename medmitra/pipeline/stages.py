@@ -526,7 +526,8 @@ def _ground(g: grounding.Grounder, run: _Run, st: _State) -> None:
     st.summary["key_findings"] = g.items("case_summary", st.summary["key_findings"])
     for k in ("subjective", "objective", "assessment", "plan"):
         st.soap[k] = prose("soap_note", st.soap[k])
-    st.dx["description"] = g.text("primary_diagnosis", st.dx["description"])
+    if not st.dx["icd_code"]:  # with a code, the description is the table's title
+        st.dx["description"] = g.text("primary_diagnosis", st.dx["description"])
     st.dx["supporting_evidence"] = g.items("primary_diagnosis", st.dx["supporting_evidence"])
     for d in st.differential:
         d["reasoning"] = g.text("differential", d["reasoning"])
