@@ -15,16 +15,14 @@ import pytest
 
 from medmitra import lazyfiles
 
-writers = pytest.importorskip("PyInstaller.archive.writers",
-                              reason="PyInstaller (the build extra) is not installed")
-from PyInstaller.archive.readers import CArchiveReader  # noqa: E402
-
 PKG = "lazyprobe"   # a package that exists only inside the test archive
 
 
 def _executable(tmp_path: Path) -> tuple[Path, dict[str, bytes]]:
     """A stand-in executable: some leading bytes (the bootloader's place) followed by a
     CArchive, as PyInstaller appends it; compressed and stored entries."""
+    writers = pytest.importorskip("PyInstaller.archive.writers",
+                                  reason="PyInstaller (a test extra) is not installed")
     files = {
         f"{PKG}/__init__.py": b"from .core import VALUE\n",
         f"{PKG}/core.py": b"VALUE = 'unpacked on import'\n" + b"# padding\n" * 5000,
@@ -52,6 +50,8 @@ def test_retype_changes_only_the_type_codes(tmp_path):
     after = exe.read_bytes()
     assert len(after) == len(before)
     assert sum(a != b for a, b in zip(before, after)) == len(lazy)
+    from PyInstaller.archive.readers import CArchiveReader
+
     toc = CArchiveReader(str(exe)).toc
     assert {n for n, e in toc.items() if e[4] == "L"} == lazy
     assert toc["kept/at_start.txt"][4] == "b"
