@@ -200,6 +200,10 @@ class LLMSettings(Section):
     workers: int = setting(
         1, "analyses run at once, each with its own model context; 0 = API only",
         min=0, max=64)
+    inference: str = setting(
+        "process", '"process": each worker\'s model runs in a child process (the API stays '
+        'responsive while models compute); "thread": in the server process',
+        choices=("process", "thread"))
     temperature: float = setting(0.2, "sampling temperature", min=0, max=5)
     seed: int = setting(42, "sampling seed (same input and seed = same text)")
     repeat_penalty: float = setting(1.1, "penalty on repeated tokens", min=0.5, max=3)

@@ -2,7 +2,11 @@
 
 Each worker owns one model runtime (one model context is never used by two jobs at once)
 and one thread; the model is loaded and every blocking call runs in that thread, so the
-event loop only does database work. A job is held by a lease renewed by a heartbeat task;
+event loop only does database work. With ``llm.inference = "process"`` (the default) the
+model itself lives in a child process per worker (medmitra/llm/process.py) and the thread
+only waits on its pipe: token sampling then never competes with requests for the GIL. A
+child that dies fails the job attempt it was running (the queue retries it) and is
+replaced before the worker's next job. A job is held by a lease renewed by a heartbeat task;
 a heartbeat that finds the job gone (deleted, superseded, taken over after a lapse) sets
 the job's cancel flag, and the run stops at its next checkpoint without writing.
 
@@ -60,6 +64,7 @@ class _Worker:
     owners: set[str] = field(default_factory=set)
     # Times the worker found the queue empty and went to sleep (shows it is polling).
     idle_waits: int = 0
+    loaded_once: bool = False
 
     def public(self) -> dict[str, Any]:
         return {"name": self.name, "state": self.state, "job_id": self.job_id,
@@ -105,13 +110,25 @@ class WorkerPool:
             # The file is checked first so a missing model reads "missing" even where the
             # native library is absent; llama_cpp is imported only by a worker that loads.
             check_gguf(resolve_model_path(self.settings.llm.model_path))
-            from medmitra.llm.llama import load_runtime
+            cache_dir = self.settings.data_path / "cache"
+            if self.settings.llm.inference == "process":
+                from medmitra.llm.process import load_process_runtime
 
-            runtime = load_runtime(self.settings.llm, threads=self.threads,
-                                   cache_dir=self.settings.data_path / "cache")
+                runtime = load_process_runtime(self.settings.llm, threads=self.threads,
+                                               cache_dir=cache_dir)
+            else:
+                from medmitra.llm.llama import load_runtime
+
+                runtime = load_runtime(self.settings.llm, threads=self.threads,
+                                       cache_dir=cache_dir)
         # Open the ICD-10 table (a millisecond) here: a missing table shows at start-up.
         icd10.warm_up()
         return runtime
+
+    def _models_in_threads(self) -> bool:
+        """True when models compute in this process (in the workers' threads)."""
+        llm = self.settings.llm
+        return not llm.remote_url and llm.inference == "thread"
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -121,7 +138,7 @@ class WorkerPool:
         if self._started:
             return
         self._started = True
-        if self.n_workers:
+        if self.n_workers and self._models_in_threads():
             # llama-cpp-python samples each token in Python, so busy workers hold the GIL
             # between native calls; at the default 5 ms switch interval a request waits up
             # to that long per hand-over. 1 ms keeps API latency flat while models compute.
@@ -170,12 +187,17 @@ class WorkerPool:
             t.cancel()
         await asyncio.gather(*self._side_tasks, return_exceptions=True)
         await self._release_leftovers()
+        closing = []
         for w in self._workers:
             w.state = WorkerState.STOPPED
-            if w.runtime is not None and not w.thread_busy:
-                _close(w.runtime, w.name)
+            # A model in a child process can be stopped under a running call (the call
+            # fails, the memory is the child's); one in a thread is left to finish.
+            if w.runtime is not None and (not w.thread_busy or _separate_process(w.runtime)):
+                # Off the loop, all at once: a child process is waited for until it exits.
+                closing.append(asyncio.to_thread(_close, w.runtime, w.name))
                 w.runtime = None
             w.executor.shutdown(wait=False)
+        await asyncio.gather(*closing)
 
     async def _release_leftovers(self) -> None:
         # A worker task cancelled in the middle of a claim may have taken a job without
@@ -245,6 +267,8 @@ class WorkerPool:
         return await asyncio.get_running_loop().run_in_executor(w.executor, tracked)
 
     async def _load_runtime(self, w: _Worker) -> bool:
+        first = not w.loaded_once
+
         def load() -> LLMRuntime:
             # The job runner and the pipeline it imports (numpy, Pillow, the extractors)
             # are imported here, in the worker's thread, not before the server answers.
@@ -270,7 +294,9 @@ class WorkerPool:
             return False
         info = getattr(w.runtime, "info", None) or {}
         self._model_name = info.get("name") or self._model_name
-        self._loaded += 1
+        if first:
+            w.loaded_once = True
+            self._loaded += 1
         if self._loaded == self.n_workers and \
                 self._model_state in (ModelState.LOADING, ModelState.MISSING):
             self._model_state, self._model_error = ModelState.READY, None
@@ -291,6 +317,10 @@ class WorkerPool:
                 if self._stopping.is_set():
                     return
             while not self._stopping.is_set():
+                if not getattr(w.runtime, "alive", True):
+                    if not await self._replace_runtime(w):
+                        return
+                    continue
                 try:
                     claimed = await self._claim(w)
                 except Exception as exc:
@@ -308,6 +338,20 @@ class WorkerPool:
                 await self._run(w, job, owner)
         finally:
             w.state = WorkerState.STOPPED
+
+    async def _replace_runtime(self, w: _Worker) -> bool:
+        """The worker's inference process died: start a new one (False: give up)."""
+        log.warning("%s: the inference process is gone; starting a new one", w.name)
+        assert w.runtime is not None
+        await asyncio.to_thread(_close, w.runtime, w.name)
+        w.runtime = None
+        while not await self._load_runtime(w):
+            if self._model_state is not ModelState.MISSING or self._stopping.is_set():
+                return False
+            await self._idle(MODEL_RETRY_S)
+            if self._stopping.is_set():
+                return False
+        return True
 
     async def _claim(self, w: _Worker) -> tuple[Job, str] | None:
         # A fresh owner per claim: a stale run of an earlier job can never pass as ours.
@@ -393,6 +437,11 @@ def _lower_thread_priority() -> None:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WORKER_NICE)
     except OSError:  # not permitted in this sandbox or container: run at normal priority
         log.debug("could not lower the worker thread's priority")
+
+
+def _separate_process(runtime: LLMRuntime) -> bool:
+    process = sys.modules.get("medmitra.llm.process")   # imported if it was ever used
+    return process is not None and isinstance(runtime, process.ProcessRuntime)
 
 
 def _close(runtime: LLMRuntime, name: str) -> None:
