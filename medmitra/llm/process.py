@@ -62,6 +62,9 @@ CHILD_NICE = 10
 
 _METHODS = ("complete_json", "describe_image_json", "count_tokens")
 _live: "weakref.WeakSet[ProcessRuntime]" = weakref.WeakSet()
+# Workers load at the same time; one start at a time (PyInstaller's one-file spawn support
+# has not always been safe for concurrent starts from several threads).
+_start_lock = threading.Lock()
 
 
 class ProcessRuntime:
@@ -86,7 +89,8 @@ class ProcessRuntime:
         self._proc = ctx.Process(target=_child_main, name=f"medmitra-{name}",
                                  args=(child_conn, llm, threads, cache_dir,
                                        logging.getLogger("medmitra").getEffectiveLevel()))
-        self._proc.start()
+        with _start_lock:
+            self._proc.start()
         child_conn.close()   # only the child holds its end: its death is our EOF
         _live.add(self)
         self._count_cached = functools.lru_cache(maxsize=COUNT_CACHE_ENTRIES)(
