@@ -50,6 +50,10 @@ _CHUNK = 1 << 20
 
 _lock = threading.Lock()
 _done: set[str] = set()
+# "<_MEIPASS>|group,group": groups unpacked so far, inherited by a child process of the
+# binary (the model's process, medmitra/llm/process.py), which shares the folder and must
+# not unpack the same files again while another child loads them.
+UNPACKED_ENV = "MEDMITRA_LAZY_UNPACKED"
 _triggers: dict[str, str] = {}
 
 
@@ -154,6 +158,7 @@ def ensure(group: str) -> None:
         except OSError as exc:
             raise ImportError(f"cannot unpack the {group} files of the binary: {exc}") from exc
         _done.add(group)
+        os.environ[UNPACKED_ENV] = f"{sys._MEIPASS}|{','.join(sorted(_done))}"  # type: ignore[attr-defined]
 
 
 class _Finder:
@@ -180,4 +185,7 @@ def install() -> None:
     for group, (imports, _paths) in GROUPS.items():
         for name in imports:
             _triggers[name] = group
+    folder, _, groups = os.environ.get(UNPACKED_ENV, "").partition("|")
+    if folder == sys._MEIPASS:   # a child process of ours, in the same folder
+        _done.update(g for g in groups.split(",") if g in GROUPS)
     sys.meta_path.insert(0, _Finder())

@@ -89,6 +89,11 @@ class ProcessRuntime:
         self._proc = ctx.Process(target=_child_main, name=f"medmitra-{name}",
                                  args=(child_conn, llm, threads, cache_dir,
                                        logging.getLogger("medmitra").getEffectiveLevel()))
+        # The one-file binary: the model's libraries are unpacked here, once, before the
+        # children (which share the folder) start; a no-op from source.
+        from medmitra import lazyfiles
+
+        lazyfiles.ensure("model")
         with _start_lock:
             self._proc.start()
         child_conn.close()   # only the child holds its end: its death is our EOF
