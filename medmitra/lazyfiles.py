@@ -158,7 +158,8 @@ def ensure(group: str) -> None:
         except OSError as exc:
             raise ImportError(f"cannot unpack the {group} files of the binary: {exc}") from exc
         _done.add(group)
-        os.environ[UNPACKED_ENV] = f"{sys._MEIPASS}|{','.join(sorted(_done))}"  # type: ignore[attr-defined]
+        folder = sys._MEIPASS  # type: ignore[attr-defined]
+        os.environ[UNPACKED_ENV] = f"{folder}|{','.join(sorted(_done))}"
 
 
 class _Finder:
