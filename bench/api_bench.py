@@ -1,4 +1,5 @@
-"""Case API benchmark (issue: case reads at >= 40% of a bare Sanic route).
+"""Case API benchmark (issue 13 item 1: GET case >= 0.50 and the 100-case list >= 0.35 of a
+bare Sanic route, same run, one worker each).
 
 Starts, in one run and on this machine:
   1. a bare Sanic app (one route returning a constant JSON), single process;
@@ -233,6 +234,11 @@ def main() -> None:
                   f"non2xx={sum(r['non2xx'] for r in rs)} "
                   f"{'; '.join(str(r['socket_errors']) for r in rs if r['socket_errors'])}")
 
+        for name, goal in (("GET /cases/cases/{id}", 0.50), ("GET /cases/all_cases (100)", 0.35)):
+            ratios = [r["rps"] / b["rps"] for r, b in zip(runs[name], bare_runs)]
+            print(f"{name} / bare: median {statistics.median(ratios):.2f}, rounds "
+                  f"{min(ratios):.2f}-{max(ratios):.2f} (goal >= {goal:.2f}); load average "
+                  f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
         off = statistics.median(r["rps"] for r in runs["GET case, audit off"])
         for label, name in (("on (batch)", "GET /cases/cases/{id}"),
                             ("ack", "GET case, audit ack")):
