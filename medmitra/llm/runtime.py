@@ -40,6 +40,9 @@ class Usage:
     cached_tokens: int = 0
     # Wall time spent evaluating the prompt, seconds (0.0 when the backend can't tell).
     prompt_eval_s: float = 0.0
+    # Wall time spent generating the answer after the prompt was read, seconds (0.0 when
+    # the backend can't tell): completion_tokens / generate_s is the generation speed.
+    generate_s: float = 0.0
 
 
 @runtime_checkable

@@ -185,7 +185,10 @@ class Metrics:
         tokens = int(st.get("completion_tokens") or 0)
         if tokens > 0:
             self.tokens.labels(name).inc(tokens)
-            gen_s = duration - float(st.get("prompt_eval_s") or 0)
+            # The runtime's own generation time when it reports one; else the stage minus
+            # prompt reading (which also counts the stage's checks as generation).
+            gen_s = float(st.get("generate_s") or 0) or \
+                duration - float(st.get("prompt_eval_s") or 0)
             if gen_s > 0:
                 self.tokens_per_s.labels(name).set(round(tokens / gen_s, 3))
 

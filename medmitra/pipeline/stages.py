@@ -222,6 +222,7 @@ class _Run:
             m.completion_tokens += usage.completion_tokens
             m.cached_tokens += usage.cached_tokens
             m.prompt_eval_s += usage.prompt_eval_s
+            m.generate_s += usage.generate_s
             try:
                 data = check_output(text, schema)
                 try:

@@ -70,6 +70,8 @@ class StageMetrics:
     # duration_s they split a stage into prompt reading and generation.
     cached_tokens: int = 0
     prompt_eval_s: float = 0.0
+    # Seconds the model spent generating (Usage.generate_s summed; 0.0 if unknown).
+    generate_s: float = 0.0
     # ok | retried (an answer was accepted after a retry) | abstained (no acceptable
     # answer: the stage's fields say "not available"); reason says why.
     status: str = "ok"
