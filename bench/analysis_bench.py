@@ -69,18 +69,24 @@ class Server:
         self.proc = subprocess.Popen([sys.executable, "-m", "medmitra", "serve"], cwd=ROOT,
                                      env=env, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                h = httpx.get(self.url + "/health", timeout=2).json()
-                if h.get("model", {}).get("state") == "ready":
-                    break
-            except (httpx.TransportError, ValueError):
-                pass
-            time.sleep(0.1)
-        token = subprocess.run([sys.executable, "-m", "medmitra", "token", "create",
-                                "--user-id", str(uuid.uuid4()), "--data-dir", str(self.data)],
-                               cwd=ROOT, capture_output=True, text=True, check=True).stdout
+        try:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                try:
+                    h = httpx.get(self.url + "/health", timeout=2).json()
+                    if h.get("model", {}).get("state") == "ready":
+                        break
+                except (httpx.TransportError, ValueError):
+                    pass
+                time.sleep(0.1)
+            token = subprocess.run([sys.executable, "-m", "medmitra", "token", "create",
+                                    "--user-id", str(uuid.uuid4()), "--data-dir",
+                                    str(self.data)], cwd=ROOT, capture_output=True, text=True,
+                                   check=True).stdout
+        except BaseException:   # never leave the server behind (timeout, Ctrl-C)
+            self.proc.kill()
+            self.proc.wait()
+            raise
         self.client = httpx.Client(base_url=self.url, timeout=60,
                                    headers={"Authorization": f"Bearer {token.strip()}"})
 
@@ -372,14 +378,16 @@ def throughput(tmp: Path, cases: int, cores: int, worker_counts: tuple[int, ...]
     print()
     for workers in worker_counts:
         srv = Server(tmp, workers=workers)
-        t0 = time.perf_counter()
-        ids = [srv.create(three_files()) for _ in range(cases)]
-        srv.wait_all(ids)
-        took = time.perf_counter() - t0
-        rss = peak_rss_mib(srv.proc.pid)
-        done = sum(srv.client.get(f"/cases/cases/{i}").json()["case"]["status"] == "completed"
-                   for i in ids)
-        srv.stop()
+        try:
+            t0 = time.perf_counter()
+            ids = [srv.create(three_files()) for _ in range(cases)]
+            srv.wait_all(ids)
+            took = time.perf_counter() - t0
+            rss = peak_rss_mib(srv.proc.pid)
+            done = sum(srv.client.get(f"/cases/cases/{i}").json()["case"]["status"] ==
+                       "completed" for i in ids)
+        finally:
+            srv.stop()
         print(f"THROUGHPUT {workers} worker(s) x {max(1, cores // workers)} thread(s): "
               f"{cases} cases ({done} completed) in {took:.0f} s = "
               f"{cases * 3600 / took:.0f} cases/hour; server peak RSS {rss:.0f} MiB  "
@@ -398,6 +406,8 @@ def main() -> None:
     ap.add_argument("--skip-throughput", action="store_true")
     args = ap.parse_args()
     cores = os.cpu_count() or 1
+    # A timeout's SIGTERM unwinds like an error, so every server started here is stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     tmp = Path(tempfile.mkdtemp(prefix="medmitra-abench-"))
     print(f"machine: {cores} cores; model {MODEL.name}; {load()}")
     part = args.part
