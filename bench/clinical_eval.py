@@ -6,7 +6,11 @@ scored against the generator's ground truth.
 Per case and in total it prints: failed cases, abstained stages, junk fields stored,
 lab-row precision/recall, direction accuracy, abnormal rows missing from key_findings,
 ungrounded claims stored, identity leaks, ICD-10 code/description disagreements, ICD-10
-category match with the known condition, seconds per case. Nothing is committed as an
+category match with the known condition, stored diagnoses no fact supports, evidence items
+that are not a fact's own text, codes withheld (null) with their reason, seconds per case,
+and the model's token counts per case (prompt tokens it had to evaluate -- not reused
+from the KV cache -- and tokens it wrote; read from the server's own stage records, so
+they do not depend on how loaded the machine is). Nothing is committed as an
 expected output: the set is generated on every run with its ground truth.
 
 Usage: .venv/bin/python bench/clinical_eval.py [--patients 2] [--diseases a,b]
@@ -157,6 +161,21 @@ class Server:
             time.sleep(0.5)
         return body
 
+    def tokens(self, case_id: str) -> dict:
+        """The stage records of the case's newest insights (the server's SQLite file)."""
+        import sqlite3
+        db = sqlite3.connect(f"file:{self.data / 'medmitra.sqlite3'}?mode=ro", uri=True,
+                             timeout=30)
+        try:
+            row = db.execute("SELECT stages FROM ai_insights WHERE case_id = ? "
+                             "ORDER BY id DESC LIMIT 1", (case_id,)).fetchone()
+        finally:
+            db.close()
+        stages = json.loads(row[0]) if row else []
+        return {"prompt_tok": sum(s.get("prompt_tokens", 0) - s.get("cached_tokens", 0)
+                                  for s in stages),
+                "gen_tok": sum(s.get("completion_tokens", 0) for s in stages)}
+
     def stop(self) -> None:
         try:
             self.proc.send_signal(signal.SIGTERM)
@@ -215,13 +234,38 @@ def score(t: Truth, body: dict, seconds: float) -> dict:
     s["identity_leaks"] = sum(1 for p in parts
                               if re.search(rf"(?<![A-Za-z0-9]){re.escape(p)}(?![A-Za-z0-9])",
                                            model_text))
+    # Diagnoses stored as findings: each must cite an informative fact (an abnormal row,
+    # a sentence of the notes or the files) or be named in the case's text.
+    from medmitra.pipeline.prompts import Fact
+    abnormal = {labs_render(r) for r in rows if r.abnormal}
+    normal = {labs_render(r) for r in rows if not r.abnormal}
+    sources = " ".join(texts)
+
+    def cited(evidence: list[str]) -> list:
+        return [Fact("", e, e in abnormal or (e not in normal and e in sources))
+                for e in evidence]
+    stored = [(ins["primary_diagnosis"]["primary_diagnosis"],
+               ins["primary_diagnosis"].get("supporting_evidence") or [])] + \
+        [(d["condition"], d.get("supporting_evidence") or []) for d in
+         ins["differential_diagnoses"]]
+    stored = [(c, e) for c, e in stored if c and c != "Not available."]
+    s["dx_unsupported"] = sum(1 for c, e in stored if g.diagnosis_problem(c, cited(e)))
+    s["evidence_not_fact"] = sum(1 for _c, e in stored for x in e
+                                 if x not in abnormal and x not in normal and x not in sources)
     pd = ins["primary_diagnosis"]
+    s["dx"] = (pd["primary_diagnosis"] or "")[:40].replace(" ", "_")
     code = pd.get("icd_code")
     s["icd_disagree"] = int(bool(code) and coding.agreement(pd["primary_diagnosis"], code)
                             is not None)
     s["icd_category_match"] = int(bool(code) and code[:3] == t.icd[:3])
     s["icd_code"] = code
+    s["icd_null_reason"] = int(not code and bool(pd.get("icd_reason")))
     return s
+
+
+def labs_render(row) -> str:
+    from medmitra.clinical.labs import render_row
+    return render_row(row)
 
 
 # ----------------------------------------------------------------------- main
@@ -250,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
                     t0 = time.monotonic()
                     body = server.analyse(t, render(t, fmt), args.case_timeout)
                     s = score(t, body, time.monotonic() - t0)
+                    s |= server.tokens(body["case"]["case_id"])
                     label = f"{t.disease}/{fmt}"
                     results.append((label, s))
                     print(f"{label:40s} " + " ".join(f"{k}={v:.2f}" if isinstance(v, float)
@@ -261,7 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     print("\nTOTAL over", len(results), "case(s)")
     print(f"  failed cases           {sum(s['failed'] for _, s in results)}")
     for key in ("abstained", "junk", "abnormal_missing", "ungrounded", "identity_leaks",
-                "icd_disagree", "icd_category_match"):
+                "icd_disagree", "icd_category_match", "icd_null_reason", "dx_unsupported",
+                "evidence_not_fact"):
         print(f"  {key:22s} {sum(s.get(key, 0) for s in done)}")
     for fmt in formats:
         rs = [s for label, s in results if label.endswith("/" + fmt) and not s["failed"]]
@@ -274,6 +320,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"direction accuracy {acc:.2f}")
     secs = [s["seconds"] for _, s in results]
     print(f"  seconds per case       {sum(secs) / len(secs):.1f} (max {max(secs):.1f})")
+    for key in ("prompt_tok", "gen_tok"):
+        xs = [s.get(key, 0) for _, s in results]
+        print(f"  {key:22s} {sum(xs) / len(xs):.0f} per case")
     return 0
 
 

@@ -64,7 +64,7 @@ def icd():
 
 def dx_answer(**kw) -> str:
     base = {"primary_diagnosis": "Community acquired pneumonia", "icd_code": "J18.9",
-            "description": "", "supporting_evidence": ["fever"], "confidence_score": 0.6}
+            "description": "", "supporting_evidence": ["N1"], "confidence_score": 0.6}
     return json.dumps(base | kw)
 
 
@@ -102,10 +102,14 @@ def test_happy_path_shape_field_by_field(icd):
                        "supporting_evidence", "icd_reason"}
     # "Community acquired pneumonia": J18 and J18.9 agree; the model chose among them.
     assert pd["icd_code"] in ("J18", "J18.9") and pd["description"] == icd.title(pd["icd_code"])
-    assert isinstance(pd["supporting_evidence"], list)
+    # Cited by fact id (N1 the notes' sentence, L1 the Hb row); stored as the facts' text.
+    assert pd["supporting_evidence"] == ["Cough and fever for three days.",
+                                         "Hb: 9.1 g/dL (reference 12-16) [low]"]
     assert len(ins["differential_diagnoses"]) == 3
     for d in ins["differential_diagnoses"]:
-        assert set(d) == {"condition", "probability", "reasoning", "distinguishing_factors"}
+        assert set(d) == {"condition", "probability", "reasoning", "distinguishing_factors",
+                          "supporting_evidence"}
+        assert d["supporting_evidence"] == ["Cough and fever for three days."]
         assert 0.0 <= d["probability"] <= 1.0 and isinstance(d["distinguishing_factors"], list)
     (inv,) = ins["investigation_recommendations"]
     assert set(inv) == {"investigation_type", "urgency", "rationale", "expected_findings"}
@@ -153,9 +157,18 @@ def test_prompts_share_one_prefix_and_leave_out_the_name(icd):
     analyse(make_case(), rt)
     # 2 lab files, summary, SOAP, diagnosis, its code choice, differential, recs
     assert len(rt.calls) == 8
-    systems = {json.dumps(c["messages"][0]) for c in rt.calls}
-    assert len(systems) == 1  # byte-identical prefix -> KV cache reuse between stages
+    # RULES + the case facts are a byte-identical prefix of every stage's system message
+    # (KV cache reuse between stages); each stage's own role and rules come after it.
     system = rt.calls[0]["messages"][0]["content"]
+    shared = system[:system.index(prompts.STAGE_SYSTEM["lab_analysis"])]
+    assert shared.startswith(prompts.RULES) and "CASE FACTS" in shared
+    for c in rt.calls:
+        content = c["messages"][0]["content"]
+        assert content.startswith(shared) and content.endswith(prompts.STAGE_SYSTEM[c["key"]])
+    assert len({c["messages"][0]["content"] for c in rt.calls}) == 7  # 2 lab calls share
+    # One short example per stage, in the stage's user message.
+    dx_user = next(c for c in rt.calls if c["key"] == "diagnosis")["messages"][-1]["content"]
+    assert "Hyperkalaemia" in dx_user and "Hyperkalaemia" not in system
     assert "Hb: 9.1 g/dL (reference 12-16) [low]" in system
     assert "Ferritin 8 ng/mL" in system and "Modality: CR" in system
     for call in rt.calls:
@@ -173,8 +186,12 @@ def test_zero_files_and_no_doctor_notes(icd):
     assert cs["lab_summary"] == "No lab results were provided."
     assert cs["radiology_summary"] == "No radiology images were provided."
     assert result.file_summaries == {}
-    assert [c["key"] for c in rt.calls] == ["case_summary", "soap_note", "diagnosis",
-                                            "diagnosis_code", "differential", "recommendations"]
+    # No fact a diagnosis could rest on: the diagnosis stage abstains without asking.
+    assert [c["key"] for c in rt.calls] == ["case_summary", "soap_note", "differential",
+                                            "recommendations"]
+    st = result.insights["stages"]["diagnosis"]
+    assert st["status"] == "abstained" and "no fact" in st["reason"]
+    assert result.insights["primary_diagnosis"]["primary_diagnosis"] == "Not available."
     assert "(none given)" in rt.calls[0]["messages"][0]["content"]
 
 
@@ -328,9 +345,9 @@ def test_scores_are_clamped_and_non_finite_become_zero(icd):
             "Haemoglobin 9.1 g/dL"]).replace("-3", "1e999")],
         "differential": [json.dumps({"differential_diagnoses": [
             {"condition": "Asthma", "probability": -0.5, "reasoning": "",
-             "distinguishing_factors": "Wheeze"},
-            {"condition": "Bronchitis", "probability": "NaN"},
-            {"condition": "COPD", "probability": 7}]})],
+             "distinguishing_factors": "Wheeze", "supporting_evidence": ["N1"]},
+            {"condition": "Bronchitis", "probability": "NaN", "supporting_evidence": "N1"},
+            {"condition": "COPD", "probability": 7, "supporting_evidence": ["N1"]}]})],
         "lab_analysis": ['{"summary": "Haemoglobin is below its range.", "key_abnormalities": [], '
                          '"confidence_score": NaN}'],
     })
@@ -574,9 +591,10 @@ def test_long_document_is_trimmed_by_tokens_to_fit(icd):
     system = rt.calls[0]["messages"][0]["content"]
     assert prompts.TRIM_MARK in system
     assert "Hb: 9.1 g/dL" in system  # the small file is kept whole
-    kept = [ln for ln in system.splitlines() if ln.startswith("Line ")]
+    kept = [ln for ln in system.splitlines() if "] Line " in ln]
     assert 10 < len(kept) < 2000
-    assert all(ln in lines for ln in kept)  # whole lines only, never cut mid-word
+    # whole lines only (each with its fact id), never cut mid-word
+    assert all(ln.split("] ", 1)[1] in lines for ln in kept)
 
 
 def test_trim_to_tokens_cuts_at_line_then_word_boundaries():
@@ -651,3 +669,161 @@ def test_radiology_report_pdf_is_radiology_text_not_lab_values(icd, tmp_path):
     assert "Kiran" not in system and "Rao" not in json.dumps(rt.calls)
     assert result.insights["labs"] == []
     assert "Mild L4-L5 disc bulge." in result.insights["case_summary"]["radiology_summary"]
+
+
+# --------------------------------------------------------------------------- evidence by fact id
+
+def _dx_call(rt):
+    return next(c for c in rt.calls if c["key"] == "diagnosis")
+
+
+def test_evidence_is_chosen_from_fact_ids_and_stored_as_the_facts_text(icd):
+    rt = Fake({"diagnosis": [dx_answer(supporting_evidence=["L1", "X9", "L1", "R1"])]})
+    ins = analyse(make_case(), rt).insights
+    # The grammar admits only the ids shown in the facts (an enum); an id it does not
+    # know (X9, only possible without a grammar) is dropped, never mapped to another.
+    enum = _dx_call(rt)["schema"]["properties"]["supporting_evidence"]["items"]["enum"]
+    system = _dx_call(rt)["messages"][0]["content"]
+    assert enum == ["N1", "L1", "L2", "T1", "T2", "R1", "R2"]
+    assert all(f"[{i}]" in system for i in enum)
+    assert "[N1] Cough and fever for three days." in system
+    assert ins["primary_diagnosis"]["supporting_evidence"] == [
+        "Hb: 9.1 g/dL (reference 12-16) [low]", "BodyPartExamined: CHEST"]
+    (judged,) = ins["grounding"]["diagnoses"][:1]
+    assert judged == {"section": "primary_diagnosis", "condition": "Community acquired pneumonia",
+                      "supported": True, "reason": None}
+
+
+def test_primary_diagnosis_no_fact_supports_is_retried_then_abstained(icd):
+    # Cites only a normal row (WBC, L2) and a DICOM tag, and the case's text does not
+    # name it: not a finding. Both tries fail the same way -> the stage abstains.
+    bad = dx_answer(primary_diagnosis="Iron deficiency anemia",
+                    supporting_evidence=["L2", "R1"])
+    rt = Fake({"diagnosis": [bad, bad]})
+    ins = analyse(make_case(), rt).insights
+    pd = ins["primary_diagnosis"]
+    assert pd["primary_diagnosis"] == "Not available." and pd["icd_code"] is None
+    assert pd["supporting_evidence"] == [] and pd["confidence_score"] is None
+    assert "diagnosis_code" not in [c["key"] for c in rt.calls]  # nothing coded
+    st = ins["stages"]["diagnosis"]
+    assert st["status"] == "abstained" and "supported by no fact" in st["reason"]
+    assert ins["grounding"]["diagnoses"][0] == {
+        "section": "primary_diagnosis", "condition": "Iron deficiency anemia",
+        "supported": False, "reason": pd_reason(ins)}
+    assert ins["grounding"]["sections"]["primary_diagnosis"]["dropped"] >= 1
+    # The retry citing an abnormal row is kept.
+    rt = Fake({"diagnosis": [bad, dx_answer(primary_diagnosis="Iron deficiency anemia",
+                                            supporting_evidence=["L1"])]})
+    pd = analyse(make_case(), rt).insights["primary_diagnosis"]
+    assert pd["primary_diagnosis"] == "Iron deficiency anemia"
+    assert pd["supporting_evidence"] == ["Hb: 9.1 g/dL (reference 12-16) [low]"]
+
+
+def pd_reason(ins):
+    return next(d["reason"] for d in ins["grounding"]["diagnoses"]
+                if d["section"] == "primary_diagnosis")
+
+
+def test_a_diagnosis_the_notes_name_needs_no_citation(icd):
+    rt = Fake({"diagnosis": [dx_answer(primary_diagnosis="Pneumonia", supporting_evidence=[])]})
+    ins = analyse(make_case(files=[lab_csv()], notes="Suspected pneumonia. Cough for 3 days."),
+                  rt).insights
+    pd = ins["primary_diagnosis"]
+    assert pd["primary_diagnosis"] == "Pneumonia" and pd["supporting_evidence"] == []
+    assert pd["icd_code"] and pd["icd_code"].startswith("J18")
+
+
+def test_differentials_no_fact_supports_are_left_out_and_counted(icd):
+    items = [{"condition": "Acute bronchitis", "probability": 0.3, "reasoning": "Cough.",
+              "distinguishing_factors": [], "supporting_evidence": ["N1"]},
+             {"condition": "Iron deficiency anemia", "probability": 0.2, "reasoning": "Low Hb.",
+              "distinguishing_factors": [], "supporting_evidence": ["L1"]},
+             {"condition": "Sarcoidosis", "probability": 0.1, "reasoning": "Rare.",
+              "distinguishing_factors": [], "supporting_evidence": ["L2"]}]
+    rt = Fake({"differential": [json.dumps({"differential_diagnoses": items})]})
+    ins = analyse(make_case(), rt).insights
+    assert [d["condition"] for d in ins["differential_diagnoses"]] == \
+        ["Acute bronchitis", "Iron deficiency anemia"]
+    assert ins["differential_diagnoses"][1]["supporting_evidence"] == \
+        ["Hb: 9.1 g/dL (reference 12-16) [low]"]
+    judged = [d for d in ins["grounding"]["diagnoses"] if d["section"] == "differential"]
+    assert [d["supported"] for d in judged] == [True, True, False]
+    assert ins["grounding"]["sections"]["differential"]["dropped"] >= 1
+    # None supported: the differential is empty and the stage says why.
+    none = [d | {"supporting_evidence": ["L2"]} for d in items]
+    rt = Fake({"differential": [json.dumps({"differential_diagnoses": none})]})
+    ins = analyse(make_case(), rt).insights
+    assert ins["differential_diagnoses"] == []
+    assert "no differential diagnosis was supported" in ins["stages"]["differential"]["reason"]
+
+
+def test_many_fact_ids_are_described_in_the_prompt_not_listed(icd):
+    rows = [make_row(f"T{i}", str(i), "mmol/L", "0-100") for i in range(30)]
+    f = ExtractedFile(file_id="lab-9", category="lab", file_name="big.csv", mime="text/csv",
+                      text="", lab_rows=rows)
+    rt = Fake()
+    analyse(make_case(files=[f]), rt)
+    call = _dx_call(rt)
+    assert len(call["schema"]["properties"]["supporting_evidence"]["items"]["enum"]) == 31
+    user = call["messages"][-1]["content"]
+    assert '"L30"' not in user and "a fact id in brackets" in user
+
+
+def test_coerce_keeps_only_known_enum_items_once():
+    schema = schemas.cite(schemas.DIAGNOSIS, ["L1", "N1"])
+    out = schemas.coerce({"supporting_evidence": ["n1", "L7", "L1", "N1", 3, True]}, schema)
+    assert out["supporting_evidence"] == ["N1", "L1"]
+    assert "supporting_evidence" not in schemas.cite(schemas.DIAGNOSIS, [])["properties"]
+
+
+@pytest.mark.slow
+def test_real_model_cites_only_fact_ids_and_unsupported_diagnoses_are_not_stored():
+    """The tiny GGUF through llama.cpp's grammar: the diagnosis answer's evidence holds
+    fact ids only, what is stored is their text, and every stored diagnosis passed the
+    grounding rule (recorded in insights.grounding)."""
+    from conftest import MODEL_PATH
+    if not MODEL_PATH.is_file():
+        pytest.skip("the default model is not installed")
+    from medmitra.llm.llama import LlamaRuntime
+
+    rt = LlamaRuntime(MODEL_PATH, n_ctx=2048, threads=1, seed=42)
+    answers: list[tuple[dict, str]] = []
+    real = rt.complete_json
+
+    def spy(messages, schema, **kw):
+        text, usage = real(messages, schema, **kw)
+        answers.append((schema, text))
+        return text, usage
+
+    rt.complete_json = spy
+    llm = LLMSettings(max_tokens_lab=64, max_tokens_summary=80, max_tokens_soap=96,
+                      max_tokens_diagnosis=96, max_tokens_differential=160,
+                      max_tokens_recommendations=64, n_ctx=2048)
+    try:
+        case = make_case(files=[lab_csv()], notes="Tired for a month. Pale on examination.")
+        result = analyse(case, rt, llm)
+    finally:
+        rt.close()
+    ins = result.insights
+    dx = [(s, t) for s, t in answers if s.get("title") == "diagnosis"]
+    assert dx, "the diagnosis stage asked the model"
+    ids = dx[0][0]["properties"]["supporting_evidence"]["items"]["enum"]
+    assert ids == ["N1", "N2", "L1", "L2"]
+    for _schema, text in dx:
+        got = json.loads(text)["supporting_evidence"]   # the grammar's own output
+        assert set(got) <= set(ids), got
+    facts = {"Tired for a month.", "Pale on examination.",
+             "Hb: 9.1 g/dL (reference 12-16) [low]", "WBC: 7.0 10^9/L (reference 4-11) [normal]"}
+    print("stored:", json.dumps({k: ins[k] for k in ("primary_diagnosis",
+                                                     "differential_diagnoses", "grounding")}))
+    pd = ins["primary_diagnosis"]
+    judged = {(d["section"], d["condition"]): d for d in ins["grounding"]["diagnoses"]}
+    if pd["primary_diagnosis"] == "Not available.":
+        assert pd["icd_code"] is None and pd["supporting_evidence"] == []
+    else:
+        assert judged[("primary_diagnosis", pd["primary_diagnosis"])]["supported"] is True
+        assert set(pd["supporting_evidence"]) <= facts
+    for d in ins["differential_diagnoses"]:
+        assert judged[("differential", d["condition"])]["supported"] is True
+        assert set(d["supporting_evidence"]) <= facts
+    assert ins["grounding"]["claims_checked"] >= len(judged)

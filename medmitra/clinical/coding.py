@@ -32,13 +32,13 @@ _GENERIC = frozenset({"disease", "diseases", "disorder", "disorders", "syndrome"
 _WORD = re.compile(r"[a-z0-9]+")
 
 
-def _words(text: str) -> list[str]:
+def words(text: str) -> list[str]:
     return [w for w in _WORD.findall((text or "").lower().replace("-", ""))
             if len(w) > 1 or w.isdigit()]
 
 
 def specific_words(text: str) -> list[str]:
-    return [w for w in _words(text) if w not in _GENERIC]
+    return [w for w in words(text) if w not in _GENERIC]
 
 
 def _table():
@@ -52,10 +52,10 @@ def candidates(diagnosis: str, limit: int = CANDIDATES) -> list[tuple[str, str]]
     The whole name is searched first; while nothing that agrees is found, words are left
     out from the front, keeping the head noun ("community acquired pneumonia" ->
     "acquired pneumonia" -> "pneumonia")."""
-    words = _words(diagnosis)
+    ws = words(diagnosis)
     icd = _table()
-    for start in range(len(words)):
-        rest = " ".join(words[start:])
+    for start in range(len(ws)):
+        rest = " ".join(ws[start:])
         if not specific_words(rest):
             break  # only generic words left ("disease"): nothing specific to look up
         hits = [(code, title) for code, title, _ in icd.search(rest, 4 * limit)
@@ -99,7 +99,7 @@ def agreement(diagnosis: str, code: str) -> str | None:
     names = [found.title, *found.terms]
     if any(_stems(specific_words(n)) and _stems(specific_words(n)) <= specific for n in names):
         return None
-    if specific <= _stems(_words(" ".join(names))):
+    if specific <= _stems(words(" ".join(names))):
         return None
     return (f"the title of {found.code} ({found.title!r}) does not agree with "
             f"the diagnosis {diagnosis!r}")

@@ -10,10 +10,23 @@ Checked claims, per sentence (or list item) of model-written text:
 - imaging claims: a sentence that speaks of an imaging study (X-ray, CT, MRI, ultrasound,
   scan ...) needs a radiology file or a source that mentions imaging.
 
-A sentence or item with a failed claim is **dropped** (not kept as "unverified"): what is
-stored is what the sources support. ``Grounder.text`` / ``Grounder.items`` return what is
-kept, and the counts (claims checked, kept, dropped) accumulate per section for the
-``insights.grounding`` summary. Pure, no model, no I/O.
+- diagnoses (the primary and each differential): a diagnosis is supported when it cites
+  (by fact id, under an enum grammar) at least one *informative* fact -- an abnormal lab
+  row, a sentence of the doctor's notes, a line of a report or of an unparsed lab file --
+  or when every specific word of its name (``coding.specific_words``, compared on their
+  first COMPARE_PREFIX letters) is in the case's text or its abnormal lab findings. Normal
+  lab rows and DICOM tags cite nothing a diagnosis could rest on. Whether a cited fact is
+  medically relevant to the diagnosis is not something a rule can judge: the citation is
+  shown (as the fact's own text) so the reader can.
+
+A sentence, item or diagnosis with a failed claim is **dropped** (not kept as
+"unverified"): what is stored is what the sources support. An unsupported primary
+diagnosis is retried like any invalid answer, then the diagnosis stage abstains (its
+fields say "Not available.", ``icd_code`` is null); an unsupported differential is left
+out of the list. ``Grounder.text`` / ``Grounder.items`` return what is kept, and the counts
+(claims checked, kept, dropped) accumulate per section for the ``insights.grounding``
+summary, which also lists each diagnosis judged (``diagnoses``: section, condition,
+supported, reason). Pure, no model, no I/O.
 """
 
 from __future__ import annotations
@@ -22,6 +35,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Iterable
 
+from medmitra.clinical import coding
 from medmitra.clinical.labs import LabRow
 from medmitra.clinical.ranges import join_split_decimals, to_number
 
@@ -56,6 +70,7 @@ class Grounder:
     source_texts: list[str]            # notes, extracted texts, radiology text
     has_radiology: bool = False
     by_section: dict[str, Counts] = field(default_factory=dict)
+    diagnoses: list[dict] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         nums: set[float] = set()
@@ -70,6 +85,8 @@ class Grounder:
         self._analytes = [(r, re.compile(rf"(?<![A-Za-z0-9]){re.escape(r.test)}(?![A-Za-z0-9])",
                                          re.IGNORECASE))
                           for r in self.rows if len(r.test) >= 2]
+        named = self.source_texts + [r.finding() for r in self.rows if r.abnormal]
+        self._stems = {w[:coding.COMPARE_PREFIX] for t in named for w in coding.words(t)}
 
     # ------------------------------------------------------------------ checks
 
@@ -93,6 +110,28 @@ class Grounder:
             if not self._imaging_source:
                 failed.append("an imaging study that is in no source")
         return checked, failed
+
+    def diagnosis_problem(self, condition: str, cited: Iterable) -> str | None:
+        """None when ``condition`` is supported (rule in the module docstring), else why
+        not. ``cited``: the facts it cites (``prompts.Fact``: ``informative``)."""
+        if any(f.informative for f in cited):
+            return None
+        want = {w[:coding.COMPARE_PREFIX] for w in coding.specific_words(condition)}
+        if want and want <= self._stems:
+            return None
+        return ("supported by no fact (it cites none a diagnosis could rest on, and the "
+                "case's text does not name it)")
+
+    def record_diagnosis(self, section: str, condition: str, problem: str | None) -> None:
+        """Count one judged diagnosis for ``section`` and list it in the summary."""
+        c = self._count(section)
+        c.claims_checked += 1
+        if problem is None:
+            c.kept += 1
+        else:
+            c.dropped += 1
+        self.diagnoses.append({"section": section, "condition": condition,
+                               "supported": problem is None, "reason": problem})
 
     def _count(self, section: str) -> Counts:
         return self.by_section.setdefault(section, Counts())
@@ -139,7 +178,13 @@ class Grounder:
             total.verified += c.verified
             total.unverified += c.unverified
         return total.as_dict() | {"sections": {k: v.as_dict()
-                                               for k, v in sorted(self.by_section.items())}}
+                                               for k, v in sorted(self.by_section.items())},
+                                  "diagnoses": list(self.diagnoses)}
+
+
+def split_sentences(text: str) -> list[str]:
+    """``text`` cut into sentences (the unit every check works on)."""
+    return [p.strip() for p in _SENTENCE_RE.split(text or "") if p.strip()]
 
 
 def _numbers(text: str) -> set[float]:

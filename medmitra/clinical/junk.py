@@ -395,7 +395,10 @@ def _screen_list(items: list, key: str, schema: dict, names: set[str],
     seen: set[str] = set()
     for item in items:
         if isinstance(item, str):
-            if junk_reason(item, key, field_names=names, prompt_texts=prompts):
+            # An enum item (a fact id) was chosen by the grammar among fixed options: it
+            # is not prose, only a repeat of it is dropped.
+            if "enum" not in item_schema and junk_reason(item, key, field_names=names,
+                                                         prompt_texts=prompts):
                 continue
             norm = " ".join(words(item))
             if norm in seen:

@@ -1,21 +1,32 @@
-"""Prompts for small local models: one task each, the schema in the prompt, case facts once.
+"""Prompts: a system prompt per stage, one short generic example per stage, case facts once.
 
-Every stage's messages are ``[system: RULES + case facts, user: stage instruction]``. The
-system message is byte-identical in all stages of a case, so llama.cpp evaluates it once
-and later stages only pay for their own short instruction (KV-cache prefix reuse).
+Every stage's messages are ``[system: RULES + case facts + the stage's role and rules,
+user: earlier results + example + task + schema]``. RULES and the case facts come first and
+are byte-identical in all stages of a case, so llama.cpp evaluates that prefix once and
+later stages only pay for their own guidance, example and instruction (KV-cache prefix
+reuse works on tokens, not on whole messages). The chat template is the GGUF's own.
+
+Every fact the model sees has a short id: ``[L3]`` a lab row, ``[N1]`` a sentence of the
+doctor's notes, ``[R2]`` a line or sentence of a radiology file (tags, report, text on the
+image), ``[T4]`` a line of a lab file whose rows could not be parsed. The diagnosis and
+differential stages cite evidence by these ids only (an enum in their grammar); the stored
+evidence is the facts' own text (``Fact.text``), never the model's words.
 
 Facts are trimmed by tokens (``trim_to_tokens``) at line or word boundaries, once per case,
-so the prefix stays the same across stages. No patient identity goes to the model: the
-case's name is left out, documents lose their identity header lines ("Patient: ...",
-"DOB ...", "MRN ...") and every name found in the case or those headers is replaced
-(``clinical.identity.Redactor``), file names included.
+so the prefix stays the same across stages; only ids still visible after trimming can be
+cited. No patient identity goes to the model: the case's name is left out, documents lose
+their identity header lines ("Patient: ...", "DOB ...", "MRN ...") and every name found in
+the case or those headers is replaced (``clinical.identity.Redactor``), file names included.
 """
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from typing import Callable
 
 from medmitra.clinical import labs
+from medmitra.clinical.grounding import split_sentences
 from medmitra.clinical.identity import Redactor
 from medmitra.pipeline.schemas import prompt_schema_text
 from medmitra.pipeline.types import CaseInput, ExtractedFile
@@ -25,6 +36,7 @@ CountFn = Callable[[str], int]
 RULES = (
     "You are a careful clinical documentation assistant. Use only the case facts below; "
     "if something is not in the facts, say it is not available instead of inventing it. "
+    "Each fact has an id in brackets, such as [L1]. "
     "Answer with one JSON object that matches the schema given in the task."
 )
 TRIM_MARK = "[... trimmed to fit]"
@@ -71,24 +83,69 @@ def redactor_for(case: CaseInput) -> Redactor:
                              + [f.text or "" for f in case.files])
 
 
-def lab_file_text(f: ExtractedFile, redactor: Redactor | None = None) -> str:
-    """A lab file as the model sees it: parsed rows when present, else its text."""
+@dataclass(frozen=True)
+class Fact:
+    """One numbered fact: ``text`` is what is stored when the model cites ``id``.
+    ``informative``: it can support a diagnosis (an abnormal lab row, a sentence of the
+    notes or of a report); a normal lab row or a DICOM tag alone cannot."""
+    id: str
+    text: str
+    informative: bool
+
+
+class _Numbering:
+    def __init__(self) -> None:
+        self.facts: dict[str, Fact] = {}
+        self._next: dict[str, int] = {}
+
+    def add(self, prefix: str, text: str, informative: bool) -> str:
+        """``text`` as a prompt line with its new id."""
+        n = self._next.get(prefix, 0) + 1
+        self._next[prefix] = n
+        fid = f"{prefix}{n}"
+        self.facts[fid] = Fact(fid, text, informative)
+        return f"[{fid}] {text}"
+
+
+def _lines(text: str) -> list[str]:
+    return [ln.strip() for ln in (text or "").splitlines() if ln.strip()]
+
+
+def lab_file_text(f: ExtractedFile, redactor: Redactor | None = None,
+                  numbering: _Numbering | None = None) -> str:
+    """A lab file as the model sees it: parsed rows when present, else its text lines."""
     red = redactor or Redactor(())
+    num = numbering or _Numbering()
     if f.lab_rows:
-        return red.redact("\n".join(f"- {labs.render_row(r)}" for r in f.lab_rows))
-    return red.redact((f.text or "").strip()) or "(no readable text)"
+        return "\n".join(f"- {num.add('L', red.redact(labs.render_row(r)), r.abnormal)}"
+                         for r in f.lab_rows)
+    lines = _lines(red.redact(f.text or ""))
+    return "\n".join(num.add("T", ln, True) for ln in lines) or "(no readable text)"
 
 
-def radiology_file_text(f: ExtractedFile, redactor: Redactor | None = None) -> str:
-    """Non-identifying DICOM tags and any OCR text of a radiology file."""
+def radiology_file_text(f: ExtractedFile, redactor: Redactor | None = None,
+                        numbering: _Numbering | None = None) -> str:
+    """Non-identifying DICOM tags and any report or OCR text of a radiology file."""
     red = redactor or Redactor(())
-    parts = [f"{k}: {v}" for k, v in sorted(f.dicom_tags.items()) if v]
+    num = numbering or _Numbering()
+    parts = [num.add("R", red.redact(f"{k}: {v}", document=False), False)
+             for k, v in sorted(f.dicom_tags.items()) if v]
     if f.report_sections:
-        parts += [f"Report {k}: {red.redact(v)}" for k, v in f.report_sections.items()]
+        for k, v in f.report_sections.items():
+            parts += [num.add("R", f"Report {k}: {sent}", True)
+                      for sent in split_sentences(" ".join(red.redact(v).split()))]
     elif f.text and f.text.strip():
         kind = "Report text" if f.mime == "application/pdf" else "Text on the image"
-        parts.append(f"{kind}: " + red.redact(f.text.strip()))
-    return red.redact("\n".join(parts), document=False) or "(no tags or text)"
+        parts += [num.add("R", f"{kind}: {sent}", True)
+                  for sent in split_sentences(" ".join(red.redact(f.text).split()))]
+    return "\n".join(parts) or "(no tags or text)"
+
+
+def notes_text(notes: str, redactor: Redactor, numbering: _Numbering) -> str:
+    """The doctor's notes, one numbered sentence a line."""
+    text = " ".join(redactor.redact((notes or "").strip(), document=False).split())
+    return "\n".join(numbering.add("N", sent, True) for sent in split_sentences(text)) \
+        or "(none given)"
 
 
 def file_label(kind: str, index: int, f: ExtractedFile, redactor: Redactor | None = None) -> str:
@@ -98,20 +155,27 @@ def file_label(kind: str, index: int, f: ExtractedFile, redactor: Redactor | Non
 
 def case_facts(case: CaseInput, budget_tokens: int, count: CountFn,
                redactor: Redactor | None = None) -> str:
-    """The case facts block shared by every stage, at most ``budget_tokens`` tokens.
+    return numbered_case_facts(case, budget_tokens, count, redactor)[0]
+
+
+def numbered_case_facts(case: CaseInput, budget_tokens: int, count: CountFn,
+                        redactor: Redactor | None = None) -> tuple[str, dict[str, Fact]]:
+    """The case facts block shared by every stage, at most ``budget_tokens`` tokens, and
+    its facts by id (only those whose id is still in the block after trimming).
 
     The budget is shared out fairly: small documents keep their full text and what they
     don't use goes to the larger ones.
     """
     red = redactor or redactor_for(case)
+    num = _Numbering()
     header = [f"CASE FACTS\nPatient: age {case.patient_age}, gender {case.patient_gender}."]
-    docs: list[tuple[str, str]] = [("Doctor's notes", red.redact((case.doctor_notes or "").strip(),
-                                                                  document=False)
-                                    or "(none given)")]
+    docs: list[tuple[str, str]] = [("Doctor's notes", notes_text(case.doctor_notes or "", red,
+                                                                  num))]
     labs = [f for f in case.files if f.category == "lab"]
     rads = [f for f in case.files if f.category == "radiology"]
-    docs += [(file_label("Lab", i, f, red), lab_file_text(f, red)) for i, f in enumerate(labs, 1)]
-    docs += [(file_label("Radiology", i, f, red), radiology_file_text(f, red))
+    docs += [(file_label("Lab", i, f, red), lab_file_text(f, red, num))
+             for i, f in enumerate(labs, 1)]
+    docs += [(file_label("Radiology", i, f, red), radiology_file_text(f, red, num))
              for i, f in enumerate(rads, 1)]
     if not labs:
         header.append("Lab files: none.")
@@ -128,18 +192,110 @@ def case_facts(case: CaseInput, budget_tokens: int, count: CountFn,
         bodies[i] = body
         remaining -= count(body)
     blocks = [f"{title}:\n{bodies[i] or TRIM_MARK}" for i, (title, _) in enumerate(docs)]
-    return "\n".join(header) + "\n" + "\n".join(blocks)
+    text = "\n".join(header) + "\n" + "\n".join(blocks)
+    visible = {fid: f for fid, f in num.facts.items() if f"[{fid}]" in text}
+    return text, visible
 
 
-def system_message(facts: str) -> dict:
-    return {"role": "system", "content": f"{RULES}\n\n{facts}"}
+def system_message(facts: str, stage: str = "") -> dict:
+    """RULES and the facts first (the prefix shared by every stage), then the stage's own
+    role and rules."""
+    guide = STAGE_SYSTEM.get(stage, "")
+    return {"role": "system", "content": f"{RULES}\n\n{facts}" + (f"\n\n{guide}" if guide
+                                                                    else "")}
 
 
-def task_message(task: str, schema: dict, context: str = "") -> dict:
+def task_message(task: str, schema: dict, context: str = "", stage: str = "") -> dict:
     """The stage-specific part, always last so the shared prefix comes first."""
     ctx = f"{context.strip()}\n\n" if context.strip() else ""
+    example = _fit_example(STAGE_EXAMPLE.get(stage), schema)
+    ex = (f"Example of the answer's form (another patient, not this case): "
+          f"{json.dumps(example, separators=(',', ':'))}\n") if example else ""
     return {"role": "user",
-            "content": f"{ctx}TASK: {task}\nJSON schema: {prompt_schema_text(schema)}"}
+            "content": f"{ctx}{ex}TASK: {task}\nJSON schema: {prompt_schema_text(schema)}"}
+
+
+def _fit_example(example, schema: dict):
+    """The example without the keys ``schema`` does not have (e.g. no treatments asked)."""
+    if isinstance(example, dict) and schema.get("type") == "object":
+        props = schema.get("properties") or {}
+        return {k: _fit_example(v, props[k]) for k, v in example.items() if k in props}
+    if isinstance(example, list) and isinstance(schema.get("items"), dict):
+        return [_fit_example(v, schema["items"]) for v in example]
+    return example
+
+
+def example_text(stage: str) -> str:
+    """The stage's example answer as text (an answer that repeats it is an echo)."""
+    return " ".join(str(v) for v in _strings(STAGE_EXAMPLE.get(stage, {})))
+
+
+def _strings(obj) -> list:
+    if isinstance(obj, str):
+        return [obj]
+    if isinstance(obj, dict):
+        return [s for v in obj.values() for s in _strings(v)]
+    if isinstance(obj, list):
+        return [s for v in obj for s in _strings(v)]
+    return []
+
+
+# The role and rules of each stage (after the shared facts in the system message).
+_EVIDENCE_RULE = ("Cite evidence only by fact ids from the case facts; cite none rather "
+                  "than a fact that does not support the diagnosis.")
+STAGE_SYSTEM = {
+    "lab_analysis": (
+        "Your role now: interpret one lab report. Name only results listed in the facts, "
+        "with their values as written; call a result high or low only as its flag says. "
+        "Do not diagnose."),
+    "case_summary": (
+        "Your role now: summarise the case for a clinician. State what the facts show; "
+        "do not add symptoms, history, imaging or results that are not in the facts."),
+    "soap_note": (
+        "Your role now: write a SOAP note. Subjective: only what the notes report. "
+        "Objective: only results and findings in the facts. Assessment and plan: brief, "
+        "and clearly tentative where the facts are thin."),
+    "diagnosis": (
+        "Your role now: name the single most likely diagnosis in plain words (no code). "
+        + _EVIDENCE_RULE),
+    "diagnosis_code": (
+        "Your role now: choose the ICD-10-CM code among the options given whose title "
+        "matches the diagnosis; answer none if no option matches."),
+    "differential": (
+        "Your role now: list other diagnoses that could explain the facts, each different "
+        "from the primary diagnosis and from each other, with probabilities that add up to "
+        "at most 1. " + _EVIDENCE_RULE),
+    "recommendations": (
+        "Your role now: recommend next investigations and, if asked, treatments. Mark "
+        "urgent only what cannot wait; give a dosage only if it is standard and safe, "
+        "otherwise leave it empty."),
+}
+# One short generic answer per stage: shows the form, not this case's content.
+STAGE_EXAMPLE: dict[str, dict] = {
+    "lab_analysis": {"summary": "Potassium is high; sodium and creatinine are normal.",
+                     "key_abnormalities": ["Potassium high"], "confidence_score": 0.6},
+    "case_summary": {"comprehensive_summary": "An adult with two days of vomiting and a "
+                                              "high potassium.",
+                     "key_findings": ["Potassium high"], "confidence_score": 0.6},
+    "soap_note": {"subjective": "Vomiting for two days.", "objective": "Potassium high.",
+                  "assessment": "Hyperkalaemia, cause unclear.",
+                  "plan": "Repeat potassium and check renal function.",
+                  "confidence_score": 0.5},
+    "diagnosis": {"primary_diagnosis": "Hyperkalaemia",
+                  "description": "High potassium on the lab report.",
+                  "supporting_evidence": ["L2"], "confidence_score": 0.5},
+    "differential": {"differential_diagnoses": [
+        {"condition": "Acute kidney injury", "probability": 0.3,
+         "reasoning": "Can raise potassium.", "distinguishing_factors": ["Creatinine"],
+         "supporting_evidence": ["L2"]},
+        {"condition": "Haemolysed sample", "probability": 0.2,
+         "reasoning": "Falsely high potassium.", "distinguishing_factors": ["Repeat sample"],
+         "supporting_evidence": []}]},
+    "recommendations": {"investigations": [
+        {"investigation_type": "Renal function tests", "urgency": "routine",
+         "rationale": "Look for a cause.", "expected_findings": "Creatinine level"}],
+        "treatments": []},
+}
 
 
 # One short instruction per stage.
@@ -152,13 +308,13 @@ TASK_SUMMARY = ("Write a comprehensive summary of this case and list its key fin
                 "confidence_score is a number from 0 to 1.")
 TASK_SOAP = "Write a SOAP note for this case. confidence_score is a number from 0 to 1."
 TASK_DIAGNOSIS = ("Give the most likely primary diagnosis in words, a short description "
-                  "and the supporting evidence from the facts. "
+                  "and the ids of the facts that support it. "
                   "confidence_score is a number from 0 to 1.")
 TASK_DIAGNOSIS_CODE = ("Primary diagnosis: {diagnosis}. Choose the ICD-10-CM code that fits it "
                        "best, or none if no option fits. Options: {options}")
 TASK_DIFFERENTIAL = ("List 3 to 5 differential diagnoses other than the primary diagnosis, "
-                     "each with a probability from 0 to 1, reasoning and distinguishing "
-                     "factors.")
+                     "each with a probability from 0 to 1, reasoning, distinguishing "
+                     "factors and the ids of the facts that support it.")
 TASK_RECOMMENDATIONS = ("Recommend further investigations (urgency: urgent, routine or "
                         "follow-up) and treatments for this case.")
 TASK_RECOMMENDATIONS_NO_TREATMENT = ("Recommend further investigations (urgency: urgent, "

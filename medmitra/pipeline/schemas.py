@@ -82,11 +82,18 @@ SOAP_NOTE = _obj(
     confidence_score=SCORE,
 )
 
+# Evidence is cited by fact id only (prompts.Fact): ``cite`` turns this placeholder into
+# an enum of the case's fact ids, so the grammar admits nothing else.
+EVIDENCE = "supporting_evidence"
+FACT_ID_MAX_CHARS = 8
+# An enum longer than this is shown to the model as a description, not listed.
+PROMPT_ENUM_MAX = 8
+
 DIAGNOSIS = _obj(
     "diagnosis",
     primary_diagnosis=_s(100, 1),
     description=_s(200),
-    supporting_evidence=_list(_s(100), 4),
+    supporting_evidence=_list(_s(FACT_ID_MAX_CHARS), 4),
     confidence_score=SCORE,
 )
 
@@ -94,7 +101,8 @@ DIFFERENTIAL = _obj(
     "differential",
     differential_diagnoses=_list(
         _obj(None, condition=_s(80, 1), probability=SCORE, reasoning=_s(160),
-             distinguishing_factors=_list(_s(60), 3)),
+             distinguishing_factors=_list(_s(60), 3),
+             supporting_evidence=_list(_s(FACT_ID_MAX_CHARS), 2)),
         5, 3),
 )
 
@@ -116,6 +124,27 @@ RECOMMENDATIONS_NO_TREATMENT = _obj(
 
 ALL_SCHEMAS = (LAB_INTERPRETATION, RADIOLOGY, CASE_SUMMARY, SOAP_NOTE, DIAGNOSIS,
                DIFFERENTIAL, RECOMMENDATIONS, RECOMMENDATIONS_NO_TREATMENT)
+
+
+def cite(schema: dict, fact_ids: list[str]) -> dict:
+    """A copy of ``schema`` whose evidence lists admit only ``fact_ids`` (an enum); with
+    no ids, the evidence lists are left out of the schema (nothing can be cited)."""
+    out = copy.deepcopy(schema)
+
+    def walk(node: dict) -> None:
+        props = node.get("properties") or {}
+        if EVIDENCE in props:
+            if fact_ids:
+                props[EVIDENCE]["items"] = {"type": "string", "enum": list(fact_ids)}
+            else:
+                del props[EVIDENCE]
+                node["required"] = [k for k in node.get("required", []) if k != EVIDENCE]
+        for sub in props.values():
+            walk(sub)
+        if isinstance(node.get("items"), dict):
+            walk(node["items"])
+    walk(out)
+    return out
 
 
 # --------------------------------------------------------------------------- sizing
@@ -194,7 +223,11 @@ def prompt_schema_text(schema: dict) -> str:
 def _for_prompt(schema: Any) -> Any:
     # "required" lists every key again and "title" is for routing: both only cost tokens
     # (the grammar makes every key required anyway).
+    # A long enum (the case's fact ids) is described, not listed: the grammar holds it.
     if isinstance(schema, dict):
+        if len(schema.get("enum") or ()) > PROMPT_ENUM_MAX:
+            return {"type": "string", "description": "a fact id in brackets, e.g. "
+                                                     f"{schema['enum'][0]}"}
         return {k: _for_prompt(v) for k, v in schema.items() if k not in ("title", "required")}
     return schema
 
@@ -280,6 +313,14 @@ def coerce(value: Any, schema: dict) -> Any:
             value = [value]  # a lone item where a list of such items was expected
         if not isinstance(value, list):
             return []
+        if "enum" in item_schema:
+            # Only the options themselves, each once: an unknown one is dropped, never
+            # turned into a default option (a fact id the model did not cite).
+            allowed = {str(o).lower(): o for o in item_schema["enum"]}
+            picked = [allowed.get(str(v).strip().lower()) for v in value
+                      if isinstance(v, (str, int, float)) and not isinstance(v, bool)]
+            return list(dict.fromkeys(p for p in picked if p is not None))[
+                : int(schema.get("maxItems", len(value)))]
         items = [coerce(v, item_schema) for v in value]
         if item_schema.get("type") in ("string", "object"):
             items = [v for v in items if has_content(v)]  # drop empty placeholders

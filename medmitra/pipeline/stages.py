@@ -114,7 +114,9 @@ class _Run:
     llm: LLMSettings
     progress: ProgressFn
     should_stop: StopFn
-    system: dict = field(default_factory=dict)
+    facts_text: str = ""                                    # the shared facts block
+    facts: dict[str, prompts.Fact] = field(default_factory=dict)  # by id, as shown
+    grounder: grounding.Grounder | None = None
     n_ctx: int = 0
     redactor: Redactor = field(default_factory=lambda: Redactor(()))
     metrics: list[StageMetrics] = field(default_factory=list)
@@ -162,18 +164,22 @@ class _Run:
         """One model answer for ``stage``, checked; retried with new seeds; else _NoAnswer
         (or StageError when the runtime itself failed on every try)."""
         schema = fit_schema(schema, max_tokens)
-        bare = prompts.task_message(task, schema)
-        room = (self.n_ctx - max_tokens - self.count(self.system["content"])
+        system = prompts.system_message(self.facts_text, stage)
+        bare = prompts.task_message(task, schema, stage=stage)
+        room = (self.n_ctx - max_tokens - self.count(system["content"])
                 - self.count(bare["content"]) - self.margin())
         context = prompts.trim_to_tokens(context, room, self.count)
         # Last guard: no name of the case in any message (the facts are redacted already).
-        messages = [self.system, prompts.task_message(
-            task, schema, self.redactor.redact(context, document=False))]
+        messages = [system, prompts.task_message(
+            task, schema, self.redactor.redact(context, document=False), stage=stage)]
+        # An answer that repeats the instructions or the example is an echo, not an answer.
+        echoes = (prompts.RULES, prompts.STAGE_SYSTEM.get(stage, ""),
+                  prompts.example_text(stage), task)
         return self._attempts(stage, m, max_tokens, schema,
                               lambda seed, temp: self.runtime.complete_json(
                                   messages, schema, max_tokens=max_tokens, temperature=temp,
                                   seed=seed, repeat_penalty=self.llm.repeat_penalty), check,
-                              prompt_texts=(prompts.RULES, task))
+                              prompt_texts=echoes)
 
     def ask_image(self, stage: str, schema: dict, image: Any, prompt: str, max_tokens: int,
                   m: StageMetrics) -> dict | None:
@@ -454,10 +460,42 @@ def _soap_note(run: _Run, st: _State, m: StageMetrics) -> None:
         | {"confidence_score": None})
 
 
+def _cited(run: _Run, ids: list[str]) -> list[prompts.Fact]:
+    return [run.facts[i] for i in ids if i in run.facts]
+
+
+def _diagnosis_check(run: _Run, section: str, judged: list) -> Callable[[dict], None]:
+    """A primary diagnosis no fact supports (clinical/grounding.py) rejects the answer;
+    the evidence stored is the cited facts' own text. ``judged`` collects each try's
+    (condition, problem) so the final outcome is recorded once."""
+    def check(data: dict) -> None:
+        cited = _cited(run, data.get(schemas.EVIDENCE, []))
+        problem = run.grounder.diagnosis_problem(data["primary_diagnosis"], cited)
+        judged.append((data["primary_diagnosis"], problem))
+        if problem:
+            raise InvalidOutput(f"the primary diagnosis is {problem}")
+        data[schemas.EVIDENCE] = [f.text for f in cited]
+    return check
+
+
 def _diagnosis(run: _Run, st: _State, m: StageMetrics) -> None:
-    dx = run.try_ask("diagnosis", schemas.DIAGNOSIS, prompts.TASK_DIAGNOSIS,
-                     f"{st.summary_ctx}\nAssessment: {st.soap['assessment']}",
-                     run.llm.max_tokens_diagnosis, m)
+    judged: list[tuple[str, str | None]] = []
+    if not any(f.informative for f in run.facts.values()):
+        # Nothing a diagnosis could rest on (no notes, no abnormal result, no report).
+        m.abstain("the case has no fact a diagnosis could rest on")
+        dx = None
+    else:
+        dx = run.try_ask("diagnosis", schemas.cite(schemas.DIAGNOSIS, list(run.facts)),
+                         prompts.TASK_DIAGNOSIS,
+                         f"{st.summary_ctx}\nAssessment: {st.soap['assessment']}",
+                         run.llm.max_tokens_diagnosis, m,
+                         _diagnosis_check(run, "primary_diagnosis", judged))
+    if judged:
+        condition, problem = judged[-1]
+        if dx is None and problem is not None:
+            run.grounder.record_diagnosis("primary_diagnosis", condition, problem)
+        elif dx is not None:
+            run.grounder.record_diagnosis("primary_diagnosis", condition, None)
     if dx is None:
         st.dx = {"primary_diagnosis": NOT_AVAILABLE, "icd_code": None, "description": "",
                  "supporting_evidence": [], "confidence_score": None,
@@ -476,11 +514,26 @@ def _differential(run: _Run, st: _State, m: StageMetrics) -> None:
     if run.case.options.include_differential:
         primary = st.dx["primary_diagnosis"] if st.dx["primary_diagnosis"] != NOT_AVAILABLE \
             else ""
-        data = run.try_ask("differential", schemas.DIFFERENTIAL, prompts.TASK_DIFFERENTIAL,
-                           st.dx_ctx, run.llm.max_tokens_differential, m,
-                           _differential_check(primary))
+        data = run.try_ask("differential", schemas.cite(schemas.DIFFERENTIAL, list(run.facts)),
+                           prompts.TASK_DIFFERENTIAL, st.dx_ctx,
+                           run.llm.max_tokens_differential, m, _differential_check(primary))
         if data is not None:
-            st.differential = data["differential_diagnoses"]
+            st.differential = _supported_differentials(run, data["differential_diagnoses"], m)
+
+
+def _supported_differentials(run: _Run, items: list[dict], m: StageMetrics) -> list[dict]:
+    """The differentials some fact supports (clinical/grounding.py), each with its cited
+    facts' own text as evidence; the others are left out and counted."""
+    kept = []
+    for d in items:
+        cited = _cited(run, d.get(schemas.EVIDENCE, []))
+        problem = run.grounder.diagnosis_problem(d["condition"], cited)
+        run.grounder.record_diagnosis("differential", d["condition"], problem)
+        if problem is None:
+            kept.append(d | {schemas.EVIDENCE: [f.text for f in cited]})
+    if items and not kept:
+        m.abstain("no differential diagnosis was supported by a fact")
+    return kept
 
 
 def _recommendations(run: _Run, st: _State, m: StageMetrics) -> None:
@@ -498,6 +551,7 @@ def _recommendations(run: _Run, st: _State, m: StageMetrics) -> None:
 
 
 def _grounder(case: CaseInput) -> grounding.Grounder:
+    """The case's sources as the grounding checks see them (rules in clinical/grounding.py)."""
     rows = [r for f in case.files if f.category == "lab" for r in f.lab_rows]
     texts = [case.doctor_notes or "", str(case.patient_age)]
     texts += [f.text or "" for f in case.files]
@@ -529,7 +583,7 @@ def _ground(g: grounding.Grounder, run: _Run, st: _State) -> None:
         st.soap[k] = prose("soap_note", st.soap[k])
     if not st.dx["icd_code"]:  # with a code, the description is the table's title
         st.dx["description"] = g.text("primary_diagnosis", st.dx["description"])
-    st.dx["supporting_evidence"] = g.items("primary_diagnosis", st.dx["supporting_evidence"])
+    # supporting_evidence is the cited facts' own text: nothing to check.
     for d in st.differential:
         d["reasoning"] = g.text("differential", d["reasoning"])
         d["distinguishing_factors"] = g.items("differential", d["distinguishing_factors"])
@@ -553,7 +607,7 @@ def _model_info(runtime: LLMRuntime, llm: LLMSettings) -> dict:
 
 def _compile(run: _Run, st: _State, m: StageMetrics) -> None:
     case = run.case
-    g = _grounder(case)
+    g = run.grounder
     _ground(g, run, st)
     summary, soap, dx = st.summary, st.soap, st.dx
     lab_files = [f for f in case.files if f.category == "lab"]
@@ -641,15 +695,22 @@ def run_analysis(case: CaseInput, runtime: LLMRuntime, llm: LLMSettings, *,
     stage_max_tokens = max(llm.max_tokens_lab, llm.max_tokens_summary, llm.max_tokens_soap,
                            llm.max_tokens_diagnosis, llm.max_tokens_differential,
                            llm.max_tokens_recommendations)
-    task_tokens = max(run.count(prompts.task_message(t, fit_schema(s, stage_max_tokens))["content"])
-                      for t, s in ((prompts.TASK_LAB, schemas.LAB_INTERPRETATION),
-                                   (prompts.TASK_RECOMMENDATIONS, schemas.RECOMMENDATIONS),
-                                   (prompts.TASK_DIFFERENTIAL, schemas.DIFFERENTIAL)))
+    # The largest stage-specific part: its system guidance, example, task and schema.
+    many_ids = [f"L{i}" for i in range(1, schemas.PROMPT_ENUM_MAX + 2)]
+    task_tokens = max(
+        run.count(prompts.STAGE_SYSTEM.get(stage, "")) + run.count(prompts.task_message(
+            t, fit_schema(schemas.cite(s, many_ids), stage_max_tokens), stage=stage)["content"])
+        for stage, t, s in (("lab_analysis", prompts.TASK_LAB, schemas.LAB_INTERPRETATION),
+                            ("recommendations", prompts.TASK_RECOMMENDATIONS,
+                             schemas.RECOMMENDATIONS),
+                            ("differential", prompts.TASK_DIFFERENTIAL, schemas.DIFFERENTIAL),
+                            ("diagnosis", prompts.TASK_DIAGNOSIS, schemas.DIAGNOSIS)))
     facts_budget = (run.n_ctx - stage_max_tokens - task_tokens - CONTEXT_RESERVE_TOKENS
                     - run.count(prompts.RULES) - run.margin())
     run.redactor = prompts.redactor_for(case)
-    run.system = prompts.system_message(prompts.case_facts(case, max(0, facts_budget), run.count,
-                                                           run.redactor))
+    run.facts_text, run.facts = prompts.numbered_case_facts(case, max(0, facts_budget),
+                                                            run.count, run.redactor)
+    run.grounder = _grounder(case)
 
     st = _State()
     for name, body in STAGE_TABLE:
