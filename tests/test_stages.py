@@ -827,3 +827,16 @@ def test_real_model_cites_only_fact_ids_and_unsupported_diagnoses_are_not_stored
         assert judged[("differential", d["condition"])]["supported"] is True
         assert set(d["supporting_evidence"]) <= facts
     assert ins["grounding"]["claims_checked"] >= len(judged)
+
+
+def test_a_chosen_code_whose_title_disagrees_is_withheld_with_the_reason(icd, monkeypatch):
+    from medmitra.clinical import coding
+    # A candidate list that (wrongly) offers B20 for "Cardiovascular disease": the final
+    # agreement check still withholds it -- null code, the reason says why.
+    monkeypatch.setattr(coding, "candidates", lambda _d, limit=5: [("B20", "HIV disease")])
+    rt = Fake({"diagnosis": [dx_answer(primary_diagnosis="Cardiovascular disease",
+                                       supporting_evidence=["L1"])]})
+    pd = analyse(make_case(), rt).insights["primary_diagnosis"]
+    assert pd["primary_diagnosis"] == "Cardiovascular disease"
+    assert pd["icd_code"] is None and "does not agree" in pd["icd_reason"]
+    assert pd["description"] != "HIV disease"
