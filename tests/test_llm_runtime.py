@@ -303,8 +303,8 @@ def test_full_analysis_with_the_real_model(runtime):
     # tiny model's differentials are often duplicates, which are refused, never stored.
     if ins["stages"]["differential"]["status"] == "abstained":
         assert ins["differential_diagnoses"] == [] and ins["stages"]["differential"]["reason"]
-    else:
-        assert 3 <= len(ins["differential_diagnoses"]) <= 5
+    else:  # those no fact supports are left out (clinical/grounding.py)
+        assert 1 <= len(ins["differential_diagnoses"]) <= 5
     for d in ins["differential_diagnoses"]:
         assert isinstance(d["condition"], str) and isinstance(d["reasoning"], str)
         assert isinstance(d["distinguishing_factors"], list)

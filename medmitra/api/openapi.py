@@ -154,6 +154,8 @@ def _schemas() -> dict[str, Schema]:
     differential = _obj({
         "condition": STR, "probability": SCORE, "reasoning": _nullable(STR),
         "distinguishing_factors": STR_LIST,
+        "supporting_evidence": {**STR_LIST, "description": "The facts it cites, as written "
+                                "in the case (chosen by fact id, never the model's words)."},
     }, ["condition", "probability", "reasoning", "distinguishing_factors"])
     investigation = _obj({
         "investigation_type": STR,
@@ -199,9 +201,14 @@ def _schemas() -> dict[str, Schema]:
         "lab_counts": _obj({"rows_parsed": {"type": "integer"},
                             "lines_not_parsed": {"type": "integer"}}),
         "grounding": _obj({"claims_checked": {"type": "integer"}, "kept": {"type": "integer"},
-                           "dropped": {"type": "integer"}, "sections": {"type": "object"}},
+                           "dropped": {"type": "integer"}, "sections": {"type": "object"},
+                           "diagnoses": {"type": "array", "items": _obj({
+                               "section": STR, "condition": STR,
+                               "supported": {"type": "boolean"}, "reason": _nullable(STR)})}},
                           description="Claims of model-written text checked against the "
-                                      "sources; unsupported sentences and items are dropped."),
+                                      "sources; unsupported sentences and items are dropped. "
+                                      "diagnoses: each diagnosis judged (a primary no fact "
+                                      "supports is not stored: the stage abstains)."),
         "stages": {"type": "object", "description": "Per stage: {status: ok|retried|abstained, "
                    "reason}. An abstained section says 'Not available.' (scores null)."},
         "model_info": _obj({"name": STR, "file": STR, "demonstration": {"type": "boolean"},
