@@ -167,8 +167,9 @@ class Server:
         db = sqlite3.connect(f"file:{self.data / 'medmitra.sqlite3'}?mode=ro", uri=True,
                              timeout=30)
         try:
-            row = db.execute("SELECT stages FROM ai_insights WHERE case_id = ? "
-                             "ORDER BY id DESC LIMIT 1", (case_id,)).fetchone()
+            row = db.execute("SELECT i.stages FROM ai_insights i JOIN cases c ON c.id = "
+                             "i.case_id WHERE c.case_id = ? ORDER BY i.id DESC LIMIT 1",
+                             (case_id,)).fetchone()
         finally:
             db.close()
         stages = json.loads(row[0]) if row else []
@@ -196,9 +197,10 @@ def score(t: Truth, body: dict, seconds: float) -> dict:
     if s["failed"] or not ins:
         return s | {"error": (body.get("analysis") or {}).get("error")}
     s["abstained"] = sum(1 for v in ins["stages"].values() if v["status"] == "abstained")
+    # supporting_evidence is the cited facts' own text (scored as evidence_not_fact below).
+    skip = ("icd_code", "urgency", "icd_reason", "supporting_evidence")
     s["junk"] = sum(1 for sec in MODEL_SECTIONS for k, v in junk.text_fields(ins[sec], sec)
-                    if v and v != "Not available." and k not in ("icd_code", "urgency",
-                                                                   "icd_reason")
+                    if v and v != "Not available." and k not in skip
                     and junk.junk_reason(v, k) is not None)
     truth = {_norm(n): (v, f) for n, v, _u, f in t.labs}
     got = {_norm(r["analyte"]): r for r in ins["labs"]}
@@ -224,7 +226,7 @@ def score(t: Truth, body: dict, seconds: float) -> dict:
     g = Grounder(rows, texts + [str(t.age)], has_radiology=False)
     s["ungrounded"] = sum(len(g.problems(v)[1]) for sec in MODEL_SECTIONS
                           for k, v in junk.text_fields(ins[sec], sec)
-                          if v and k not in ("icd_code", "urgency", "icd_reason"))
+                          if v and k not in skip)
     # Model-written text only: patient_context and doctor_notes are the case's own fields.
     model_text = json.dumps({k: v for k, v in ins.items() if k != "case_summary"}) + \
         json.dumps({k: v for k, v in ins["case_summary"].items()
@@ -236,14 +238,17 @@ def score(t: Truth, body: dict, seconds: float) -> dict:
                                            model_text))
     # Diagnoses stored as findings: each must cite an informative fact (an abnormal row,
     # a sentence of the notes or the files) or be named in the case's text.
+    from medmitra.clinical.identity import Redactor
     from medmitra.pipeline.prompts import Fact
     abnormal = {labs_render(r) for r in rows if r.abnormal}
     normal = {labs_render(r) for r in rows if not r.abnormal}
-    sources = " ".join(texts)
+    # The facts the model saw had the patient's name replaced: so does the evidence.
+    sources = Redactor.for_case(t.name, texts).redact(" ".join(" ".join(x.split())
+                                                              for x in texts), document=False)
 
     def cited(evidence: list[str]) -> list:
-        return [Fact("", e, e in abnormal or (e not in normal and e in sources))
-                for e in evidence]
+        return [Fact("", e, e in abnormal or (e not in normal and e in sources),
+                     lab=e in abnormal) for e in evidence]
     stored = [(ins["primary_diagnosis"]["primary_diagnosis"],
                ins["primary_diagnosis"].get("supporting_evidence") or [])] + \
         [(d["condition"], d.get("supporting_evidence") or []) for d in

@@ -31,14 +31,14 @@ GOOD = {
     "differential": {"differential_diagnoses": [
         {"condition": "Acute bronchitis", "probability": 0.3,
          "reasoning": "Cough and fever without consolidation.", "distinguishing_factors": [],
-         "supporting_evidence": ["N1"]},
+         "supporting_evidence": ["L1"]},
         {"condition": "Influenza", "probability": 0.2,
          "reasoning": "Seasonal fever with cough and malaise.", "distinguishing_factors": [],
-         "supporting_evidence": ["N1"]},
+         "supporting_evidence": ["L1"]},
         {"condition": "Pulmonary tuberculosis", "probability": 0.1,
          "reasoning": "Persistent cough; exposure history unknown.",
          "distinguishing_factors": [],
-         "supporting_evidence": ["N1"]}]},
+         "supporting_evidence": ["L1"]}]},
     "recommendations": {"investigations": [
         {"investigation_type": "Chest X-ray", "urgency": "routine",
          "rationale": "Confirm or exclude consolidation.", "expected_findings": "Opacity"}],

@@ -37,3 +37,14 @@ def test_nothing_specific_or_unknown_gets_no_candidate() -> None:
     assert coding.candidates("disease") == []
     assert coding.candidates("Zorblax syndrome") == []
     assert coding.agreement("Anemia", "NOT.A.CODE") is not None
+
+
+@pytest.mark.parametrize("diagnosis, not_offered", [
+    ("Urinary tract infection", "P39.3"),        # neonatal
+    ("Urinary tract infection", "O23.4"),        # in pregnancy
+    ("Acute myocardial infarction", "I22.9"),    # subsequent infarction
+    ("Chronic kidney disease", "I12"),           # hypertensive
+])
+def test_candidates_adding_words_the_diagnosis_does_not_say_are_not_offered(
+        diagnosis, not_offered) -> None:
+    assert not_offered not in [c for c, _ in coding.candidates(diagnosis)]

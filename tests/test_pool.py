@@ -524,7 +524,8 @@ def test_a_stage_past_its_deadline_is_abstained_and_the_next_stage_runs(tmp_path
         assert soap["status"] == "abstained" and "took longer than 1 s" in soap["reason"]
         [rt] = factory.made
         assert stage_calls(rt, "soap_note", "marker-1") == 1
-        assert stage_calls(rt, "diagnosis", "marker-1") == 1
+        # The next stage ran (its answer, no lab file to cite, is retried as unsupported).
+        assert stage_calls(rt, "diagnosis", "marker-1") >= 1
     run_with_db(settings, body, storage=True)
 
 

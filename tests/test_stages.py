@@ -64,7 +64,7 @@ def icd():
 
 def dx_answer(**kw) -> str:
     base = {"primary_diagnosis": "Community acquired pneumonia", "icd_code": "J18.9",
-            "description": "", "supporting_evidence": ["N1"], "confidence_score": 0.6}
+            "description": "", "supporting_evidence": ["L1"], "confidence_score": 0.6}
     return json.dumps(base | kw)
 
 
@@ -109,7 +109,7 @@ def test_happy_path_shape_field_by_field(icd):
     for d in ins["differential_diagnoses"]:
         assert set(d) == {"condition", "probability", "reasoning", "distinguishing_factors",
                           "supporting_evidence"}
-        assert d["supporting_evidence"] == ["Cough and fever for three days."]
+        assert d["supporting_evidence"] == ["Hb: 9.1 g/dL (reference 12-16) [low]"]
         assert 0.0 <= d["probability"] <= 1.0 and isinstance(d["distinguishing_factors"], list)
     (inv,) = ins["investigation_recommendations"]
     assert set(inv) == {"investigation_type", "urgency", "rationale", "expected_findings"}
@@ -345,9 +345,9 @@ def test_scores_are_clamped_and_non_finite_become_zero(icd):
             "Haemoglobin 9.1 g/dL"]).replace("-3", "1e999")],
         "differential": [json.dumps({"differential_diagnoses": [
             {"condition": "Asthma", "probability": -0.5, "reasoning": "",
-             "distinguishing_factors": "Wheeze", "supporting_evidence": ["N1"]},
-            {"condition": "Bronchitis", "probability": "NaN", "supporting_evidence": "N1"},
-            {"condition": "COPD", "probability": 7, "supporting_evidence": ["N1"]}]})],
+             "distinguishing_factors": "Wheeze", "supporting_evidence": ["L1"]},
+            {"condition": "Bronchitis", "probability": "NaN", "supporting_evidence": "L1"},
+            {"condition": "COPD", "probability": 7, "supporting_evidence": ["L1"]}]})],
         "lab_analysis": ['{"summary": "Haemoglobin is below its range.", "key_abnormalities": [], '
                          '"confidence_score": NaN}'],
     })
@@ -734,23 +734,26 @@ def test_a_diagnosis_the_notes_name_needs_no_citation(icd):
 
 
 def test_differentials_no_fact_supports_are_left_out_and_counted(icd):
-    items = [{"condition": "Acute bronchitis", "probability": 0.3, "reasoning": "Cough.",
+    # N1 ("Cough and fever for three days.") names fever: it supports "Viral fever", not
+    # "Sarcoidosis"; L2 is a normal row (WBC): evidence for nothing.
+    items = [{"condition": "Viral fever", "probability": 0.3, "reasoning": "Cough.",
               "distinguishing_factors": [], "supporting_evidence": ["N1"]},
              {"condition": "Iron deficiency anemia", "probability": 0.2, "reasoning": "Low Hb.",
               "distinguishing_factors": [], "supporting_evidence": ["L1"]},
              {"condition": "Sarcoidosis", "probability": 0.1, "reasoning": "Rare.",
-              "distinguishing_factors": [], "supporting_evidence": ["L2"]}]
+              "distinguishing_factors": [], "supporting_evidence": ["L2", "N1"]}]
     rt = Fake({"differential": [json.dumps({"differential_diagnoses": items})]})
     ins = analyse(make_case(), rt).insights
     assert [d["condition"] for d in ins["differential_diagnoses"]] == \
-        ["Acute bronchitis", "Iron deficiency anemia"]
+        ["Viral fever", "Iron deficiency anemia"]
     assert ins["differential_diagnoses"][1]["supporting_evidence"] == \
         ["Hb: 9.1 g/dL (reference 12-16) [low]"]
     judged = [d for d in ins["grounding"]["diagnoses"] if d["section"] == "differential"]
     assert [d["supported"] for d in judged] == [True, True, False]
     assert ins["grounding"]["sections"]["differential"]["dropped"] >= 1
     # None supported: the differential is empty and the stage says why.
-    none = [d | {"supporting_evidence": ["L2"]} for d in items]
+    none = [d | {"supporting_evidence": ["L2"]} for d in items[1:]] + [
+        items[0] | {"condition": "Sarcoidosis of lung", "supporting_evidence": ["N1"]}]
     rt = Fake({"differential": [json.dumps({"differential_diagnoses": none})]})
     ins = analyse(make_case(), rt).insights
     assert ins["differential_diagnoses"] == []
@@ -840,3 +843,31 @@ def test_a_chosen_code_whose_title_disagrees_is_withheld_with_the_reason(icd, mo
     assert pd["primary_diagnosis"] == "Cardiovascular disease"
     assert pd["icd_code"] is None and "does not agree" in pd["icd_reason"]
     assert pd["description"] != "HIV disease"
+
+
+def test_a_sentence_that_does_not_name_the_diagnosis_is_no_evidence(icd):
+    # "admitted for evaluation" names no condition: citing it supports nothing.
+    bad = dx_answer(primary_diagnosis="Hyperkalaemia", supporting_evidence=["N1"])
+    rt = Fake({"diagnosis": [bad, bad]})
+    ins = analyse(make_case(files=[lab_csv()], notes="Admitted for evaluation."), rt).insights
+    assert ins["primary_diagnosis"]["primary_diagnosis"] == "Not available."
+    assert ins["grounding"]["diagnoses"][0]["supported"] is False
+
+
+def test_an_answer_copying_the_prompts_example_is_rejected(icd):
+    copy = json.dumps(prompts.STAGE_EXAMPLE["recommendations"])
+    rt = Fake({"recommendations": [copy, copy]})
+    ins = analyse(make_case(), rt).insights
+    st = ins["stages"]["recommendations"]
+    assert st["status"] == "abstained" and "copy of the prompt's example" in st["reason"]
+    assert ins["investigation_recommendations"] == []
+
+
+def test_doses_and_durations_the_sources_do_not_hold_are_not_stored(icd):
+    recs = json.loads(json.dumps(GOOD["recommendations"]))
+    recs["treatments"][0] |= {"dosage": "Detoxify with 40mg of 3H", "duration": "6 weeks",
+                              "precautions": ["Check allergies", "Repeat after 14 days"]}
+    rt = Fake({"recommendations": [json.dumps(recs)]})
+    (t,) = analyse(make_case(), rt).insights["treatment_recommendations"]
+    assert t["dosage"] == "" and t["duration"] == ""
+    assert t["precautions"] == ["Check allergies"]

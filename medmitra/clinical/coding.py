@@ -5,7 +5,9 @@ The model names the diagnosis in words. ``candidates(diagnosis)`` searches the t
 (``clinical.icd10``, titles and index terms, BM25) for codes whose names hold every word
 of the diagnosis; if none does, words are left out one at a time from the front
 ("community acquired pneumonia" -> "acquired pneumonia" -> "pneumonia"), so the head noun
-of the name is kept. The pipeline lets the model choose among the candidates under an
+of the name is kept. Only the candidates whose names add the fewest specific words the
+diagnosis does not say are offered ("Neonatal urinary tract infection" is not, for a
+urinary tract infection). The pipeline lets the model choose among them under an
 enum grammar, then ``agreement(diagnosis, code)`` checks the choice: at least one
 *specific* word of the diagnosis (not a generic one such as "disease", "acute",
 "unspecified") must appear in the code's title or index terms (compared on their first
@@ -64,9 +66,12 @@ def candidates(diagnosis: str, limit: int = CANDIDATES) -> list[tuple[str, str]]
             # Fewest specific words the diagnosis does not say first ("Urinary tract
             # infection, site not specified" before "Neonatal urinary tract infection");
             # the table's own ranking breaks ties.
+            # Only the candidates adding the fewest such words are offered: the model may
+            # not pick "Neonatal urinary tract infection" for a urinary tract infection.
             want = _stems(specific_words(diagnosis))
-            hits.sort(key=lambda h: _extra_words(h[0], want))
-            return hits[:limit]
+            extra = {code: _extra_words(code, want) for code, _ in hits}
+            hits.sort(key=lambda h: extra[h[0]])
+            return [h for h in hits if extra[h[0]] == extra[hits[0][0]]][:limit]
     return []
 
 

@@ -11,13 +11,14 @@ Checked claims, per sentence (or list item) of model-written text:
   scan ...) needs a radiology file or a source that mentions imaging.
 
 - diagnoses (the primary and each differential): a diagnosis is supported when it cites
-  (by fact id, under an enum grammar) at least one *informative* fact -- an abnormal lab
-  row, a sentence of the doctor's notes, a line of a report or of an unparsed lab file --
-  or when every specific word of its name (``coding.specific_words``, compared on their
-  first COMPARE_PREFIX letters) is in the case's text or its abnormal lab findings. Normal
-  lab rows and DICOM tags cite nothing a diagnosis could rest on. Whether a cited fact is
-  medically relevant to the diagnosis is not something a rule can judge: the citation is
-  shown (as the fact's own text) so the reader can.
+  (by fact id, under an enum grammar) an abnormal lab row, or a sentence of the doctor's
+  notes / a line of a report or of an unparsed lab file that names one specific word of
+  the diagnosis, or when every specific word of its name is in the case's text or its
+  abnormal lab findings (specific words: ``coding.specific_words``, compared on their
+  first COMPARE_PREFIX letters). Normal lab rows, DICOM tags and sentences that do not
+  name the condition ("admitted for evaluation") are nothing a diagnosis could rest on.
+  Whether a cited abnormal result is medically relevant to the diagnosis is not something
+  a rule can judge: the citation is shown (as the fact's own text) so the reader can.
 
 A sentence, item or diagnosis with a failed claim is **dropped** (not kept as
 "unverified"): what is stored is what the sources support. An unsupported primary
@@ -113,14 +114,16 @@ class Grounder:
 
     def diagnosis_problem(self, condition: str, cited: Iterable) -> str | None:
         """None when ``condition`` is supported (rule in the module docstring), else why
-        not. ``cited``: the facts it cites (``prompts.Fact``: ``informative``)."""
-        if any(f.informative for f in cited):
-            return None
+        not. ``cited``: the facts it cites (``prompts.Fact``: ``informative``, ``lab``)."""
         want = {w[:coding.COMPARE_PREFIX] for w in coding.specific_words(condition)}
+        for f in cited:
+            if f.informative and (f.lab or want & {w[:coding.COMPARE_PREFIX]
+                                                  for w in coding.words(f.text)}):
+                return None
         if want and want <= self._stems:
             return None
-        return ("supported by no fact (it cites none a diagnosis could rest on, and the "
-                "case's text does not name it)")
+        return ("supported by no fact (it cites no abnormal result and no sentence that "
+                "names it, and the case's text does not name it)")
 
     def record_diagnosis(self, section: str, condition: str, problem: str | None) -> None:
         """Count one judged diagnosis for ``section`` and list it in the summary."""

@@ -87,10 +87,11 @@ def redactor_for(case: CaseInput) -> Redactor:
 class Fact:
     """One numbered fact: ``text`` is what is stored when the model cites ``id``.
     ``informative``: it can support a diagnosis (an abnormal lab row, a sentence of the
-    notes or of a report); a normal lab row or a DICOM tag alone cannot."""
+    notes or of a report); a normal lab row or a DICOM tag cannot. ``lab``: a lab row."""
     id: str
     text: str
     informative: bool
+    lab: bool = False
 
 
 class _Numbering:
@@ -103,7 +104,7 @@ class _Numbering:
         n = self._next.get(prefix, 0) + 1
         self._next[prefix] = n
         fid = f"{prefix}{n}"
-        self.facts[fid] = Fact(fid, text, informative)
+        self.facts[fid] = Fact(fid, text, informative, lab=prefix == "L")
         return f"[{fid}] {text}"
 
 
@@ -228,6 +229,23 @@ def _fit_example(example, schema: dict):
 def example_text(stage: str) -> str:
     """The stage's example answer as text (an answer that repeats it is an echo)."""
     return " ".join(str(v) for v in _strings(STAGE_EXAMPLE.get(stage, {})))
+
+
+# A text of at least this many words equal to one of the example's is a copy of it.
+EXAMPLE_COPY_MIN_WORDS = 3
+
+
+def copies_example(stage: str, answer: dict) -> str | None:
+    """The text of ``answer`` that copies the stage's example word for word (an answer
+    about the example's patient, not this case), or None."""
+    def norm(t: str) -> str:
+        return " ".join("".join(ch if ch.isalnum() else " " for ch in t.lower()).split())
+    shown = {norm(t) for t in _strings(STAGE_EXAMPLE.get(stage, {}))}
+    for t in _strings(answer):
+        n = norm(t)
+        if len(n.split()) >= EXAMPLE_COPY_MIN_WORDS and n in shown:
+            return t
+    return None
 
 
 def _strings(obj) -> list:

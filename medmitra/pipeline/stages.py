@@ -235,6 +235,9 @@ class _Run:
                     data = junk.screen_answer(data, schema, prompt_texts=prompt_texts)
                 except junk.JunkAnswer as exc:
                     raise InvalidOutput(str(exc)) from None
+                copied = prompts.copies_example(stage, data)
+                if copied:
+                    raise InvalidOutput(f"a copy of the prompt's example ({copied!r})")
                 if check is not None:
                     check(data)
                 return data
@@ -591,7 +594,10 @@ def _ground(g: grounding.Grounder, run: _Run, st: _State) -> None:
         for k in ("rationale", "expected_findings"):
             inv[k] = g.text("recommendations", inv[k])
     for t in st.recs["treatments"]:
-        t["description"] = g.text("recommendations", t["description"])
+        # Doses and durations too: a number the sources do not hold is not stored.
+        for k in ("description", "dosage", "duration"):
+            t[k] = g.text("recommendations", t[k])
+        t["precautions"] = g.items("recommendations", t["precautions"])
 
 
 def _model_info(runtime: LLMRuntime, llm: LLMSettings) -> dict:
