@@ -61,12 +61,16 @@ def test_an_unverifiable_diagnosis_scores_zero_and_is_flagged_below_the_threshol
     case = CaseInput(case_id="c1", patient_name="Asha Verma", patient_age=54,
                      patient_gender="female", doctor_notes="Cough and fever for three days.",
                      files=[lab], options=AnalysisOptions(confidence_threshold=0.5))
-    rt = GoodFake({"diagnosis": [json.dumps(GOOD["diagnosis"] | {
-        "supporting_evidence": ["Clinical picture"], "confidence_score": 0.95})]})
+    # Free-text evidence is no fact id: nothing supports the diagnosis, so on both tries
+    # it is refused and not stored at all (clinical/grounding.py): no score, flagged.
+    unverifiable = json.dumps(GOOD["diagnosis"] | {
+        "supporting_evidence": ["Clinical picture"], "confidence_score": 0.95})
+    rt = GoodFake({"diagnosis": [unverifiable, unverifiable]})
     ins = run_analysis(case, rt, LLMSettings(), progress=lambda s, f: None,
                        should_stop=lambda: False).insights
     pd = ins["primary_diagnosis"]
-    assert pd["confidence_score"] == 0.0 and pd["below_threshold"] is True
+    assert pd["primary_diagnosis"] == "Not available."
+    assert pd["confidence_score"] is None and pd["below_threshold"] is True
     # The case summary cites the age (54), a source number: verified, so it scores.
     cs = ins["case_summary"]
     assert cs["confidence_score"] > 0 and ins["grounding"]["sections"]["case_summary"][

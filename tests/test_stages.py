@@ -847,7 +847,7 @@ def test_a_chosen_code_whose_title_disagrees_is_withheld_with_the_reason(icd, mo
 
 def test_a_sentence_that_does_not_name_the_diagnosis_is_no_evidence(icd):
     # "admitted for evaluation" names no condition: citing it supports nothing.
-    bad = dx_answer(primary_diagnosis="Hyperkalaemia", supporting_evidence=["N1"])
+    bad = dx_answer(primary_diagnosis="Hypothyroidism", supporting_evidence=["N1"])
     rt = Fake({"diagnosis": [bad, bad]})
     ins = analyse(make_case(files=[lab_csv()], notes="Admitted for evaluation."), rt).insights
     assert ins["primary_diagnosis"]["primary_diagnosis"] == "Not available."
@@ -858,9 +858,21 @@ def test_an_answer_copying_the_prompts_example_is_rejected(icd):
     copy = json.dumps(prompts.STAGE_EXAMPLE["recommendations"])
     rt = Fake({"recommendations": [copy, copy]})
     ins = analyse(make_case(), rt).insights
+    # Rejected as a copy, or its items dropped as echoes: never stored.
     st = ins["stages"]["recommendations"]
-    assert st["status"] == "abstained" and "copy of the prompt's example" in st["reason"]
     assert ins["investigation_recommendations"] == []
+    assert st["status"] == "ok" or "prompt's example" in st["reason"]
+    ex = prompts.STAGE_EXAMPLE["soap_note"]
+    rt = Fake({"soap_note": [json.dumps(ex), json.dumps(ex)]})
+    st = analyse(make_case(), rt).insights["stages"]["soap_note"]
+    assert st["status"] == "abstained" and ("prompt's example" in st["reason"]
+                                            or "echo of the prompt" in st["reason"])
+    # Word for word, 3 words or more: a copy; shorter, or other words: not.
+    assert prompts.copies_example("recommendations", {"investigations": [
+        {"investigation_type": "renal function tests!"}]}) == "renal function tests!"
+    assert prompts.copies_example("recommendations", {"investigations": [
+        {"investigation_type": "Renal function"}]}) is None
+    assert prompts.copies_example("soap_note", GOOD["soap_note"]) is None
 
 
 def test_doses_and_durations_the_sources_do_not_hold_are_not_stored(icd):

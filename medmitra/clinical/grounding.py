@@ -131,6 +131,7 @@ class Grounder:
         c.claims_checked += 1
         if problem is None:
             c.kept += 1
+            c.verified += 1      # its support was checked and held
         else:
             c.dropped += 1
         self.diagnoses.append({"section": section, "condition": condition,
