@@ -210,8 +210,8 @@ def task_message(task: str, schema: dict, context: str = "", stage: str = "") ->
     """The stage-specific part, always last so the shared prefix comes first."""
     ctx = f"{context.strip()}\n\n" if context.strip() else ""
     example = _fit_example(STAGE_EXAMPLE.get(stage), schema)
-    ex = (f"Example of the answer's form (another patient, not this case): "
-          f"{json.dumps(example, separators=(',', ':'))}\n") if example else ""
+    ex = (f"Example (another patient): {json.dumps(example, separators=(',', ':'))}\n"
+          if example else "")
     return {"role": "user",
             "content": f"{ctx}{ex}TASK: {task}\nJSON schema: {prompt_schema_text(schema)}"}
 
@@ -258,57 +258,34 @@ def _strings(obj) -> list:
     return []
 
 
-# The role and rules of each stage (after the shared facts in the system message).
-_EVIDENCE_RULE = ("Cite evidence only by fact ids from the case facts; cite none rather "
-                  "than a fact that does not support the diagnosis.")
+# The role and rules of each stage (after the shared facts in the system message): short,
+# since every stage pays for its own part (only RULES + facts are reused from the cache).
 STAGE_SYSTEM = {
-    "lab_analysis": (
-        "Your role now: interpret one lab report. Name only results listed in the facts, "
-        "with their values as written; call a result high or low only as its flag says. "
-        "Do not diagnose."),
-    "case_summary": (
-        "Your role now: summarise the case for a clinician. State what the facts show; "
-        "do not add symptoms, history, imaging or results that are not in the facts."),
-    "soap_note": (
-        "Your role now: write a SOAP note. Subjective: only what the notes report. "
-        "Objective: only results and findings in the facts. Assessment and plan: brief, "
-        "and clearly tentative where the facts are thin."),
-    "diagnosis": (
-        "Your role now: name the single most likely diagnosis in plain words (no code). "
-        + _EVIDENCE_RULE),
-    "diagnosis_code": (
-        "Your role now: choose the ICD-10-CM code among the options given whose title "
-        "matches the diagnosis; answer none if no option matches."),
-    "differential": (
-        "Your role now: list other diagnoses that could explain the facts, each different "
-        "from the primary diagnosis and from each other, with probabilities that add up to "
-        "at most 1. " + _EVIDENCE_RULE),
-    "recommendations": (
-        "Your role now: recommend next investigations and, if asked, treatments. Mark "
-        "urgent only what cannot wait; give a dosage only if it is standard and safe, "
-        "otherwise leave it empty."),
+    "lab_analysis": "Role: interpret one lab report; name results and flags as the facts do.",
+    "case_summary": "Role: summarise the case from the facts only; add nothing.",
+    "soap_note": "Role: write a SOAP note from the facts only; keep the assessment tentative.",
+    "diagnosis": "Role: name the most likely diagnosis in words; cite fact ids only.",
+    "diagnosis_code": "Role: pick the option whose title matches the diagnosis, or none.",
+    "differential": ("Role: list other distinct diagnoses, probabilities summing to at most "
+                     "1; cite fact ids only."),
+    "recommendations": ("Role: recommend investigations (urgent only if it cannot wait) and "
+                        "only standard, safe treatments."),
 }
 # One short generic answer per stage: shows the form, not this case's content.
 STAGE_EXAMPLE: dict[str, dict] = {
-    "lab_analysis": {"summary": "Potassium is high; sodium and creatinine are normal.",
-                     "key_abnormalities": ["Potassium high"], "confidence_score": 0.6},
-    "case_summary": {"comprehensive_summary": "An adult with two days of vomiting and a "
-                                              "high potassium.",
+    "lab_analysis": {"summary": "Potassium is high.", "key_abnormalities": ["Potassium high"],
+                     "confidence_score": 0.6},
+    "case_summary": {"comprehensive_summary": "An adult with vomiting and a high potassium.",
                      "key_findings": ["Potassium high"], "confidence_score": 0.6},
     "soap_note": {"subjective": "Vomiting for two days.", "objective": "Potassium high.",
-                  "assessment": "Hyperkalaemia, cause unclear.",
-                  "plan": "Repeat potassium and check renal function.",
+                  "assessment": "Hyperkalaemia.", "plan": "Repeat potassium.",
                   "confidence_score": 0.5},
-    "diagnosis": {"primary_diagnosis": "Hyperkalaemia",
-                  "description": "High potassium on the lab report.",
+    "diagnosis": {"primary_diagnosis": "Hyperkalaemia", "description": "High potassium.",
                   "supporting_evidence": ["L2"], "confidence_score": 0.5},
     "differential": {"differential_diagnoses": [
         {"condition": "Acute kidney injury", "probability": 0.3,
          "reasoning": "Can raise potassium.", "distinguishing_factors": ["Creatinine"],
-         "supporting_evidence": ["L2"]},
-        {"condition": "Haemolysed sample", "probability": 0.2,
-         "reasoning": "Falsely high potassium.", "distinguishing_factors": ["Repeat sample"],
-         "supporting_evidence": []}]},
+         "supporting_evidence": ["L2"]}]},
     "recommendations": {"investigations": [
         {"investigation_type": "Renal function tests", "urgency": "routine",
          "rationale": "Look for a cause.", "expected_findings": "Creatinine level"}],
