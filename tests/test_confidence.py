@@ -81,11 +81,13 @@ def test_the_code_tables_title_is_not_grounded_as_model_text() -> None:
     """With an ICD-10 code, the description is the table's title: "Type 2 ..." was dropped
     as an ungrounded number (and counted against the diagnosis' confidence)."""
     case = CaseInput(case_id="c2", patient_name="Ravi Kumar", patient_age=61,
-                     patient_gender="male", doctor_notes="Thirst and polyuria.",
+                     patient_gender="male",
+                     doctor_notes="Thirst and polyuria in a known case of diabetes.",
                      files=[], options=AnalysisOptions())
+    # Evidence is cited by fact id: N1, the notes' sentence that names diabetes.
     rt = GoodFake({"diagnosis": [json.dumps(GOOD["diagnosis"] | {
         "primary_diagnosis": "Type 2 diabetes mellitus without complications",
-        "supporting_evidence": ["Thirst and polyuria"]})]})
+        "supporting_evidence": ["N1"]})]})
     ins = run_analysis(case, rt, LLMSettings(), progress=lambda s, f: None,
                        should_stop=lambda: False).insights
     pd = ins["primary_diagnosis"]
