@@ -13,7 +13,7 @@
    grammar's own cost in raw llama-cpp-python (ms/token with vs without it);
 3. p99 latency of GET /health while 2 analyses run vs idle;
 4. throughput (``--part throughput``) in cases/hour with 1 worker x all cores and 2
-   workers x half the cores each, and the server's peak RSS.
+   workers x half the cores each, and the peak RSS of the server plus its model processes.
 
 Lines to read: "RATIO" (item 5) and "THROUGHPUT" (item 6); every line shows the load.
 Usage: .venv/bin/python bench/analysis_bench.py [--part all|analysis|generation|latency|
@@ -327,11 +327,22 @@ def latency_p99(client: httpx.Client, n: int = 300) -> tuple[float, float]:
 
 
 def peak_rss_mib(pid: int) -> float:
-    """The process's peak resident memory (VmHWM), MiB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+    """Peak resident memory (VmHWM) of the server and its child processes (the model runs
+    in one child per worker by default), summed, MiB."""
+    pids = [pid]
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        children = (task / "children")
+        if children.exists():
+            pids += [int(c) for c in children.read_text().split()]
+    total = 0
+    for p in pids:
+        try:
+            status = Path(f"/proc/{p}/status").read_text()
+        except OSError:
+            continue
+        total += sum(int(line.split()[1]) for line in status.splitlines()
+                     if line.startswith("VmHWM:"))
+    return total / 1024
 
 
 def full_analysis(tmp: Path) -> None:
@@ -390,7 +401,8 @@ def throughput(tmp: Path, cases: int, cores: int, worker_counts: tuple[int, ...]
             srv.stop()
         print(f"THROUGHPUT {workers} worker(s) x {max(1, cores // workers)} thread(s): "
               f"{cases} cases ({done} completed) in {took:.0f} s = "
-              f"{cases * 3600 / took:.0f} cases/hour; server peak RSS {rss:.0f} MiB  "
+              f"{cases * 3600 / took:.0f} cases/hour; peak RSS, server + model processes, "
+              f"{rss:.0f} MiB  "
               f"[{load()}]", flush=True)
 
 
