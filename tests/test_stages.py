@@ -384,8 +384,14 @@ def test_coerce_truncates_strings_lists_and_unknown_enums():
            "treatments": "rest"}
     out = schemas.coerce(raw, schema)
     inv = out["investigations"]
+    # "x" * 500 reached its maxLength: cut off with nothing finished, so each item (its
+    # required type) is dropped rather than stored cut.
+    assert inv == []
+    raw["investigations"] = [{"investigation_type": "Chest X-ray", "urgency": "STAT",
+                              "rationale": 5, "expected_findings": None}] * 9
+    inv = schemas.coerce(raw, schema)["investigations"]
     assert len(inv) == 3  # maxItems
-    assert len(inv[0]["investigation_type"]) == 80 and inv[0]["urgency"] == "follow-up"
+    assert inv[0]["investigation_type"] == "Chest X-ray" and inv[0]["urgency"] == "follow-up"
     assert inv[0]["rationale"] == "5" and inv[0]["expected_findings"] == ""
     assert out["treatments"] == []  # a string is no treatment object
     lone = schemas.coerce({"treatments": {"treatment_type": "rest"}}, schema)["treatments"]
@@ -887,3 +893,100 @@ def test_doses_and_durations_the_sources_do_not_hold_are_not_stored(icd):
     (t,) = analyse(make_case(), rt).insights["treatment_recommendations"]
     assert t["dosage"] == "" and t["duration"] == ""
     assert t["precautions"] == ["Check allergies"]
+
+
+# --------------------------------------------------------------------------- cut-off text
+
+# One short clinical sentence: every free-text field whose schema allows it must hold it
+# at the stage's default token budget (lists lose items before strings shrink).
+CLINICAL_SENTENCE = "Haemoglobin 9.1 g/dL is low, consistent with anaemia."
+
+
+def test_default_budgets_leave_room_for_a_clinical_sentence_in_every_field():
+    budgets = {"lab_analysis": LLM.max_tokens_lab, "radiology_analysis": LLM.max_tokens_radiology,
+               "case_summary": LLM.max_tokens_summary, "soap_note": LLM.max_tokens_soap,
+               "diagnosis": LLM.max_tokens_diagnosis, "differential": LLM.max_tokens_differential,
+               "recommendations": LLM.max_tokens_recommendations}
+    ids = [f"[L{i}]" for i in range(1, 12)]
+
+    def strings(fitted, orig, path=""):
+        if fitted.get("type") == "string" and "enum" not in fitted:
+            yield path, fitted["maxLength"], orig["maxLength"]
+        if fitted.get("type") == "array":
+            assert fitted["maxItems"] >= max(1, orig.get("minItems", 0))
+            yield from strings(fitted["items"], orig["items"], path + "[]")
+        for k, sub in fitted.get("properties", {}).items():
+            yield from strings(sub, orig["properties"][k], f"{path}.{k}")
+
+    for schema in schemas.ALL_SCHEMAS:
+        schema = schemas.cite(schema, ids)
+        fitted = schemas.fit_schema(schema, budgets[schema["title"]])
+        for path, now, was in strings(fitted, schema):
+            assert now >= min(was, len(CLINICAL_SENTENCE)), (schema["title"], path, now)
+
+
+@pytest.mark.parametrize("text, item, stored", [
+    # seen with a 1.5B model: each reached its grammar maxLength (or ends in a stray letter
+    # of another script) and was stored cut off
+    ("To assess the patient's\u8840", False, None),
+    ("AST is raised. This suggests liver injury, while the elevated AST andP", False,
+     "AST is raised."),
+    ("High blood pressure (e.g", True, None),
+    ("Hb, PCT, WBC, Plt, LDH,", True, "Hb, PCT, WBC, Plt, LDH"),
+    ("Hyponatraemia with low Na, glucose, and B", False, None),
+    ("Check iron studies; repeat the CBC in a we", True, "Check iron studies"),
+    ("Low haemoglobin. See e.g", False, "Low haemoglobin."),
+    # finished at exactly maxLength: kept whole
+    ("Haemoglobin is low.", False, "Haemoglobin is low."),
+])
+def test_text_cut_off_at_its_max_length_is_trimmed_or_refused(text, item, stored):
+    required = {"type": "string", "maxLength": len(text), "minLength": 1}
+    if item:
+        out = schemas.coerce([text, "CBC"], {"type": "array", "maxItems": 3,
+                                             "items": {"type": "string",
+                                                       "maxLength": len(text)}})
+        assert out == ([stored] if stored else []) + ["CBC"]
+    elif stored is None:
+        with pytest.raises(schemas.InvalidOutput, match="cut off"):
+            schemas.coerce(text, required)
+        optional = {"type": "string", "maxLength": len(text)}
+        assert schemas.coerce(text, optional) == ""
+    else:
+        assert schemas.coerce(text, required) == stored
+    # shorter than its limit and in one script: not cut, stored as written
+    assert schemas.coerce("Haemoglobin is low", {"type": "string", "maxLength": 60}) == \
+        "Haemoglobin is low"
+
+
+def test_a_cut_off_required_answer_is_retried_then_abstained(icd):
+    limit = schemas.fit_schema(schemas.CASE_SUMMARY, LLM.max_tokens_summary)[
+        "properties"]["comprehensive_summary"]["maxLength"]
+    cut = ("A 54-year-old woman with cough and fever for three days and " * 20)[:limit]
+    ans = json.dumps({"comprehensive_summary": cut, "key_findings": [],
+                      "confidence_score": 0.5})
+    result = analyse(make_case(), Fake({"case_summary": [ans, ans]}))
+    st = result.insights["stages"]["case_summary"]
+    assert st["status"] == "abstained" and "cut off" in st["reason"]
+    assert result.insights["case_summary"]["comprehensive_summary"] == "Not available."
+
+
+# --------------------------------------------------------------------------- model findings
+
+def test_model_findings_that_contradict_the_rows_are_not_merged(icd):
+    rows = [make_row("Haemoglobin", "13.5", "g/dL", "12-16"),
+            make_row("Serum Creatinine", "0.9", "mg/dL", "0.6-1.2"),
+            make_row("Platelets", "90", "10^9/L", "150-400")]
+    lab = ExtractedFile(file_id="lab-1", category="lab", file_name="cbc.csv", mime="text/csv",
+                        text="x", lab_rows=rows)
+    findings = ["low Hb", "high creatinine", "Anaemia", "Thrombocytopenia"]
+    rt = Fake({"case_summary": [json.dumps({
+        "comprehensive_summary": "A 54-year-old woman with cough and low platelets.",
+        "key_findings": findings, "confidence_score": 0.5})],
+        "lab_analysis": [json.dumps({"summary": "Platelets are low, haemoglobin is normal.",
+                                     "key_abnormalities": findings,
+                                     "confidence_score": 0.5})]})
+    result = analyse(make_case(files=[lab]), rt)
+    fact = "Platelets 90 10^9/L (low)"
+    assert result.insights["case_summary"]["key_findings"] == [fact, "Thrombocytopenia"]
+    assert result.file_summaries["lab-1"]["key_abnormalities"] == [fact, "Thrombocytopenia"]
+

@@ -15,14 +15,20 @@ import copy
 import json
 import math
 import re
-from typing import Any
+import unicodedata
+from typing import Any, Iterable
 
 SCORE = {"type": "number", "minimum": 0, "maximum": 1}
 URGENCIES = ["urgent", "routine", "follow-up"]
 # Upper bound of one JSON number the grammar admits (sign, 16+16 digits, exponent).
 NUMBER_MAX_CHARS = 40
-# Strings are never shrunk below this many characters by fit_schema.
-MIN_STRING_CHARS = 24
+# Strings are never shrunk below this many characters by fit_schema (nor below their own
+# maxLength): room for one short clinical sentence. Below it a model writing real
+# sentences is cut mid-word by the grammar ("To assess the patient's").
+MIN_STRING_CHARS = 60
+# fit_schema keeps this many items of a list (or its maxItems if lower) before it shrinks
+# strings; below it only when strings are at MIN_STRING_CHARS.
+LIST_SOFT_MIN_ITEMS = 2
 # Conservative characters per token for the worst-case length of an answer.
 CHARS_PER_TOKEN = 3.0
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
@@ -185,34 +191,50 @@ def _scale_strings(schema: dict, factor: float) -> None:
 def fit_schema(schema: dict, max_tokens: int) -> dict:
     """A copy of ``schema`` whose longest possible answer fits in ``max_tokens`` tokens.
 
-    String bounds shrink proportionally (never below MIN_STRING_CHARS), then lists lose
-    items (never below their minItems); a generous budget leaves the schema unchanged.
+    Lists lose items first, one at a time from the list with the most items to spare,
+    down to LIST_SOFT_MIN_ITEMS (or their minItems); then string bounds shrink
+    proportionally, never below MIN_STRING_CHARS; then lists go down to their minItems
+    (at least 1). Fewer complete items are worth more than more items cut off
+    mid-sentence. A generous budget leaves the schema unchanged; a budget too small for
+    the floors gives the best effort.
     """
-    out = copy.deepcopy(schema)
     budget_chars = int(max_tokens * CHARS_PER_TOKEN)
-    for _ in range(64):  # proportional shrink converges in a few rounds (fixed overhead)
-        total = max_json_chars(out)
-        if total <= budget_chars:
-            break
-        _scale_strings(out, max(0.1, budget_chars / total * 0.95))
-        if max_json_chars(out) == total and not _drop_one_item(out):
-            break  # strings are at their floor and lists at their minimum: best effort
-    return out
+    for floor in (LIST_SOFT_MIN_ITEMS, 1):
+        out = copy.deepcopy(schema)
+        while max_json_chars(out) > budget_chars and _drop_one_item(out, floor):
+            pass
+        for _ in range(64):  # proportional shrink converges in a few rounds
+            total = max_json_chars(out)
+            if total <= budget_chars:
+                return out
+            _scale_strings(out, max(0.1, budget_chars / total * 0.95))
+            if max_json_chars(out) == total:
+                break  # strings at their floor: fewer items, from the original bounds
+    return out  # lists at their minimum, strings at their floor: best effort
 
 
-def _drop_one_item(schema: dict) -> bool:
-    """Lower ``maxItems`` of every list above its minimum by one; False if none could."""
-    changed = False
+def _arrays(schema: dict) -> Iterable[dict]:
     if schema.get("type") == "array":
-        floor = max(1, int(schema.get("minItems", 0)))
-        if schema["maxItems"] > floor:
-            schema["maxItems"] -= 1
-            changed = True
+        yield schema
         if isinstance(schema.get("items"), dict):
-            changed = _drop_one_item(schema["items"]) or changed
+            yield from _arrays(schema["items"])
     for sub in schema.get("properties", {}).values():
-        changed = _drop_one_item(sub) or changed
-    return changed
+        yield from _arrays(sub)
+
+
+def _drop_one_item(schema: dict, floor: int = 1) -> bool:
+    """Lower ``maxItems`` by one on the list with the most items above its floor
+    (max(floor, minItems)), the one with the larger items among equals; False if every
+    list is at its floor."""
+    spare = [(a["maxItems"] - max(floor, int(a.get("minItems", 0))),
+              max_json_chars(a.get("items", {})), i, a)
+             for i, a in enumerate(_arrays(schema))]
+    spare = [x for x in spare if x[0] > 0]
+    if not spare:
+        return False
+    best = max(spare, key=lambda x: (x[0], x[1], -x[2]))
+    best[3]["maxItems"] -= 1
+    return True
 
 
 def prompt_schema_text(schema: dict) -> str:
@@ -293,8 +315,56 @@ def _default(schema: dict) -> Any:
                                                                    lambda: None)()
 
 
-def coerce(value: Any, schema: dict) -> Any:
-    """``value`` made to fit ``schema``: clamped, truncated, defaults for what is missing."""
+# Where a cut-off text may end: after a sentence ("e.g." and initials are no sentence
+# end); a list item may also end before a clause break.
+_SENTENCE_END_RE = re.compile(r"(?<![.\s(][A-Za-z])[.!?](?=\s|$)|(?<=^[A-Za-z])[.!?](?=\s)")
+_CLAUSE_END_RE = re.compile(r"[;,:](?=\s|$)|\s[-\u2013\u2014]\s")
+# A text of this many Latin letters ending in one letter of another script was cut off
+# ("To assess the patient's\u8840"): the stray letter is the start of a word the grammar cut.
+FOREIGN_TAIL_MIN_LATIN = 8
+
+
+def _foreign_tail(text: str) -> bool:
+    """True when Latin-script ``text`` ends in a letter of another script (Greek aside:
+    "TNF-\u03b1" is a name)."""
+    if not text or not text[-1].isalpha():
+        return False
+    name = unicodedata.name(text[-1], "")
+    if name.startswith(("LATIN", "GREEK", "MICRO")):
+        return False
+    latin = sum(1 for ch in text if ch.isascii() and ch.isalpha())
+    return latin >= FOREIGN_TAIL_MIN_LATIN
+
+
+def is_cut_off(raw: str, schema: dict) -> bool:
+    """True when the grammar cut ``raw`` off: it reached its ``maxLength`` (the grammar
+    stops a string there, mid-word or not), or it ends in a stray letter of another
+    script."""
+    limit = schema.get("maxLength")
+    return (limit is not None and len(raw) >= int(limit)) or _foreign_tail(raw.rstrip())
+
+
+def trim_cut_off(text: str, item: bool = False) -> str:
+    """What is left of a cut-off text: up to its last sentence end (for a list item also
+    its last clause break), or "" when it has none."""
+    if _foreign_tail(text):
+        text = text[:-1]
+    ends = [m.end() for m in _SENTENCE_END_RE.finditer(text)]
+    if item:
+        ends += [m.start() for m in _CLAUSE_END_RE.finditer(text)]
+    if not ends:
+        return ""
+    return text[:max(ends)].rstrip(" ,;:-(")
+
+
+def coerce(value: Any, schema: dict, *, item: bool = False) -> Any:
+    """``value`` made to fit ``schema``: clamped, truncated, defaults for what is missing.
+
+    A string the grammar cut off (``is_cut_off``) is trimmed back to what was finished
+    (``trim_cut_off``); when nothing is, a required string (``minLength`` >= 1) makes the
+    answer ``InvalidOutput``, an optional one becomes "" and a list item is dropped (an
+    object item whose required string was cut off too). ``item``: ``value`` is an item of
+    a list of strings."""
     if "enum" in schema:
         text = str(value).strip().lower() if isinstance(value, (str, int, float)) else ""
         for option in schema["enum"]:
@@ -321,7 +391,12 @@ def coerce(value: Any, schema: dict) -> Any:
                       if isinstance(v, (str, int, float)) and not isinstance(v, bool)]
             return list(dict.fromkeys(p for p in picked if p is not None))[
                 : int(schema.get("maxItems", len(value)))]
-        items = [coerce(v, item_schema) for v in value]
+        items = []
+        for v in value:
+            try:
+                items.append(coerce(v, item_schema, item=True))
+            except InvalidOutput:
+                continue  # an item cut off with nothing finished
         if item_schema.get("type") in ("string", "object"):
             items = [v for v in items if has_content(v)]  # drop empty placeholders
         return items[: int(schema.get("maxItems", len(items)))]
@@ -329,8 +404,15 @@ def coerce(value: Any, schema: dict) -> Any:
         if value is None or isinstance(value, (dict, list)):
             return ""
         # Control characters become spaces, then runs of whitespace collapse to one.
-        text = " ".join(_CONTROL_RE.sub(" ", str(value)).split())
-        return text[: int(schema.get("maxLength", len(text)))]
+        raw = str(value)
+        text = " ".join(_CONTROL_RE.sub(" ", raw).split())
+        text = text[: int(schema.get("maxLength", len(text)))]
+        if is_cut_off(raw, schema):
+            text = trim_cut_off(text, item and schema.get("type") == "string")
+            if not text and int(schema.get("minLength", 0)) >= 1:
+                raise InvalidOutput(f"a text cut off at its {schema.get('maxLength')}-"
+                                    "character limit with no finished sentence")
+        return text
     if typ == "number":
         if schema.get("minimum") == 0 and schema.get("maximum") == 1:
             return clamp_score(value)
