@@ -990,3 +990,28 @@ def test_model_findings_that_contradict_the_rows_are_not_merged(icd):
     assert result.insights["case_summary"]["key_findings"] == [fact, "Thrombocytopenia"]
     assert result.file_summaries["lab-1"]["key_abnormalities"] == [fact, "Thrombocytopenia"]
 
+
+# --------------------------------------------------------------------------- name placeholder
+
+def test_the_name_placeholder_a_model_copies_is_never_stored(icd):
+    mark = "[patient]"
+    rt = Fake({"case_summary": [json.dumps({
+        "comprehensive_summary": f"The {mark}'s haemoglobin is low. {mark} has a cough.",
+        "key_findings": [f"{mark} is anaemic"], "confidence_score": 0.5})],
+        "soap_note": [json.dumps({"subjective": f"{mark} reports cough and fever.",
+                                  "objective": "Haemoglobin 9.1 g/dL, below range.",
+                                  "assessment": "Probable pneumonia with anaemia.",
+                                  "plan": f"Review {mark} after a chest X-ray.",
+                                  "confidence_score": 0.5})]})
+    result = analyse(make_case(), rt)
+    stored = json.dumps([result.insights, result.file_summaries])
+    assert mark not in stored.lower()
+    cs = result.insights["case_summary"]
+    assert cs["comprehensive_summary"] == ("The patient's haemoglobin is low. The patient has "
+                                           "a cough.")
+    assert result.insights["soap_note"]["subjective"] == "The patient reports cough and fever."
+    assert result.insights["soap_note"]["plan"] == "Review the patient after a chest X-ray."
+    # and the later stages were handed "the patient", not the placeholder
+    (soap_call,) = [c for c in rt.calls if c["key"] == "soap_note"]
+    assert "The patient's haemoglobin is low." in soap_call["messages"][1]["content"]
+    assert mark not in soap_call["messages"][1]["content"]

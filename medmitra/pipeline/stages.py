@@ -24,7 +24,9 @@ from typing import Any, Callable, Iterator
 
 from medmitra import filetypes
 from medmitra.clinical import coding, confidence, grounding, junk, labs
-from medmitra.clinical.identity import Redactor
+import re
+
+from medmitra.clinical.identity import NAME_MARK, Redactor
 from medmitra.config import LLMSettings
 from medmitra.llm.runtime import LLMError, LLMRuntime, Usage
 from medmitra.pipeline import prompts, schemas
@@ -230,7 +232,8 @@ class _Run:
             m.prompt_eval_s += usage.prompt_eval_s
             m.generate_s += usage.generate_s
             try:
-                data = check_output(text, schema)
+                # The name placeholder the model may copy is never stored or passed on.
+                data = _unmark_all(check_output(text, schema))
                 try:
                     data = junk.screen_answer(data, schema, prompt_texts=prompt_texts)
                 except junk.JunkAnswer as exc:
@@ -405,9 +408,37 @@ def _differential_check(primary: str) -> Callable[[dict], None]:
     return check
 
 
-def _redact_all(obj: Any, redactor: Redactor) -> Any:
+# The name placeholder a model copied from its prompt ("The [patient]'s hemoglobin"), with
+# the article before it: it is never stored, "the patient" is said instead.
+_NAME_MARK_RE = re.compile(rf"(?:\b(the|a)\s+)?{re.escape(NAME_MARK)}", re.IGNORECASE)
+NEUTRAL_NAME = "the patient"
+
+
+def unmark(text: str) -> str:
+    """``text`` with every NAME_MARK replaced by NEUTRAL_NAME ("The [patient]'s" -> "The
+    patient's", "[patient] has" -> "the patient has"; capitalised at a sentence start)."""
+    def repl(m: re.Match) -> str:
+        first = (m.group(1) or "")[:1] or ("T" if m.start() == 0 or text[:m.start()].rstrip()
+                                            .endswith((".", "!", "?")) else "t")
+        return ("The" if first.isupper() else "the") + NEUTRAL_NAME[3:]
+    return _NAME_MARK_RE.sub(repl, text) if NAME_MARK in text.lower() else text
+
+
+def _unmark_all(obj: Any) -> Any:
     if isinstance(obj, str):
-        return redactor.redact(obj, document=False)
+        return unmark(obj)
+    if isinstance(obj, dict):
+        return {k: _unmark_all(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_unmark_all(v) for v in obj]
+    return obj
+
+
+def _redact_all(obj: Any, redactor: Redactor) -> Any:
+    """Every name of the case out of model-written text, said as NEUTRAL_NAME (never the
+    NAME_MARK placeholder)."""
+    if isinstance(obj, str):
+        return unmark(redactor.redact(obj, document=False))
     if isinstance(obj, dict):
         return {k: _redact_all(v, redactor) for k, v in obj.items()}
     if isinstance(obj, list):
