@@ -134,10 +134,10 @@ def real_phrases() -> tuple[list[str], str]:
     data = Path(clinosim.__file__).parent / "modules" / "disease" / "reference_data"
     for path in sorted(data.glob("*.yaml")):
         walk(yaml.safe_load(path.read_text()))
-    from medmitra.clinical.coding import _words, specific_words
+    from medmitra.clinical.coding import specific_words, words as coding_words
     searches: dict[str, None] = {}
     for name in sorted(names):
-        words = _words(name)
+        words = coding_words(name)
         for start in range(len(words)):
             rest = " ".join(words[start:])
             if not specific_words(rest):
