@@ -43,6 +43,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
 import docfactory as df  # noqa: E402
+from load import wait_ready  # noqa: E402
 
 MODEL = ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 CASE = {"patient_name": "Bench Patient", "patient_age": "58", "patient_gender": "female",
@@ -70,15 +71,7 @@ class Server:
                                      env=env, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL)
         try:
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:
-                try:
-                    h = httpx.get(self.url + "/health", timeout=2).json()
-                    if h.get("model", {}).get("state") == "ready":
-                        break
-                except (httpx.TransportError, ValueError):
-                    pass
-                time.sleep(0.1)
+            wait_ready(self.url, self.proc)
             token = subprocess.run([sys.executable, "-m", "medmitra", "token", "create",
                                     "--user-id", str(uuid.uuid4()), "--data-dir",
                                     str(self.data)], cwd=ROOT, capture_output=True, text=True,

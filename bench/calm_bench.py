@@ -37,9 +37,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 import docfactory as df  # noqa: E402
+from load import wait_ready  # noqa: E402
 
-BATCH = 25           # samples between checks that both analyses still run
 START_TIMEOUT_S = 120
+BATCH = 25           # samples between checks that both analyses still run
 ANALYSIS_TIMEOUT_S = 900
 
 
@@ -89,17 +90,7 @@ class Server:
         self.proc = subprocess.Popen([sys.executable, "-m", "medmitra", "serve"], cwd=ROOT,
                                      env=env, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL, start_new_session=True)
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"server ({inference}) did not get its model ready")
-            try:
-                h = httpx.get(self.url + "/health", timeout=2).json()
-                if h.get("model", {}).get("state") == "ready":
-                    break
-            except (httpx.TransportError, ValueError):
-                pass
-            time.sleep(0.1)
+        wait_ready(self.url, self.proc)
         token = subprocess.run([sys.executable, "-m", "medmitra", "token", "create",
                                 "--user-id", str(uuid.uuid4()), "--data-dir", str(self.data)],
                                cwd=ROOT, capture_output=True, text=True, check=True).stdout

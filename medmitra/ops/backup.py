@@ -245,15 +245,11 @@ def _write_synced(path: Path, raw: bytes) -> None:
         os.fsync(fh.fileno())
 
 
-def _sqlite_snapshot(settings: Settings, staging: Path
-                     ) -> tuple[Entry, list[tuple[str, str]], dict[str, int], int, list[str]]:
-    src = sqlite_path(settings)
-    if not src.is_file():
-        raise BackupError(f"no database at {src}")
-    out = staging / DB_NAME
+def _vacuum_copy(settings: Settings, src: Path, out: Path, what: str) -> sqlite3.Connection:
+    """``src`` copied to ``out`` in one read transaction (a consistent snapshot, written
+    compactly; writers go on), checked with integrity_check; the copy, opened."""
     conn = _connect(src, settings.database.busy_timeout_ms)
     try:
-        # One read transaction: a consistent snapshot, written compactly, writers go on.
         conn.execute("VACUUM INTO ?", (str(out),))
     finally:
         conn.close()
@@ -261,7 +257,21 @@ def _sqlite_snapshot(settings: Settings, staging: Path
     try:
         check = snap.execute("PRAGMA integrity_check").fetchall()
         if check != [("ok",)]:
-            raise BackupError(f"the database copy fails integrity_check: {check[:5]}")
+            raise BackupError(f"the {what} copy fails integrity_check: {check[:5]}")
+    except BaseException:
+        snap.close()
+        raise
+    return snap
+
+
+def _sqlite_snapshot(settings: Settings, staging: Path
+                     ) -> tuple[Entry, list[tuple[str, str]], dict[str, int], int, list[str]]:
+    src = sqlite_path(settings)
+    if not src.is_file():
+        raise BackupError(f"no database at {src}")
+    out = staging / DB_NAME
+    snap = _vacuum_copy(settings, src, out, "database")
+    try:
         rows = snap.execute('SELECT "file_id", "sha256" FROM "case_files"').fetchall() \
             if "case_files" in _tables(snap) else []
         counts, version = _counts(snap), _schema_version(snap)
@@ -277,16 +287,8 @@ def _audit_snapshot(settings: Settings, staging: Path) -> tuple[Entry | None, di
     if not src.is_file():
         return None, {}      # no trail written in this data dir yet
     out = staging / AUDIT_DB_NAME
-    conn = _connect(src, settings.database.busy_timeout_ms)
+    snap = _vacuum_copy(settings, src, out, "audit file")
     try:
-        conn.execute("VACUUM INTO ?", (str(out),))
-    finally:
-        conn.close()
-    snap = sqlite3.connect(str(out), isolation_level=None)
-    try:
-        check = snap.execute("PRAGMA integrity_check").fetchall()
-        if check != [("ok",)]:
-            raise BackupError(f"the audit file copy fails integrity_check: {check[:5]}")
         counts = _counts(snap)
     finally:
         snap.close()
