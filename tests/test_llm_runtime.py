@@ -15,7 +15,7 @@ import pytest
 
 from medmitra.config import LLMSettings, app_root
 from medmitra.llm.runtime import ModelUnavailable, model_info, read_gguf_metadata
-from medmitra.pipeline import schemas
+from medmitra.pipeline import prompts, schemas
 from medmitra.pipeline.stages import NO_IMAGE_MODEL, run_analysis
 from medmitra.pipeline.types import CaseInput, ExtractedFile, LabRow
 
@@ -327,7 +327,14 @@ def test_full_analysis_with_the_real_model(runtime):
     assert result.file_summaries["rad-1"]["findings"] == NO_IMAGE_MODEL
     json.dumps(ins)
 
-    # Every stage after the first reuses the shared system prefix from the KV cache.
-    assert len(rec.usages) >= 6 and len(set(rec.systems)) == 1
-    system_tokens = runtime.count_tokens(rec.systems[0])
+    # Every system message is the shared rules + facts, then the stage's own role; every
+    # stage after the first reuses that shared prefix from the KV cache.
+    roles = set(prompts.STAGE_SYSTEM.values())
+    shared = set()
+    for system in rec.systems:
+        head, _, role = system.rpartition("\n\n")
+        shared.add(head if role in roles else system)   # a stage without a role of its own
+    assert len(rec.usages) >= 6 and len(shared) == 1
+    assert len({s.rpartition("\n\n")[2] for s in rec.systems}) >= 5   # roles differ
+    system_tokens = runtime.count_tokens(shared.pop())
     assert all(u.cached_tokens >= system_tokens - 2 for u in rec.usages[1:])

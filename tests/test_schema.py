@@ -23,6 +23,7 @@ import pytest
 from tortoise import Tortoise
 
 from medmitra.config import Settings
+from medmitra.ops import audit_store
 from tests.conftest import make_settings, run_with_db
 
 # table -> {"columns": {name: (type, not_null, primary_key)}, "foreign_keys": {...},
@@ -164,8 +165,13 @@ def schemas(request: pytest.FixtureRequest,
         migrated, declared = make_settings(tmp / "migrated"), make_settings(tmp / "declared")
         migrate(migrated)
         generate(declared)
-        m, d = (sqlite_schema(Path(s.database_url.removeprefix("sqlite://")))
-                for s in (migrated, declared))
+        main_file, declared_file = (Path(s.database_url.removeprefix("sqlite://"))
+                                    for s in (migrated, declared))
+        m, d = sqlite_schema(main_file), sqlite_schema(declared_file)
+        # On SQLite the audit trail's table lives in a file of its own beside the database.
+        trail = sqlite_schema(Path(audit_store.audit_path(main_file)))
+        assert not set(trail) & set(m), "a table is in both files"
+        m.update(trail)
         yield "sqlite", m, d
         return
     pg = request.getfixturevalue("pg_server")
