@@ -67,12 +67,36 @@ def wait_up(url: str, timeout_s: float = 60) -> None:
     raise SystemExit(f"{url} did not come up")
 
 
-def wrk(url: str, duration_s: int, connections: int, token: str | None) -> dict[str, float]:
+# With two or more cores, the servers run on one core and wrk on another, so a route's
+# requests/s is what one core serves and does not move with how the scheduler happened to
+# share the cores between wrk and the server in that run.
+PIN = (os.cpu_count() or 1) >= 2 and shutil.which("taskset") is not None
+SERVER_CPU, LOAD_CPU = "1", "0"
+
+
+def pinned(cmd: list[str], cpu: str) -> list[str]:
+    return ["taskset", "-c", cpu, *cmd] if PIN else cmd
+
+
+def cpu_s(pid: int | None) -> float:
+    """CPU time (user + system, all threads) the process has used so far."""
+    if pid is None:
+        return 0.0
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wrk(url: str, duration_s: int, connections: int, token: str | None,
+        pid: int | None = None) -> dict[str, float]:
     cmd = ["wrk", "-t2", f"-c{connections}", f"-d{duration_s}s", "--latency", url]
     if token:
         cmd[1:1] = ["-H", f"Authorization: Bearer {token}"]
+    cmd = pinned(cmd, LOAD_CPU)
+    cpu0 = cpu_s(pid)
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    cpu = cpu_s(pid) - cpu0
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    done = int(re.search(r"(\d+) requests in", out).group(1))
 
     def pct(p: str) -> float:
         m = re.search(rf"\s{p}%\s+([\d.]+)(us|ms|s)\b", out)
@@ -82,6 +106,9 @@ def wrk(url: str, duration_s: int, connections: int, token: str | None) -> dict[
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     errors = re.search(r"Socket errors: (.*)", out)
     return {"rps": rps, "p50_ms": pct("50"), "p99_ms": pct("99"),
+            # The server's CPU per request: unlike req/s, it does not move when the
+            # machine's other load (or the VM's neighbours) takes time from the server.
+            "cpu_us": 1e6 * cpu / max(done, 1) if pid is not None else 0.0,
             "non2xx": int(non2xx.group(1)) if non2xx else 0,
             "socket_errors": errors.group(1) if errors else ""}
 
@@ -168,7 +195,8 @@ def main() -> None:
     try:
         bare_port = free_port()
         (tmp / "bare.py").write_text(BARE_APP)
-        bare_proc = subprocess.Popen([sys.executable, str(tmp / "bare.py"), str(bare_port)],
+        bare_proc = subprocess.Popen(pinned([sys.executable, str(tmp / "bare.py"), str(bare_port)],
+                                            SERVER_CPU),
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         procs.append(bare_proc)
         port = free_port()
@@ -178,7 +206,8 @@ def main() -> None:
                # The bench's one user uploads many files; each upload queues an analysis.
                "MEDMITRA_JOBS_MAX_QUEUED_PER_USER": "1000000",
                "MEDMITRA_LIMITS_RADIOLOGY_MAX_BYTES": str(60 * 1024 * 1024)}
-        server = subprocess.Popen([sys.executable, "-m", "medmitra", "serve"], cwd=ROOT, env=env,
+        server = subprocess.Popen(pinned([sys.executable, "-m", "medmitra", "serve"], SERVER_CPU),
+                                  cwd=ROOT, env=env,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         procs.append(server)
         bare, api = f"http://127.0.0.1:{bare_port}", f"http://127.0.0.1:{port}"
@@ -197,7 +226,9 @@ def main() -> None:
                                                        "patient_gender": "female"})
                 r.raise_for_status()
                 first = first or r.json()["case"]["case_id"]
-        print(f"machine: {os.cpu_count()} cores; wrk -t2 -c{args.connections} -d{args.duration}s, "
+        print(f"machine: {os.cpu_count()} cores; "
+              f"{'servers on CPU ' + SERVER_CPU + ', wrk on CPU ' + LOAD_CPU + '; ' if PIN else ''}"
+              f"wrk -t2 -c{args.connections} -d{args.duration}s, "
               f"{args.rounds} rounds (bare, case, list in turn, so each ratio compares runs "
               f"seconds apart under the same machine load)")
         pids: dict[str, int] = {}   # the server of each route, where not `server`
@@ -205,39 +236,48 @@ def main() -> None:
                   "GET /cases/cases/{id}": (f"{api}/cases/cases/{first}", token),
                   "GET /cases/all_cases (100)": (f"{api}/cases/all_cases", token)}
         # Audit trail (ops/audit.py): the server above has it on ("batch", the default);
-        # two more servers on the same data dir read the same case with it in "ack" mode
-        # and off.
+        # more servers on the same data dir read the same case with it in "ack" mode, off,
+        # and off with /metrics off too (what auth, the read and the headers cost alone).
         for label, extra in (("ack", {"MEDMITRA_AUDIT_DURABILITY": "ack"}),
-                             ("off", {"MEDMITRA_AUDIT_ENABLED": "false"})):
+                             ("off", {"MEDMITRA_AUDIT_ENABLED": "false"}),
+                             ("+metrics off", {"MEDMITRA_AUDIT_ENABLED": "false",
+                                               "MEDMITRA_METRICS_ENABLED": "false"})):
             p2 = free_port()
             procs.append(subprocess.Popen(
-                [sys.executable, "-m", "medmitra", "serve"], cwd=ROOT,
+                pinned([sys.executable, "-m", "medmitra", "serve"], SERVER_CPU), cwd=ROOT,
                 env={**env, **extra, "MEDMITRA_SERVER_PORT": str(p2)},
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
             wait_up(f"http://127.0.0.1:{p2}/health")
             routes[f"GET case, audit {label}"] = (
                 f"http://127.0.0.1:{p2}/cases/cases/{first}", token)
             pids[f"GET case, audit {label}"] = procs[-1].pid
+        pids["bare GET /"] = bare_proc.pid
         runs: dict[str, list[dict[str, float]]] = {name: [] for name in routes}
         for _ in range(args.rounds):
             for name, (url, tok) in routes.items():
-                runs[name].append(wrk(url, args.duration, args.connections, tok))
+                runs[name].append(wrk(url, args.duration, args.connections, tok,
+                                      pids.get(name, server.pid)))
         print(f"{'route':30} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'ratio':>6} "
-              f"{'ratio per round':>22}  errors")
+              f"{'ratio per round':>22} {'CPU us/req':>10} {'CPU ratio':>9}  errors")
         bare_runs = runs["bare GET /"]
         for name, rs in runs.items():
             ratios = [r["rps"] / b["rps"] for r, b in zip(rs, bare_runs)]
             med = statistics.median
             print(f"{name:30} {med(r['rps'] for r in rs):9.0f} "
                   f"{med(r['p50_ms'] for r in rs):8.2f} {med(r['p99_ms'] for r in rs):8.2f} "
-                  f"{med(ratios):6.2f} {' '.join(f'{x:.2f}' for x in ratios):>22}  "
+                  f"{med(ratios):6.2f} {' '.join(f'{x:.2f}' for x in ratios):>22} "
+                  f"{med(r['cpu_us'] for r in rs):10.1f} "
+                  f"{med(b['cpu_us'] for b in bare_runs) / med(r['cpu_us'] for r in rs):9.2f}  "
                   f"non2xx={sum(r['non2xx'] for r in rs)} "
                   f"{'; '.join(str(r['socket_errors']) for r in rs if r['socket_errors'])}")
 
         for name, goal in (("GET /cases/cases/{id}", 0.50), ("GET /cases/all_cases (100)", 0.35)):
             ratios = [r["rps"] / b["rps"] for r, b in zip(runs[name], bare_runs)]
+            cpu = statistics.median(b["cpu_us"] for b in bare_runs) / \
+                statistics.median(r["cpu_us"] for r in runs[name])
             print(f"{name} / bare: median {statistics.median(ratios):.2f}, rounds "
-                  f"{min(ratios):.2f}-{max(ratios):.2f} (goal >= {goal:.2f}); load average "
+                  f"{min(ratios):.2f}-{max(ratios):.2f} (goal >= {goal:.2f}); by server CPU "
+                  f"per request {cpu:.2f}; load average "
                   f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
         off = statistics.median(r["rps"] for r in runs["GET case, audit off"])
         for label, name in (("on (batch)", "GET /cases/cases/{id}"),

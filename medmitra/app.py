@@ -92,7 +92,8 @@ def create_app(settings: Settings, *, start_workers: bool = True,
     app.config.RESPONSE_TIMEOUT = 300
     app.config.GRACEFUL_SHUTDOWN_TIMEOUT = settings.server.graceful_shutdown_s
     app.config.FALLBACK_ERROR_FORMAT = "json"
-    app.config.TOUCHUP = False          # no source inspection at start (frozen binary)
+    # Sanic's TouchUp rewrites classes process-wide: only `serve` turns it on (signals.py).
+    app.config.TOUCHUP = False
     # Sanic's access log writes full URLs (queries, signed links): httpsec logs templates.
     app.config.ACCESS_LOG = False
     if settings.server.trusted_proxies:   # else X-Forwarded-For is ignored (spoofable)

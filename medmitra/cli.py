@@ -169,6 +169,11 @@ def _serve(settings: Settings) -> int:
     except ConfigError as exc:
         print(f"medmitra: configuration error: {exc}", file=sys.stderr)
         return 2
+    from medmitra.api.signals import schedule_touchup
+
+    # The one app of this process: Sanic's request path drops the signal dispatches nobody
+    # listens to, once the server is listening (api/signals.py).
+    schedule_touchup(app)
     host, port = settings.server.host, settings.server.port
     _banner(settings)
     from medmitra.connguard import GuardedHttpProtocol, fit_open_files

@@ -428,3 +428,32 @@ def test_row_hash_is_the_documented_hmac_over_json_for_any_text() -> None:
                              ensure_ascii=True)
         want = hmac.new(key, f"{prev}\n{payload}".encode("ascii"), hashlib.sha256).hexdigest()
         assert audit.row_hash(key, prev, row) == want, row
+
+
+def test_row_time_is_the_standard_iso_form_of_now(monkeypatch: pytest.MonkeyPatch) -> None:
+    """utc_now_iso formats the date once per second; it must still write exactly what
+    datetime's isoformat writes (rows are compared as text by `audit list --since`)."""
+    from datetime import datetime, timezone
+
+    for t in (0.0, 1_700_000_000.5, 1_799_999_999.999999, 1_764_522_000.000001,
+              1_764_522_001.25, 4_102_444_799.75):
+        monkeypatch.setattr(audit.time, "time", lambda t=t: t)
+        got = audit.utc_now_iso()
+        want = datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="microseconds")
+        # datetime rounds to the microsecond where the float is not exact; the trail
+        # truncates: at most one microsecond apart, same text form.
+        assert len(got) == len(want) == 32 and got[:20] == want[:20], (got, want)
+        assert abs(datetime.fromisoformat(got) - datetime.fromisoformat(want)).total_seconds() \
+            <= 1e-6, (got, want)
+    monkeypatch.undo()
+    now = datetime.now(timezone.utc)
+    assert abs((datetime.fromisoformat(audit.utc_now_iso()) - now).total_seconds()) < 1
+
+
+def test_server_made_request_ids_are_distinct_hex() -> None:
+    from medmitra.ops.logs import request_id_from
+
+    ids = [request_id_from(None) for _ in range(1000)] + [request_id_from("bad id!")]
+    assert len(set(ids)) == len(ids)
+    assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+    assert request_id_from("client-id.1") == "client-id.1"

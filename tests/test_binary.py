@@ -356,6 +356,8 @@ def test_binary_serves_analyses_and_restarts(sandbox: dict[str, Path],
 
     banner = srv.log()
     assert f"http://localhost:{port}/" in banner
+    # build.spec ships the sources Sanic's TouchUp reads (api/signals.py).
+    assert "request path rewritten without unused signal dispatches" in banner
     assert str(app / "data") in banner
     assert MODEL_PATH.name in banner and "found" in banner
     assert "token create --user-id" in banner

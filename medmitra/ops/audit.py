@@ -79,8 +79,21 @@ def load_or_create_key(data_dir: Path) -> bytes:
     return existing.encode("ascii")
 
 
+_SECOND: tuple[int, str] = (-1, "")   # the current second and its text (one object: threads)
+
+
 def utc_now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
+    """Now as ``datetime.now(timezone.utc).isoformat(timespec="microseconds")`` writes it
+    (the rows' ``ts``; compared as text by ``list --since``), at half its cost: the date and
+    time of day are formatted once per second."""
+    global _SECOND
+    t = time.time()
+    sec = int(t)
+    second = _SECOND
+    if second[0] != sec:
+        second = _SECOND = (sec, datetime.fromtimestamp(sec, timezone.utc).strftime(
+            "%Y-%m-%dT%H:%M:%S"))
+    return f"{second[1]}.{int((t - sec) * 1_000_000):06d}+00:00"
 
 
 def _payload(values: list[Any]) -> bytes:

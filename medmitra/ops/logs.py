@@ -3,10 +3,11 @@ carrying the request id that the server also returns in ``X-Request-Id``."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
+import os
 import re
-import uuid
 from contextvars import ContextVar
 from datetime import datetime, timezone
 
@@ -16,10 +17,16 @@ REQUEST_ID: ContextVar[str | None] = ContextVar("medmitra_request_id", default=N
 _CLIENT_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
 
+# A server-made id: this process's random prefix and a counter, 32 hex digits like
+# uuid4().hex (unique without a random draw, a system call, per request).
+_ID_PREFIX = os.urandom(8).hex()
+_ID_COUNTER = itertools.count(1)
+
+
 def request_id_from(header: str | None) -> str:
     if header and _CLIENT_ID_RE.fullmatch(header):
         return header
-    return uuid.uuid4().hex
+    return f"{_ID_PREFIX}{next(_ID_COUNTER):016x}"
 
 
 class JsonFormatter(logging.Formatter):
