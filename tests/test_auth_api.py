@@ -16,7 +16,6 @@ from typing import Any
 
 import httpx
 import jwt as pyjwt
-import pytest
 
 from medmitra.auth import users
 from medmitra.auth.jwt import issue_token

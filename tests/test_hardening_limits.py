@@ -22,7 +22,6 @@ import time
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
 
 import httpx
 import pytest

@@ -332,7 +332,6 @@ def test_analysis_runs_to_completion_on_postgres(pg_url, start_server, tmp_path,
     """A worker node on PostgreSQL: claims the job, extracts the files, writes insights and
     the file summaries, and finishes the job and the case in one transaction."""
     from medmitra.llm.runtime import FakeRuntime
-    from medmitra.pipeline import stages
 
     settings = make_settings(tmp_path, database={"url": pg_url},
                              llm={"workers": 1, "threads": 1},

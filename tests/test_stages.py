@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
-import types
 
 import pytest
 
@@ -18,7 +16,7 @@ from medmitra.clinical.labs import make_row
 from medmitra.pipeline.stages import (IMAGING_NOT_REQUESTED, MAX_ATTEMPTS, NO_IMAGE_MODEL,
                                       run_analysis)
 from medmitra.pipeline.types import (STAGES, AnalysisOptions, Cancelled, CaseInput,
-                                     ExtractedFile, LabRow, StageError)
+                                     ExtractedFile, StageError)
 
 LLM = LLMSettings()
 

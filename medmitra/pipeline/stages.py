@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 from medmitra import filetypes
-from medmitra.clinical import coding, confidence, grounding, junk, labs
+from medmitra.clinical import coding, confidence, grounding, junk
 import re
 
 from medmitra.clinical.identity import NAME_MARK, Redactor
