@@ -228,7 +228,7 @@ def _register_system_routes(app: Sanic) -> None:
                                   "uptime_s": round(time.time() - ctx.started_at, 3)}
         ok = bool(ctx.ready)
         try:
-            depth = await queue.queue_depth()
+            depth = await queue.queue_depth(getattr(ctx, "reader", None))
             checks["database"] = {"status": "ok"}
             checks["queue"] = depth
         except Exception as exc:  # the database is down: say so instead of a 500

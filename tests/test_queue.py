@@ -50,6 +50,30 @@ def test_concurrent_claims_never_share_a_job(run_db):
     run_db(body)
 
 
+def test_queue_depth_on_the_read_path_counts_what_the_orm_counts(run_db):
+    """/health counts through db/reads.py's Reader (its own connection and cache): the same
+    numbers as the ORM, and a commit in between is never answered from the cache."""
+    from pathlib import Path
+
+    from medmitra.db import reads
+
+    async def body():
+        reader = reads.Reader(Path(run_db.url.removeprefix("sqlite://"))
+                              if run_db.dialect == "sqlite" else None)
+        try:
+            assert await queue.queue_depth(reader) == {"queued": 0, "running": 0}
+            await queued_jobs(4)
+            assert await queue.queue_depth(reader) == {"queued": 4, "running": 0}
+            await queue.claim(queue.new_owner(), 60)
+            want = await queue.queue_depth()
+            assert want == {"queued": 3, "running": 1}
+            assert await queue.queue_depth(reader) == want
+            assert await queue.queue_depth(reader) == want      # a cached answer
+        finally:
+            reader.close()
+    run_db(body)
+
+
 CLAIMER = textwrap.dedent("""
     import asyncio, json, sys, time
     from pathlib import Path
