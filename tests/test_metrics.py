@@ -151,3 +151,20 @@ def test_served_json_logs_are_one_object_per_line(tmp_path: Path) -> None:
     objs = [json.loads(x) for x in lines]                  # every line is one JSON object
     assert objs and all({"ts", "level", "logger", "message"} <= o.keys() for o in objs)
     assert any(o.get("request_id") == "trace-42" for o in objs), lines[-5:]
+
+
+def test_made_up_methods_share_one_series() -> None:
+    """Series are looked up once per (method, route template, status); a client's made-up
+    methods are all OTHER, so they cannot grow the lookup table (or the scrape)."""
+    from types import SimpleNamespace
+
+    from medmitra.ops.metrics import Metrics
+
+    m = Metrics(SimpleNamespace(ctx=SimpleNamespace()))
+    for i in range(200):
+        m.observe(f"M{i}", "<unmatched>", 405, 0.001)
+    m.observe("GET", "/health", 200, 0.001)
+    m.observe("GET", "/health", 200, 0.002)
+    assert len(m._series) == 2
+    assert m.requests.labels("OTHER", "<unmatched>", "405")._value.get() == 200
+    assert m.requests.labels("GET", "/health", "200")._value.get() == 2

@@ -128,10 +128,10 @@ class Metrics:
         self._series: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
     def observe(self, method: str, route: str, status: int, seconds: float) -> None:
-        key = (method, route, status)
+        m = method if method in METHODS else "OTHER"   # a client's made-up method: one key
+        key = (m, route, status)
         series = self._series.get(key)
         if series is None:
-            m = method if method in METHODS else "OTHER"
             s = str(status)
             series = self._series[key] = (self.requests.labels(m, route, s),
                                           self.latency.labels(m, route, s))
