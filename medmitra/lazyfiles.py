@@ -128,7 +128,9 @@ def _unpack(group: str) -> None:
                 continue
             target = os.path.join(root, name)
             os.makedirs(os.path.dirname(target), exist_ok=True)
-            part = target + ".part"
+            # A name of this process's own: the server and its children (the model's
+            # process reads documents too) may unpack the same group at the same time.
+            part = f"{target}.{os.getpid()}.part"
             inflate = zlib.decompressobj() if compressed else None
             exe.seek(offset)
             left = clen

@@ -269,3 +269,51 @@ def test_no_inference_process_outlives_the_server(tmp_path: Path) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def test_the_child_reads_files_exactly_as_the_server_would(tmp_path: Path) -> None:
+    """ProcessRuntime.extract_file runs pipeline/extract.py in the child: the same text,
+    rows, sections, tags, notes and image as reading in the server's own thread, for good,
+    scanned (OCR), malformed and hostile files; and a child that dies fails the read with
+    LLMError (the runner then records the file as unreadable)."""
+    import dataclasses
+
+    from medmitra import filetypes
+    from medmitra.pipeline.extract import extract_file
+
+    files = {"report.pdf": (df.text_pdf(df.DEFAULT_LAB_LINES), filetypes.PDF, "lab"),
+             "scan.pdf": (df.scanned_pdf(), filetypes.PDF, "lab"),
+             "cbc.csv": (df.lab_csv(), filetypes.CSV, "lab"),
+             "chest.png": (df.xray_png(), filetypes.PNG, "radiology"),
+             "photo.jpg": (df.jpeg(), filetypes.JPEG, "radiology"),
+             "ct.dcm": (df.dicom(), filetypes.DICOM, "radiology"),
+             "bad.dcm": (df.corrupt_dicom(), filetypes.DICOM, "radiology"),
+             "cut.pdf": (df.truncated_pdf(), filetypes.PDF, "lab"),
+             "bomb.png": (df.bomb_png(), filetypes.PNG, "radiology")}
+
+    def view(f):
+        d = dataclasses.asdict(f)
+        image = d.pop("image")
+        d["image"] = None if image is None else (image.mode, image.size, image.tobytes())
+        return d
+
+    rt = ProcessRuntime(_llm(), threads=1)
+    seen = {}
+    try:
+        for name, (data, mime, category) in files.items():
+            path = tmp_path / name
+            path.write_bytes(data)
+            kw = {"file_id": str(uuid.uuid4()), "category": category, "mime": mime,
+                  "file_name": name}
+            here, there = extract_file(path, **kw), rt.extract_file(path, **kw)
+            assert view(there) == view(here), name
+            seen[name] = there
+        assert seen["scan.pdf"].ocr_used and "Hemoglobin" in (seen["scan.pdf"].text or "")
+        assert seen["cbc.csv"].lab_rows and seen["ct.dcm"].dicom_tags
+        assert seen["chest.png"].image is not None and seen["bad.dcm"].notes
+        os.kill(rt.pid, signal.SIGKILL)
+        with pytest.raises(LLMError, match="ended unexpectedly"):
+            rt.extract_file(tmp_path / "cbc.csv", file_id=str(uuid.uuid4()), category="lab",
+                            mime=filetypes.CSV, file_name="cbc.csv")
+    finally:
+        rt.close()

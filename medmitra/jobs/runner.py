@@ -147,7 +147,8 @@ class ProgressPump:
 
 def _extract_all(storage: Storage, files: list[dict[str, Any]], report: Callable[[str, float],
                  None], should_stop: Callable[[], bool],
-                 on_file: Callable[[ExtractedFile], None] = lambda f: None
+                 on_file: Callable[[ExtractedFile], None] = lambda f: None,
+                 extract: Callable[..., ExtractedFile] = extract_file
                  ) -> list[ExtractedFile]:
     out = []
     for i, f in enumerate(files):
@@ -157,8 +158,8 @@ def _extract_all(storage: Storage, files: list[dict[str, Any]], report: Callable
         report(EXTRACT_STAGE, i / max(1, len(files)) / len(STAGES))
         try:
             path = storage.path_for(f["file_id"])
-            out.append(extract_file(path, file_id=f["file_id"], category=f["file_category"],
-                                    mime=f["file_type"], file_name=f["file_name"]))
+            out.append(extract(path, file_id=f["file_id"], category=f["file_category"],
+                               mime=f["file_type"], file_name=f["file_name"]))
             on_file(out[-1])
         except Exception as exc:  # extract_file should not raise; a missing file can
             log.warning("file %s could not be read for analysis (%s)", f["file_id"],
@@ -220,7 +221,10 @@ async def run_job(job: Job, *, owner: str, runtime: LLMRuntime, storage: Storage
 
     def work() -> _Work:
         started = time.perf_counter()
-        extracted = _extract_all(storage, files, report, should_stop, save_text)
+        # A runtime whose model lives in a child process reads the files there too
+        # (llm/process.py); otherwise they are read in this thread.
+        extracted = _extract_all(storage, files, report, should_stop, save_text,
+                                 getattr(runtime, "extract_file", extract_file))
         extract_s = time.perf_counter() - started
         if should_stop():
             raise Cancelled()

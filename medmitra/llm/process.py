@@ -8,7 +8,8 @@ own interpreter; the server's worker thread only waits on a pipe.
 
 The pipe protocol (pickled tuples over one ``multiprocessing`` connection):
 
-  parent -> child   ("call", id, method, args, kwargs)   method of LlamaRuntime
+  parent -> child   ("call", id, method, args, kwargs)   method of LlamaRuntime, or
+                                                         "extract_file" (below)
                     ("stop", id)                         end call ``id``'s answer early
                     ("close",)                           free the model and exit
   child -> parent   ("ready", info, has_vision) | ("unavailable", reason) |
@@ -23,6 +24,12 @@ a service manager signals the whole process group; the server's graceful shutdow
 when the model stops). A child that dies (killed, out of memory, native crash) fails the
 call in progress with ``LLMError`` and every later one; the worker pool then starts a new
 child before its next job, and the durable queue retries the failed job.
+
+Reading the case's files (``extract_file``: PDFium, OCR, DICOM and image decoding) runs
+in the child too: in the server, decoding a DICOM file or OCR-reading a scanned page holds
+the GIL for long stretches (py-spy on the server while 2 analyses ran found its worker
+threads decoding DICOM), and a native decoder that crashes on a malformed upload then ends
+the child, not the server. The child is niced like the model.
 
 Started with the "spawn" method (a fresh interpreter; fork would copy the server's threads
 and locks). In the PyInstaller binary the child is the binary itself, routed to
@@ -61,6 +68,7 @@ COUNT_CACHE_ENTRIES = 512
 CHILD_NICE = 10
 
 _METHODS = ("complete_json", "describe_image_json", "count_tokens")
+EXTRACT = "extract_file"   # pipeline/extract.py's extract_file, run in the child
 _live: "weakref.WeakSet[ProcessRuntime]" = weakref.WeakSet()
 # Workers load at the same time; one start at a time (PyInstaller's one-file spawn support
 # has not always been safe for concurrent starts from several threads).
@@ -207,6 +215,15 @@ class ProcessRuntime:
                           max_tokens=max_tokens, temperature=temperature, seed=seed,
                           repeat_penalty=repeat_penalty)
 
+    # -- reading files ------------------------------------------------------------------
+
+    def extract_file(self, path: Path, *, file_id: str, category: str, mime: str,
+                     file_name: str) -> Any:
+        """``pipeline.extract.extract_file`` in the child (see the module notes); LLMError
+        if the child dies meanwhile."""
+        return self._call(EXTRACT, str(path), file_id=file_id, category=category, mime=mime,
+                          file_name=file_name)
+
     def close(self) -> None:
         """Ask the child to free its model and exit; kill it if it does not in time. Safe
         from any thread, also while a call runs (that call then fails with LLMError)."""
@@ -311,9 +328,15 @@ def _child_main(conn: Connection, llm: LLMSettings, threads: int, cache_dir: Pat
             stopped.discard(current[0])
             current[0] = call_id
             try:
-                if method not in _METHODS:
+                if method == EXTRACT:
+                    from medmitra.pipeline.extract import extract_file
+
+                    result = extract_file(Path(args[0]), **kwargs)
+                elif method in _METHODS:
+                    result = getattr(runtime, method)(*args, **kwargs)
+                else:
                     raise ValueError(f"unknown method {method}")
-                reply: tuple = ("ok", call_id, getattr(runtime, method)(*args, **kwargs))
+                reply: tuple = ("ok", call_id, result)
             except LLMError as exc:
                 reply = ("llm_error", call_id, str(exc))
             except Exception as exc:
