@@ -236,7 +236,8 @@ async def queue_depth(reader: Any = None) -> dict[str, int]:
     """Jobs queued and running. With the server's read path (db/reads.py ``Reader``): one
     statement on its own connection, answered from its cache while nothing was written.
     Through tortoise instead, /health waited in the one connection's queue behind the
-    analysis workers' writes (its p99 while 2 analyses ran was twice GET case's)."""
+    analysis workers' writes (bench/calm_bench.py: its p99 while 2 analyses ran was 1.9-2.5x
+    idle, GET case's 1.4-1.7x)."""
     if reader is None:
         queued = await Job.filter(state=JobState.QUEUED).count()
         running = await Job.filter(state=JobState.RUNNING).count()
