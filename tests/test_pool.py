@@ -833,3 +833,28 @@ def _nice_of_new_thread() -> int:
     t.start()
     t.join()
     return out[0]
+
+
+def test_a_pool_with_workers_shortens_the_gil_switch_interval(tmp_path):
+    """Worker threads run Python between native calls in every inference mode (the
+    pipeline's own checks, with the model in a child process too); the event loop must get
+    the GIL back within 1 ms, not Python's default 5 ms."""
+    import sys
+
+    settings = make_settings(tmp_path)
+    assert settings.llm.inference == "process"      # the default design is covered
+    before = sys.getswitchinterval()
+
+    async def body(storage):
+        pool = WorkerPool(settings, storage, runtime_factory=Factory())
+        sys.setswitchinterval(0.005)
+        await pool.start()
+        try:
+            assert sys.getswitchinterval() == pytest.approx(pool_mod.GIL_SWITCH_INTERVAL_S)
+        finally:
+            await pool.stop()
+
+    try:
+        run_with_db(settings, body, storage=True)
+    finally:
+        sys.setswitchinterval(before)

@@ -125,11 +125,6 @@ class WorkerPool:
         icd10.warm_up()
         return runtime
 
-    def _models_in_threads(self) -> bool:
-        """True when models compute in this process (in the workers' threads)."""
-        llm = self.settings.llm
-        return not llm.remote_url and llm.inference == "thread"
-
     # -- lifecycle ------------------------------------------------------------------------
 
     async def start(self) -> None:
@@ -138,10 +133,13 @@ class WorkerPool:
         if self._started:
             return
         self._started = True
-        if self.n_workers and self._models_in_threads():
-            # llama-cpp-python samples each token in Python, so busy workers hold the GIL
-            # between native calls; at the default 5 ms switch interval a request waits up
-            # to that long per hand-over. 1 ms keeps API latency flat while models compute.
+        if self.n_workers:
+            # Busy worker threads hold the GIL between native calls: llama-cpp-python
+            # samples each token in Python (thread mode), and with the model in a child the
+            # pipeline's own Python (prompts, output checks, grounding) still runs in them.
+            # At the default 5 ms switch interval a request waits up to that long per
+            # hand-over (/health p99 during 2 analyses was 5.3-6.8 ms in process mode
+            # against 2 ms idle); 1 ms keeps API latency flat while analyses run.
             sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         recovered = await queue.recover_dead_local_owners()
         if recovered:
