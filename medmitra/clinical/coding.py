@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import re
+from typing import Iterable
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ def candidates(diagnosis: str, limit: int = CANDIDATES) -> list[tuple[str, str]]
             # the table's own ranking breaks ties.
             # Only the candidates adding the fewest such words are offered: the model may
             # not pick "Neonatal urinary tract infection" for a urinary tract infection.
-            want = _stems(specific_words(diagnosis))
+            want = stems(specific_words(diagnosis))
             extra = {code: _extra_words(code, want) for code, _ in hits}
             hits.sort(key=lambda h: extra[h[0]])
             return [h for h in hits if extra[h[0]] == extra[hits[0][0]]][:limit]
@@ -81,10 +82,11 @@ _MODIFIER = re.compile(r"\([^()]*\)|\[[^\[\]]*\]")
 def _extra_words(code: str, want: set[str]) -> int:
     found = _table().info(code)
     names = [found.title, *found.terms] if found else [""]
-    return min(len(_stems(specific_words(_MODIFIER.sub(" ", n))) - want) for n in names)
+    return min(len(stems(specific_words(_MODIFIER.sub(" ", n))) - want) for n in names)
 
 
-def _stems(words: list[str]) -> set[str]:
+def stems(words: Iterable[str]) -> set[str]:
+    """Words as they are compared: their first COMPARE_PREFIX letters."""
     return {w[:COMPARE_PREFIX] for w in words}
 
 
@@ -98,13 +100,13 @@ def agreement(diagnosis: str, code: str) -> str | None:
     found = icd.info(code)
     if found is None:
         return f"{code!r} is not an ICD-10-CM diagnosis code"
-    specific = _stems(specific_words(diagnosis))
+    specific = stems(specific_words(diagnosis))
     if not specific:
         return "the diagnosis names nothing specific enough to code"
     names = [found.title, *found.terms]
-    if any(_stems(specific_words(n)) and _stems(specific_words(n)) <= specific for n in names):
+    if any(stems(specific_words(n)) and stems(specific_words(n)) <= specific for n in names):
         return None
-    if specific <= _stems(words(" ".join(names))):
+    if specific <= stems(words(" ".join(names))):
         return None
     return (f"the title of {found.code} ({found.title!r}) does not agree with "
             f"the diagnosis {diagnosis!r}")

@@ -140,7 +140,7 @@ class Grounder:
                     r"(?<![A-Za-z0-9])(?:" + "|".join(re.escape(n) for n in names)
                     + r")(?![A-Za-z0-9])", re.IGNORECASE), _ANALYTE_OF.get(key, set())))
         named = self.source_texts + [r.finding() for r in self.rows if r.abnormal]
-        self._stems = {w[:coding.COMPARE_PREFIX] for t in named for w in coding.words(t)}
+        self._stems = coding.stems(w for t in named for w in coding.words(t))
 
     # ------------------------------------------------------------------ checks
 
@@ -202,10 +202,9 @@ class Grounder:
     def diagnosis_problem(self, condition: str, cited: Iterable) -> str | None:
         """None when ``condition`` is supported (rule in the module docstring), else why
         not. ``cited``: the facts it cites (``prompts.Fact``: ``informative``, ``lab``)."""
-        want = {w[:coding.COMPARE_PREFIX] for w in coding.specific_words(condition)}
+        want = coding.stems(coding.specific_words(condition))
         for f in cited:
-            if f.informative and (f.lab or want & {w[:coding.COMPARE_PREFIX]
-                                                  for w in coding.words(f.text)}):
+            if f.informative and (f.lab or want & coding.stems(coding.words(f.text))):
                 return None
         if want and want <= self._stems:
             return None

@@ -154,11 +154,6 @@ def file_label(kind: str, index: int, f: ExtractedFile, redactor: Redactor | Non
     return f"{kind} file {index} ({name})"
 
 
-def case_facts(case: CaseInput, budget_tokens: int, count: CountFn,
-               redactor: Redactor | None = None) -> str:
-    return numbered_case_facts(case, budget_tokens, count, redactor)[0]
-
-
 def numbered_case_facts(case: CaseInput, budget_tokens: int, count: CountFn,
                         redactor: Redactor | None = None) -> tuple[str, dict[str, Fact]]:
     """The case facts block shared by every stage, at most ``budget_tokens`` tokens, and

@@ -16,16 +16,15 @@ checked against the code table, and no radiology findings without an image model
 from __future__ import annotations
 
 import logging
+import re
 import time
-from pathlib import Path
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from medmitra import filetypes
 from medmitra.clinical import coding, confidence, grounding, junk
-import re
-
 from medmitra.clinical.identity import NAME_MARK, Redactor
 from medmitra.config import LLMSettings
 from medmitra.llm.runtime import LLMError, LLMRuntime, Usage
@@ -233,7 +232,7 @@ class _Run:
             m.generate_s += usage.generate_s
             try:
                 # The name placeholder the model may copy is never stored or passed on.
-                data = _unmark_all(check_output(text, schema))
+                data = _map_strings(check_output(text, schema), unmark)
                 try:
                     data = junk.screen_answer(data, schema, prompt_texts=prompt_texts)
                 except junk.JunkAnswer as exc:
@@ -424,26 +423,21 @@ def unmark(text: str) -> str:
     return _NAME_MARK_RE.sub(repl, text) if NAME_MARK in text.lower() else text
 
 
-def _unmark_all(obj: Any) -> Any:
+def _map_strings(obj: Any, fn: Callable[[str], str]) -> Any:
+    """``obj`` with ``fn`` applied to every string in it (nested dicts and lists)."""
     if isinstance(obj, str):
-        return unmark(obj)
+        return fn(obj)
     if isinstance(obj, dict):
-        return {k: _unmark_all(v) for k, v in obj.items()}
+        return {k: _map_strings(v, fn) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [_unmark_all(v) for v in obj]
+        return [_map_strings(v, fn) for v in obj]
     return obj
 
 
 def _redact_all(obj: Any, redactor: Redactor) -> Any:
     """Every name of the case out of model-written text, said as NEUTRAL_NAME (never the
     NAME_MARK placeholder)."""
-    if isinstance(obj, str):
-        return unmark(redactor.redact(obj, document=False))
-    if isinstance(obj, dict):
-        return {k: _redact_all(v, redactor) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_redact_all(v, redactor) for v in obj]
-    return obj
+    return _map_strings(obj, lambda s: unmark(redactor.redact(s, document=False)))
 
 
 def _mean(xs: list[float]) -> float | None:
