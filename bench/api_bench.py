@@ -32,6 +32,8 @@ from pathlib import Path
 
 import httpx
 
+from binary_bench import tree_cpu_s   # CPU seconds of a process and its children
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -78,23 +80,15 @@ def pinned(cmd: list[str], cpu: str) -> list[str]:
     return ["taskset", "-c", cpu, *cmd] if PIN else cmd
 
 
-def cpu_s(pid: int | None) -> float:
-    """CPU time (user + system, all threads) the process has used so far."""
-    if pid is None:
-        return 0.0
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def wrk(url: str, duration_s: int, connections: int, token: str | None,
         pid: int | None = None) -> dict[str, float]:
     cmd = ["wrk", "-t2", f"-c{connections}", f"-d{duration_s}s", "--latency", url]
     if token:
         cmd[1:1] = ["-H", f"Authorization: Bearer {token}"]
     cmd = pinned(cmd, LOAD_CPU)
-    cpu0 = cpu_s(pid)
+    cpu0 = tree_cpu_s(pid) if pid is not None else 0.0
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    cpu = cpu_s(pid) - cpu0
+    cpu = tree_cpu_s(pid) - cpu0 if pid is not None else 0.0
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     done = int(re.search(r"(\d+) requests in", out).group(1))
 

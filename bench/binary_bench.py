@@ -168,7 +168,7 @@ def _tree_rss_bytes(pid: int) -> int:
     return total
 
 
-def _tree_cpu_s(pid: int) -> float:
+def tree_cpu_s(pid: int) -> float:
     """User + system CPU seconds used so far by ``pid`` and its descendants (all threads)."""
     tick_s = 1.0 / os.sysconf("SC_CLK_TCK")
     total, todo = 0.0, [pid]
@@ -336,13 +336,13 @@ def run_once(variant: Variant, *, analyse: bool) -> dict[str, float]:
                 out["start_s"] = time.perf_counter() - started
                 # CPU seconds as well: on a shared machine the wall time mostly measures
                 # the others' load (unpacking is writes and inflating, both contended).
-                out["start_cpu_s"] = _tree_cpu_s(proc.pid)
+                out["start_cpu_s"] = tree_cpu_s(proc.pid)
                 while c.get("/health").json()["model"]["state"] != "ready":
                     if time.perf_counter() - started > ANALYSIS_TIMEOUT_S:
                         raise RuntimeError(f"{variant.label}: model never became ready")
                     time.sleep(HEALTH_POLL_S)
                 out["model_ready_s"] = time.perf_counter() - started
-                out["model_ready_cpu_s"] = _tree_cpu_s(proc.pid)
+                out["model_ready_cpu_s"] = tree_cpu_s(proc.pid)
                 sampler.reset()
                 time.sleep(IDLE_WINDOW_S)   # a measuring window, not a wait for a state
                 out["rss_idle_mib"] = sampler.peak() / MiB
@@ -366,7 +366,7 @@ def _analyse(variant: Variant, folder: Path, c, sampler: RssSampler, df) -> dict
                            check=True).stdout.strip()
     h = {"Authorization": f"Bearer {token}"}
     sampler.reset()
-    cpu0 = _tree_cpu_s(sampler.pid)
+    cpu0 = tree_cpu_s(sampler.pid)
     t0 = time.perf_counter()
     r = c.post("/cases/create_case", headers=h,
                data={"patient_name": "Bench Patient", "patient_age": "50",
@@ -387,7 +387,7 @@ def _analyse(variant: Variant, folder: Path, c, sampler: RssSampler, df) -> dict
     # CPU time as well as wall time: on a shared machine the wall time of a model run swings
     # with other load (llama.cpp's threads wait for each other at every layer).
     return {"analysis_s": time.perf_counter() - t0,
-            "analysis_cpu_s": _tree_cpu_s(sampler.pid) - cpu0,
+            "analysis_cpu_s": tree_cpu_s(sampler.pid) - cpu0,
             "rss_analysis_mib": sampler.peak() / MiB}
 
 
