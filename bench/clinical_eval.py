@@ -284,6 +284,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--remote-url", default=None)
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--case-timeout", type=float, default=900)
+    ap.add_argument("--dump", type=Path, default=None, metavar="DIR",
+                    help="also write each case's GET /cases/cases/{id} answer to DIR, one "
+                         "JSON file per case, to read the outputs")
     args = ap.parse_args(argv)
     formats = [f for f in args.formats.split(",") if f in FORMATS]
     started = time.monotonic()
@@ -302,6 +305,10 @@ def main(argv: list[str] | None = None) -> int:
                     s |= server.tokens(body["case"]["case_id"])
                     label = f"{t.disease}/{fmt}"
                     results.append((label, s))
+                    if args.dump is not None:
+                        args.dump.mkdir(parents=True, exist_ok=True)
+                        (args.dump / f"{t.disease}-{fmt}.json").write_text(
+                            json.dumps(body, indent=1, ensure_ascii=False), encoding="utf-8")
                     print(f"{label:40s} " + " ".join(f"{k}={v:.2f}" if isinstance(v, float)
                                                      else f"{k}={v}" for k, v in s.items()),
                           flush=True)
