@@ -7,7 +7,7 @@ import logging
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import orjson
 from sanic import Request, Sanic
@@ -17,6 +17,7 @@ from sanic.response import HTTPResponse, empty, json as json_response, redirect
 from medmitra import __version__, filemodes, httpsec
 from medmitra.api.cases import bp as cases_bp, downloads as downloads_bp
 from medmitra.api.docs import register_docs
+from medmitra.api.headers import install as install_header_fast_path
 from medmitra.api.signals import QuietSignalRouter
 from medmitra.auth.jwt import TokenVerifier
 from medmitra.auth.keys import load_or_create_secret
@@ -81,6 +82,7 @@ async def handle_unexpected(request: Request, exc: Exception) -> HTTPResponse:
 def create_app(settings: Settings, *, start_workers: bool = True,
                runtime_factory: Any = None, name: str | None = None) -> Sanic:
     check_trust_mode(settings)    # ConfigError: trust mode with a CORS wildcard
+    install_header_fast_path()
     # orjson renders a 100-case list ~5x faster than the standard library.
     app = Sanic(name or f"medmitra_{uuid.uuid4().hex[:12]}", dumps=orjson.dumps,
                 signal_router=QuietSignalRouter())
@@ -117,9 +119,11 @@ def create_app(settings: Settings, *, start_workers: bool = True,
     app.error_handler.add(SanicException, handle_sanic_error)
     app.error_handler.add(Exception, handle_unexpected)
 
-    httpsec.register(app, log_access=settings.server.access_log)
+    # Plain functions the one response middleware runs (ops/server.py), in this order.
+    response_hooks = [httpsec.protector(log_access=settings.server.access_log)]
     if settings.server.cors_origins:
-        _register_cors(app, [o.strip() for o in settings.server.cors_origins.split(",")])
+        response_hooks.append(
+            _cors_hook([o.strip() for o in settings.server.cors_origins.split(",")]))
 
     @app.before_server_start
     async def open_resources(app: Sanic) -> None:
@@ -169,7 +173,7 @@ def create_app(settings: Settings, *, start_workers: bool = True,
     # After open_resources: audit trail, metrics, request ids, FHIR route, backups.
     from medmitra.ops.server import install as install_ops
 
-    install_ops(app, settings)
+    install_ops(app, settings, response_hooks)
 
     @app.after_server_start
     async def start_workers_when_listening(app: Sanic) -> None:
@@ -193,14 +197,13 @@ def create_app(settings: Settings, *, start_workers: bool = True,
     return app
 
 
-def _register_cors(app: Sanic, allowed: list[str]) -> None:
-    """CORS for browser clients (the original frontend, supabase-js). One response
-    middleware only: every middleware costs two signal dispatches per request. Preflight
-    OPTIONS requests are answered by handle_sanic_error (Sanic routes them to a 405)."""
+def _cors_hook(allowed: list[str]) -> Callable[[Request, HTTPResponse], None]:
+    """CORS for browser clients (the original frontend, supabase-js), as a response hook.
+    Preflight OPTIONS requests are answered by handle_sanic_error (Sanic routes them to a
+    405)."""
     any_origin = "*" in allowed
 
-    @app.on_response
-    async def cors_headers(request: Request, response: HTTPResponse) -> None:
+    def cors_headers(request: Request, response: HTTPResponse) -> None:
         origin = request.headers.get("origin")
         if not origin:
             return   # not a browser cross-origin request: nothing to add
@@ -212,6 +215,8 @@ def _register_cors(app: Sanic, allowed: list[str]) -> None:
             h["Access-Control-Max-Age"] = "600"
             if not any_origin:
                 h["Vary"] = "Origin"
+
+    return cors_headers
 
 
 def _register_system_routes(app: Sanic) -> None:

@@ -2,8 +2,10 @@
 request ids (``X-Request-Id``, JSON logs), the audit trail's request hook, ``/metrics``,
 the FHIR export route and scheduled backups.
 
-One request and one response middleware serve all of them: each middleware costs Sanic
-two signal dispatches per request, so they are not split per concern.
+One request and one response middleware serve all of them and the response hooks the app
+passes in (security headers, access log, CORS): each middleware costs Sanic a call, an
+awaitable check and two signal dispatches per request, so they are not split per concern.
+The request middleware is a plain function (no coroutine to create and await).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from typing import Any
+from typing import Any, Callable, Sequence
 
 from sanic import Request, Sanic
 from sanic.response import HTTPResponse
@@ -33,7 +35,8 @@ def _ref(value: Any) -> str | None:
     return value.lower() if _REF_RE.fullmatch(value) else "<invalid>"
 
 
-def install(app: Sanic, settings: Settings) -> None:
+def install(app: Sanic, settings: Settings,
+            response_hooks: Sequence[Callable[[Request, HTTPResponse], None]] = ()) -> None:
     from medmitra.ops import fhir, metrics as metrics_mod
 
     app.ctx.last_backup_at = None
@@ -84,8 +87,10 @@ def install(app: Sanic, settings: Settings) -> None:
         if app.ctx.audit is not None:
             await app.ctx.audit.close()
 
+    hooks = tuple(response_hooks)
+
     @app.on_request
-    async def ops_request(request: Request) -> None:
+    def ops_request(request: Request) -> None:
         request.ctx.t0 = time.perf_counter()
         rid = request_id_from(request.headers.get("x-request-id"))
         request.ctx.request_id = rid
@@ -93,6 +98,8 @@ def install(app: Sanic, settings: Settings) -> None:
 
     @app.on_response
     async def ops_response(request: Request, response: HTTPResponse) -> None:
+        for hook in hooks:
+            hook(request, response)
         ctx = request.ctx
         rid = getattr(ctx, "request_id", None) or request_id_from(None)
         response.headers["X-Request-Id"] = rid
