@@ -90,7 +90,9 @@ def test_reads_are_reused_only_while_the_database_is_unchanged(tmp_path: Path) -
             (none,) = await reader.many([(select[0][0], [str(uuid.uuid4())])])
             assert none == []
 
-            # A commit by another process's connection (here: a plain sqlite3 one).
+            # A commit by another process's connection (here: a plain sqlite3 one). A
+            # reading of data_version serves the rest of its loop iteration, so a commit
+            # made synchronously on the loop thread is seen from the next one on.
             other = sqlite3.connect(db_path)
             try:
                 other.execute('UPDATE "cases" SET "patient_name" = ? WHERE "patient_name" = ?',
@@ -98,6 +100,7 @@ def test_reads_are_reused_only_while_the_database_is_unchanged(tmp_path: Path) -
                 other.commit()
             finally:
                 other.close()
+            await asyncio.sleep(0)
             (renamed,) = await reader.many(select)
             assert [r["patient_name"] for r in renamed] == ["first", "renamed"]
 
@@ -105,6 +108,65 @@ def test_reads_are_reused_only_while_the_database_is_unchanged(tmp_path: Path) -
             for i in range(reads.Reader.CACHE_ENTRIES + 10):
                 await reader.many([('SELECT ? AS "n"', [i])])
             assert len(reader._cache) == reads.Reader.CACHE_ENTRIES
+        finally:
+            reader.close()
+            await close_db()
+
+    asyncio.run(run())
+
+
+def test_data_version_is_read_once_per_loop_iteration_and_commits_are_seen(
+        tmp_path: Path) -> None:
+    """Reads within one loop iteration share one PRAGMA data_version; a commit on another
+    thread, signalled to the loop the way aiosqlite signals it, is seen by the read that
+    follows the signal, even though a reading was taken earlier in the same iteration."""
+    import sqlite3
+    import threading
+
+    settings = make_settings(tmp_path)
+    db_path = Path(settings.database_url.removeprefix("sqlite://"))
+    user = str(uuid.uuid4())
+    select = [('SELECT "patient_name" FROM "cases" WHERE "user_id" = ? ORDER BY "id"',
+               [user])]
+
+    async def run() -> None:
+        await open_db(settings)
+        reader = reads.Reader(db_path)
+        pragmas: list[str] = []
+        assert reader._conn is not None
+        reader._conn.set_trace_callback(
+            lambda sql: pragmas.append(sql) if "data_version" in sql else None)
+        try:
+            for _ in range(5):                  # no await that yields: one iteration
+                await reader.many(select, tuples=True)
+            assert len(pragmas) == 1
+            await asyncio.sleep(0)
+            await reader.many(select, tuples=True)
+            assert len(pragmas) == 2            # a new iteration reads it again
+
+            loop = asyncio.get_running_loop()
+            committed = loop.create_future()
+
+            def write() -> None:
+                other = sqlite3.connect(db_path)
+                try:
+                    now = datetime.now(timezone.utc).isoformat(sep=" ")
+                    other.execute(
+                        'INSERT INTO "cases" ("case_id", "user_id", "patient_name", '
+                        '"patient_age", "patient_gender", "status", "created_at", '
+                        '"updated_at") VALUES (?, ?, ?, 40, \'f\', \'processing\', ?, ?)',
+                        (str(uuid.uuid4()), user, "written", now, now))
+                    other.commit()
+                finally:
+                    other.close()
+                loop.call_soon_threadsafe(committed.set_result, None)
+
+            assert await reader.many(select, tuples=True) == [[]]   # takes a reading
+            thread = threading.Thread(target=write)
+            thread.start()
+            thread.join()           # committed while this iteration's reading is held
+            await committed
+            assert await reader.many(select, tuples=True) == [[("written",)]]
         finally:
             reader.close()
             await close_db()
