@@ -327,7 +327,9 @@ NOT_AUDITED_PREFIXES = ("/static/", "/docs/", "/redoc/", "/app/")
 
 
 def action_for(method: str, route: str | None, args: Any = None) -> str | None:
-    """The audit action of a request, or None when the route is not audited."""
+    """The audit action of a request, or None when the route is not audited. ``args`` (the
+    query) is read only for the token route; it may be a callable that returns it, so other
+    requests never parse their query string (Sanic parses it on first access)."""
     if route is None or method == "OPTIONS":
         return None      # no route matched (nothing was read), or a CORS preflight
     if method == "HEAD":
@@ -335,6 +337,8 @@ def action_for(method: str, route: str | None, args: Any = None) -> str | None:
     if route in NOT_AUDITED or route.startswith(NOT_AUDITED_PREFIXES):
         return None
     if route == "/auth/v1/token":
+        if callable(args):
+            args = args()
         grant = args.get("grant_type") if args is not None else None
         return "token-refresh" if grant == "refresh_token" else "sign-in"
     if (method, route) in ACTIONS:

@@ -113,7 +113,7 @@ def install(app: Sanic, settings: Settings,
         trail = request.app.ctx.audit
         if trail is None:
             return
-        action = audit_mod.action_for(request.method, route, request.args)
+        action = audit_mod.action_for(request.method, route, request.get_args)
         if action is None:
             return
         fut = trail.record(_audit_row(request, response, route, action, rid, proxied))
