@@ -457,3 +457,25 @@ def test_server_made_request_ids_are_distinct_hex() -> None:
     assert len(set(ids)) == len(ids)
     assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
     assert request_id_from("client-id.1") == "client-id.1"
+
+
+def test_token_route_action_reads_the_grant_type_from_a_dict_or_a_callable() -> None:
+    from medmitra.ops.audit import action_for
+
+    asked: list[int] = []
+
+    def args(grant: str):
+        def get() -> dict:
+            asked.append(1)
+            return {"grant_type": grant}
+        return get
+
+    assert action_for("POST", "/auth/v1/token", args("refresh_token")) == "token-refresh"
+    assert action_for("POST", "/auth/v1/token", args("password")) == "sign-in"
+    assert action_for("POST", "/auth/v1/token", {"grant_type": "refresh_token"}) == \
+        "token-refresh"
+    assert action_for("POST", "/auth/v1/token", None) == "sign-in"
+    assert len(asked) == 2
+    # Other routes never ask for the query.
+    assert action_for("GET", "/cases/cases/<case_id:str>", args("x")) == "view"
+    assert len(asked) == 2
