@@ -246,6 +246,51 @@ def test_get_case_renders_insights_flat_and_nested(server, alice) -> None:
     assert nested["generated_at"] == flat["generated_at"]
 
 
+def test_get_case_answer_is_kept_only_while_nothing_changes(server, alice, bob) -> None:
+    """GET case keeps its rendered answer per user and case while the database is
+    unchanged (services.cases.case_parts); every change shows at once, the file links are
+    made per request (from this request's Host), and another user still gets a 404."""
+    with server.client(alice.token) as c:
+        case = create(c, files=[lab("cbc.csv", b"test,value\nHb,9.1\n", "text/csv")])["case"]
+        url = f"/cases/cases/{case['case_id']}"
+        first = c.get(url)
+        again = c.get(url)
+        assert first.status_code == again.status_code == 200
+        assert first.headers["content-type"] == "application/json"
+        assert first.json()["case"] == again.json()["case"]
+        # The same answer through the integer id, and from another Host naming this
+        # machine: the link follows the request, the rest is the kept answer.
+        port = server.url.rsplit(":", 1)[1]
+        other_host = c.get(url, headers={"Host": f"localhost:{port}"}).json()
+        assert other_host["files"][0]["file_url"].startswith(f"http://localhost:{port}/")
+        assert first.json()["files"][0]["file_url"].startswith(server.url)
+        assert {k: v for k, v in other_host.items() if k != "files"} == \
+            {k: v for k, v in first.json().items() if k != "files"}
+        by_int = c.get(f"/cases/cases/{case['id']}").json()
+        assert by_int["case"] == first.json()["case"]
+
+        # Not theirs: 404, while alice's answer is kept.
+        with server.client(bob.token) as b:
+            assert b.get(url).status_code == 404
+
+        # A change through the API shows in the next read.
+        r = c.put(url, json={"patient_name": "Asha R. Rao"})
+        assert r.status_code == 200, r.text
+        assert c.get(url).json()["case"]["patient_name"] == "Asha R. Rao"
+        # So does a write that bypasses the API (the pipeline's, through the ORM).
+        now = datetime.now(timezone.utc)
+        server.run(Insight.create(case_id=case["id"], data=NESTED,
+                                  model={"name": "SmolLM2-135M", "file": "x.gguf"}, stages=[],
+                                  generated_at=now, created_at=now, updated_at=now))
+        body = c.get(url).json()
+        assert body["insights"]["case_summary"] == NESTED["case_summary"]
+        assert body["ai_insights"]["icd_code"] == "D50.9"
+        # And a deleted file leaves the answer.
+        fid = body["files"][0]["file_id"]
+        assert c.delete(f"/cases/file/{fid}").status_code == 200
+        assert c.get(url).json()["files"] == []
+
+
 # -- update, analyze ---------------------------------------------------------------------
 
 def test_update_case_changes_fields_and_moves_updated_at(server, alice) -> None:

@@ -7,6 +7,7 @@ import json
 from typing import Any
 from urllib.parse import quote
 
+import orjson
 from sanic import Blueprint, Request
 from sanic.response import HTTPResponse, file_stream, json as json_response, raw
 
@@ -104,13 +105,9 @@ async def all_cases(request: Request) -> HTTPResponse:
 @bp.get("/cases/<case_id:str>")
 async def get_case(request: Request, case_id: str) -> HTTPResponse:
     user_id = await current_user(request)
-    view = await svc.case_view(_ctx(request).reader, user_id, case_id)
-    case_uuid = view["case"]["case_id"]
-    flat, nested = svc.render_insights(case_uuid, view["insight"])
-    return json_response({"case": svc.case_dict(view["case"]),
-                          "files": [_file_out(request, f, case_uuid) for f in view["files"]],
-                          "ai_insights": flat, "insights": nested,
-                          "analysis": svc.analysis_dict(view["job"])})
+    parts = await svc.case_parts(_ctx(request).reader, user_id, case_id)
+    files = orjson.dumps([_file_out(request, f, parts.case_uuid) for f in parts.files])
+    return raw(parts.head + files + parts.tail, content_type="application/json")
 
 
 @bp.put("/cases/<case_id:str>")

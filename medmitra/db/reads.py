@@ -200,17 +200,46 @@ class Reader:
 
     def _cache_put(self, key: Any, version: int, out: list[list[Any]], tuples: bool) -> None:
         size = self._size(out)
+        self._store(key, version, self._copy(out, tuples) if size <= self.CACHE_ITEM_MAX_BYTES
+                    else None, size)
+
+    def _store(self, key: Any, version: int, value: Any, size: int) -> None:
         old = self._cache.pop(key, None)
         if old is not None:
             self._cache_bytes -= old[2]
         if size > self.CACHE_ITEM_MAX_BYTES:
             return
-        self._cache[key] = (version, self._copy(out, tuples), size)
+        self._cache[key] = (version, value, size)
         self._cache_bytes += size
         while self._cache and (len(self._cache) > self.CACHE_ENTRIES
                                or self._cache_bytes > self.CACHE_MAX_BYTES):
             _, evicted = self._cache.popitem(last=False)
             self._cache_bytes -= evicted[2]
+
+    # -- values derived from reads (event-loop thread only) ------------------------------
+
+    def version(self) -> int | None:
+        """The database's ``data_version`` as this loop iteration read it; None on
+        PostgreSQL, where nothing is kept. Read it *before* the reads a kept value is made
+        from, and keep the value under it."""
+        return self._version() if self._conn is not None else None
+
+    def kept(self, key: Any, version: int | None) -> Any | None:
+        """The value ``keep`` stored under ``key`` if the database is still at ``version``.
+        Kept values are handed out as they are: keep only values nobody mutates."""
+        if version is None:
+            return None
+        hit = self._cache.get(("kept", key))
+        if hit is None or hit[0] != version:
+            return None
+        self._cache.move_to_end(("kept", key))
+        return hit[1]
+
+    def keep(self, key: Any, version: int | None, value: Any, size: int) -> None:
+        """Keep ``value`` (about ``size`` bytes) for ``key`` while the database stays at
+        ``version``; it shares the read cache's bounds."""
+        if version is not None:
+            self._store(("kept", key), version, value, size)
 
     def _thread_conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Mapping
 
+import orjson
 from tortoise.transactions import in_transaction
 
 from medmitra import contract, filetypes, textsafe
@@ -490,5 +491,37 @@ async def case_view(reader: Reader, user_id: str, ident: str) -> dict[str, Any]:
     if view is None:
         raise NotFound("Case not found")
     return view
+
+
+@dataclass(frozen=True)
+class CaseParts:
+    """GET case's answer as JSON around its file list. ``head`` and ``tail`` are pure
+    functions of one database snapshot; the files' links are signed (and expire) per
+    request, so the file rows are kept and rendered each time. Nobody mutates the rows."""
+    case_uuid: str
+    head: bytes                      # {"case":{...},"files":
+    files: tuple[dict[str, Any], ...]
+    tail: bytes                      # ,"ai_insights":...,"insights":...,"analysis":...}
+
+
+async def case_parts(reader: Reader, user_id: str, ident: str) -> CaseParts:
+    """``CaseParts`` of a user's case, kept by the reader while the database is unchanged:
+    an analysed case's insights (kilobytes of JSON) are parsed, reshaped and rendered once
+    per change instead of at every poll. 404 (NotFound) as ``case_view``."""
+    key = ("case-parts", user_id, ident)
+    version = reader.version()       # before the reads the parts are made from
+    parts = reader.kept(key, version)
+    if parts is not None:
+        return parts
+    view = await case_view(reader, user_id, ident)
+    case_uuid = view["case"]["case_id"]
+    flat, nested = render_insights(case_uuid, view["insight"])
+    head = b'{"case":' + orjson.dumps(case_dict(view["case"])) + b',"files":'
+    tail = (b',"ai_insights":' + orjson.dumps(flat) + b',"insights":' + orjson.dumps(nested)
+            + b',"analysis":' + orjson.dumps(analysis_dict(view["job"])) + b"}")
+    files = tuple(view["files"])
+    parts = CaseParts(case_uuid, head, files, tail)
+    reader.keep(key, version, parts, len(head) + len(tail) + 512 * len(files))
+    return parts
 
 
