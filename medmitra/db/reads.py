@@ -96,9 +96,10 @@ class Reader:
     is unchanged: ``PRAGMA data_version`` moves whenever another connection commits
     (every write of the server goes through tortoise's connection, never this one), so
     clients polling a case or the case list cost at most one pragma per event-loop
-    iteration instead of their queries until something is written. Hits get fresh copies of the rows. The cache is bounded by entries
-    and by size, and a read larger than ``CACHE_ITEM_MAX_BYTES`` is never kept, so a few
-    big unpaged lists cannot pin memory.
+    iteration instead of their queries until something is written. Hits get fresh copies
+    of the rows. Values derived from reads (GET case's rendered JSON) are kept the same way
+    (``kept``/``keep``). The cache is bounded by entries and by size, and a read larger than
+    ``CACHE_ITEM_MAX_BYTES`` is never kept, so a few big unpaged lists cannot pin memory.
     """
 
     CACHE_ENTRIES = 256     # distinct reads kept (a read is its SQL texts and parameters)
