@@ -173,6 +173,36 @@ def make_dicom(size_bytes: int, path: Path) -> None:
     ds.save_as(path, enforce_file_format=True)
 
 
+def add_analysed_case(api: str, headers: dict[str, str], data_dir: Path, answer: Path) -> str:
+    """A new case with an ai_insights row holding the insights of a saved answer (written
+    straight into the database, as the pipeline's last stage writes it); its case_id."""
+    import json
+    import sqlite3
+    from datetime import datetime, timezone
+
+    nested = json.loads(answer.read_text(encoding="utf-8"))["insights"]
+    model = {"name": nested.pop("model", None) or "bench", "file": "bench.gguf"}
+    stages = [{"stage": k, "duration_s": v} for k, v in (nested.pop("timings", None)
+                                                           or {}).items()]
+    nested.pop("generated_at", None)
+    with httpx.Client(base_url=api, headers=headers, timeout=30) as c:
+        r = c.post("/cases/create_case", data={"patient_name": "Bench Analysed",
+                                               "patient_age": "61", "patient_gender": "male"})
+        r.raise_for_status()
+        case = r.json()["case"]
+    now = datetime.now(timezone.utc).isoformat(sep=" ")
+    db = sqlite3.connect(data_dir / "medmitra.sqlite3")
+    try:
+        db.execute('INSERT INTO "ai_insights" ("case_id", "data", "model", "stages", '
+                   '"generated_at", "created_at", "updated_at") VALUES (?, ?, ?, ?, ?, ?, ?)',
+                   (case["id"], json.dumps(nested), json.dumps(model), json.dumps(stages),
+                    now, now, now))
+        db.commit()
+    finally:
+        db.close()
+    return case["case_id"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--duration", type=int, default=5, help="seconds per wrk run")
@@ -181,6 +211,9 @@ def main() -> None:
                     help="then profile the server with py-spy during one more run of each "
                          "case route and print the N top functions (pip install py-spy)")
     ap.add_argument("--connections", type=int, default=50)
+    ap.add_argument("--insights", type=Path, metavar="FILE",
+                    help="also read a case analysed with these insights: one answer that "
+                         "bench/clinical_eval.py --dump DIR wrote (a real model's output)")
     args = ap.parse_args()
     if not shutil.which("wrk"):
         raise SystemExit("wrk is needed: apt-get install wrk")
@@ -220,6 +253,8 @@ def main() -> None:
                                                        "patient_gender": "female"})
                 r.raise_for_status()
                 first = first or r.json()["case"]["case_id"]
+        analysed = add_analysed_case(api, h, tmp / "data", args.insights) \
+            if args.insights else None
         print(f"machine: {os.cpu_count()} cores; "
               f"{'servers on CPU ' + SERVER_CPU + ', wrk on CPU ' + LOAD_CPU + '; ' if PIN else ''}"
               f"wrk -t2 -c{args.connections} -d{args.duration}s, "
@@ -229,6 +264,8 @@ def main() -> None:
         routes = {"bare GET /": (bare + "/", None),
                   "GET /cases/cases/{id}": (f"{api}/cases/cases/{first}", token),
                   "GET /cases/all_cases (100)": (f"{api}/cases/all_cases", token)}
+        if analysed:
+            routes["GET analysed case"] = (f"{api}/cases/cases/{analysed}", token)
         # Audit trail (ops/audit.py): the server above has it on ("batch", the default);
         # more servers on the same data dir read the same case with it in "ack" mode, off,
         # and off with /metrics off too (what auth, the read and the headers cost alone).
