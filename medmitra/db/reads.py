@@ -191,7 +191,9 @@ class Reader:
         return self._copy(hit[1], tuples)
 
     @staticmethod
-    def _size(out: list[list[Any]]) -> int:
+    def rows_size(out: Sequence[Sequence[Any]]) -> int:
+        """Roughly how many bytes groups of rows (dicts or tuples) hold: what the cache's
+        bounds count."""
         size = 0
         for rows in out:
             for row in rows:
@@ -200,7 +202,7 @@ class Reader:
         return size
 
     def _cache_put(self, key: Any, version: int, out: list[list[Any]], tuples: bool) -> None:
-        size = self._size(out)
+        size = self.rows_size(out)
         self._store(key, version, self._copy(out, tuples) if size <= self.CACHE_ITEM_MAX_BYTES
                     else None, size)
 

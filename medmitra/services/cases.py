@@ -521,7 +521,7 @@ async def case_parts(reader: Reader, user_id: str, ident: str) -> CaseParts:
             + b',"analysis":' + orjson.dumps(analysis_dict(view["job"])) + b"}")
     files = tuple(view["files"])
     parts = CaseParts(case_uuid, head, files, tail)
-    reader.keep(key, version, parts, len(head) + len(tail) + 512 * len(files))
+    reader.keep(key, version, parts, len(head) + len(tail) + Reader.rows_size([files]))
     return parts
 
 
