@@ -479,3 +479,87 @@ def test_token_route_action_reads_the_grant_type_from_a_dict_or_a_callable() -> 
     # Other routes never ask for the query.
     assert action_for("GET", "/cases/cases/<case_id:str>", args("x")) == "view"
     assert len(asked) == 2
+
+
+def test_a_large_flush_lets_the_event_loop_run_between_slices_of_rows(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chaining a batch is Python on the event loop (~11 us a row); a busy server's batch
+    chained in one go kept requests waiting. Other tasks must run between slices."""
+    from medmitra.db.setup import close_db, open_db
+
+    settings = make_settings(tmp_path)
+    key = audit.load_or_create_key(settings.data_path)
+    ticks = 0
+    seen: list[int] = []
+    real_hash = audit.row_hash
+
+    def counting_hash(*args: Any) -> str:
+        seen.append(ticks)
+        return real_hash(*args)
+
+    monkeypatch.setattr(audit, "row_hash", counting_hash)
+
+    async def go() -> None:
+        nonlocal ticks
+        await open_db(settings)
+        try:
+            async def ticker() -> None:
+                nonlocal ticks
+                while True:
+                    ticks += 1
+                    await asyncio.sleep(0)
+
+            task = asyncio.create_task(ticker())
+            n = audit.HASH_SLICE * 8
+            await audit.append_rows([{"ts": audit.utc_now_iso(), "action": "view",
+                                      "status": 200} for _ in range(n)], key)
+            task.cancel()
+        finally:
+            await close_db()
+
+    asyncio.run(go())
+    assert len(seen) == audit.HASH_SLICE * 8
+    # Each slice of rows is hashed within one turn of the loop, and the ticker ran between
+    # every two slices.
+    slices = [seen[i:i + audit.HASH_SLICE] for i in range(0, len(seen), audit.HASH_SLICE)]
+    assert all(len(set(s)) == 1 for s in slices)
+    assert all(a[0] < b[0] for a, b in zip(slices, slices[1:]))
+    assert main(["audit", "verify", "--data-dir", str(settings.data_path)]) == 0
+
+
+def test_the_head_file_is_written_off_the_event_loop_in_commit_order(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from medmitra.db.setup import close_db, open_db
+
+    settings = make_settings(tmp_path)
+    data = settings.data_path
+    key = audit.load_or_create_key(data)
+    writers: list[int] = []
+    real_write = audit._write_head
+
+    def recording_write(path: Path, head: tuple[int, str]) -> None:
+        import threading
+        writers.append(threading.get_ident())
+        real_write(path, head)
+
+    monkeypatch.setattr(audit, "_write_head", recording_write)
+
+    async def go() -> int:
+        import threading
+        await open_db(settings)
+        try:
+            # Concurrent appends commit one after another; the last commit's head must be
+            # the one left in the file.
+            await asyncio.gather(*(audit.append_rows(
+                [{"ts": audit.utc_now_iso(), "action": "view", "status": 200}] * (i + 1),
+                key, data / audit.HEAD_FILE) for i in range(6)))
+            return threading.get_ident()
+        finally:
+            await close_db()
+
+    loop_thread = asyncio.run(go())
+    assert len(writers) == 6 and loop_thread not in writers
+    rows = _rows(data)
+    assert len(rows) == 21
+    assert audit.read_head(data / audit.HEAD_FILE) == (rows[-1]["id"], rows[-1]["hash"])
+    assert main(["audit", "verify", "--data-dir", str(data)]) == 0

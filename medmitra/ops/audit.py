@@ -35,6 +35,7 @@ import os
 import re
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -62,6 +63,14 @@ MAX_BATCH = 2000
 # (and counted) beyond this.
 MAX_PENDING = 100_000
 RETRY_S = 1.0
+# Rows chained per turn of the event loop. A row's HMAC costs ~11 us of Python on the loop;
+# a 200 ms batch of a busy server (130 rows at 650 requests/s) chained in one go held the
+# loop for 1.5 ms, and requests that arrived meanwhile waited.
+HASH_SLICE = 16
+# The head file is written by this one thread: off the event loop (creating and renaming it
+# took 0.7 ms at every flush, and the slowest 1% of requests of an idle server were those
+# that arrived meanwhile), and in commit order, since heads are queued as commits end.
+_HEAD_WRITER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medmitra-audit-head")
 _PRUNED_RE = re.compile(r"pruned_through=(\d+)")
 
 
@@ -160,7 +169,9 @@ async def append_rows(rows: Sequence[dict[str, Any]], key: bytes,
                 next_id, prev = (int(last[0]["id"]) + 1, last[0]["hash"]) if last else \
                     (1, GENESIS)
                 values: list[Any] = []
-                for row in rows:
+                for i, row in enumerate(rows):
+                    if i and not i % HASH_SLICE:
+                        await asyncio.sleep(0)   # let requests in between (HASH_SLICE)
                     full = {**row, "id": next_id}
                     h = row_hash(key, prev, full)
                     values += [full.get(c) for c in FIELDS] + [prev, h]
@@ -169,7 +180,8 @@ async def append_rows(rows: Sequence[dict[str, Any]], key: bytes,
                     INSERT_HEAD + _placeholders(dialect, len(COLUMNS), len(rows)), values)
             head = (next_id - 1, prev)
             if head_path is not None:
-                _write_head(head_path, head)
+                await asyncio.get_running_loop().run_in_executor(
+                    _HEAD_WRITER, _write_head, head_path, head)
             return head
         except (IntegrityError, OperationalError) as exc:
             # Another process appended meanwhile (id clash) or the database was busy.
