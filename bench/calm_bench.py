@@ -10,7 +10,10 @@ model, 2 workers) is started; one case is analysed to completion (warm-up; it is
 read by GET case), then idle latencies are sampled, then 2 three-file cases are queued and
 the same requests are sampled while both analyses are running (samples from a batch in
 which either analysis stopped running are dropped). Requests alternate /health and
-GET /cases/cases/{id}, one at a time, keep-alive. Also printed: resident memory of the
+GET /cases/cases/{id}, one at a time, keep-alive. Also printed, per request, for the
+server's event-loop thread and for this client: time on a CPU, time runnable but waiting for
+a CPU, and preemptions (/proc schedstat), which show whether a slower phase is the server
+doing more or both sides waiting for a CPU the models hold. Also printed: resident memory of the
 server process and of each inference child (and, under process, the resource tracker
 multiprocessing starts: the small one), and the warm-up analysis's wall time.
 
@@ -71,6 +74,18 @@ def children(pid: int) -> list[int]:
         except OSError:
             pass
     return out
+
+
+def sched(pid: int, tid: int) -> tuple[int, int, int]:
+    """(ns on a CPU, ns runnable but waiting for a CPU, involuntary context switches) of one
+    thread, from /proc (zeros where the kernel does not keep schedstats)."""
+    try:
+        run, wait, _ = map(int, Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split())
+        status = Path(f"/proc/{pid}/task/{tid}/status").read_text()
+        invol = int(status.split("nonvoluntary_ctxt_switches:")[1].split()[0])
+        return run, wait, invol
+    except (OSError, ValueError, IndexError):
+        return 0, 0, 0
 
 
 def three_files() -> list:
@@ -135,11 +150,16 @@ class Server:
 
 
 def sample(srv: Server, case_id: str, n: int, busy: list[str] | None = None
-           ) -> tuple[list[float], list[float]]:
+           ) -> tuple[list[float], list[float], dict[str, tuple[float, float, float]]]:
     """n latencies (ms) each of /health and GET case; with ``busy``, only from batches
-    during which every case in ``busy`` stayed running."""
+    during which every case in ``busy`` stayed running. Also, per request, for the server's
+    event-loop thread and this client: us on a CPU, us waiting for one, involuntary switches
+    (where the wait goes when requests slow down: CPU contention, not the server's work)."""
     health: list[float] = []
     case: list[float] = []
+    me = os.getpid()
+    before = {"server": sched(srv.proc.pid, srv.proc.pid), "client": sched(me, me)}
+    sent = 0
     while len(health) < n:
         h, c = [], []
         for _ in range(BATCH):
@@ -150,7 +170,9 @@ def sample(srv: Server, case_id: str, n: int, busy: list[str] | None = None
             t2 = time.perf_counter()
             h.append((t1 - t0) * 1000)
             c.append((t2 - t1) * 1000)
+        sent += 2 * BATCH
         if busy is not None:
+            sent += len(busy)
             states = [srv.state(b) for b in busy]
             if states.count("running") != len(busy):
                 if any(s not in ("queued", "running") for s in states):
@@ -159,7 +181,10 @@ def sample(srv: Server, case_id: str, n: int, busy: list[str] | None = None
                 continue
         health += h
         case += c
-    return health[:n], case[:n]
+    after = {"server": sched(srv.proc.pid, srv.proc.pid), "client": sched(me, me)}
+    cpu = {k: ((after[k][0] - before[k][0]) / sent / 1000, (after[k][1] - before[k][1]) / sent
+               / 1000, (after[k][2] - before[k][2]) / sent) for k in before}
+    return health[:n], case[:n], cpu
 
 
 def p(samples: list[float], q: float) -> float:
@@ -174,7 +199,7 @@ def measure(tmp: Path, inference: str, n: int) -> dict:
         warm = srv.create(three_files())
         srv.wait_done(warm)
         alone_s = time.perf_counter() - t0
-        idle_h, idle_c = sample(srv, warm, n)
+        idle_h, idle_c, idle_cpu = sample(srv, warm, n)
         busy_ids = [srv.create(three_files()) for _ in range(2)]
         deadline = time.monotonic() + START_TIMEOUT_S
         while [srv.state(b) for b in busy_ids].count("running") < 2:
@@ -182,11 +207,12 @@ def measure(tmp: Path, inference: str, n: int) -> dict:
                 raise SystemExit("the 2 analyses did not start")
             time.sleep(0.05)
         mem = srv.memory()
-        busy_h, busy_c = sample(srv, warm, n, busy=busy_ids)
+        busy_h, busy_c, busy_cpu = sample(srv, warm, n, busy=busy_ids)
     finally:
         srv.stop()
     return {"inference": inference, "memory": mem, "alone_s": alone_s,
-            "health": (idle_h, busy_h), "case": (idle_c, busy_c)}
+            "health": (idle_h, busy_h), "case": (idle_c, busy_c),
+            "cpu": (idle_cpu, busy_cpu)}
 
 
 def report(r: dict) -> None:
@@ -196,6 +222,11 @@ def report(r: dict) -> None:
         print(f"  {name:9} idle p50 {p(idle, .5):6.2f} p99 {p(idle, .99):6.2f} ms | "
               f"2 analyses p50 {p(busy, .5):6.2f} p99 {p(busy, .99):6.2f} ms | "
               f"p99 ratio {p(busy, .99) / p(idle, .99):5.2f}")
+    for who in ("server", "client"):
+        print(f"  {who:9} " + " | ".join(
+            f"{phase} {c[who][0]:4.0f} us on a CPU, {c[who][1]:4.0f} us waiting for one, "
+            f"{c[who][2]:.2f} preemptions" for phase, c in zip(("idle", "2 analyses"), r["cpu"]))
+            + " per request")
 
 
 def main() -> None:
