@@ -43,18 +43,11 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
 import docfactory as df  # noqa: E402
-from load import wait_ready  # noqa: E402
+from load import free_port, wait_ready  # noqa: E402
 
 MODEL = ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 CASE = {"patient_name": "Bench Patient", "patient_age": "58", "patient_gender": "female",
         "case_summary": "Three weeks of fatigue, pallor and breathlessness on stairs."}
-
-
-def free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:

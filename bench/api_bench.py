@@ -33,6 +33,7 @@ from pathlib import Path
 import httpx
 
 from binary_bench import tree_cpu_s   # CPU seconds of a process and its children
+from load import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -49,13 +50,6 @@ if __name__ == "__main__":
     app.run(host="127.0.0.1", port=int(__import__("sys").argv[1]), single_process=True,
             access_log=False, motd=False)
 """
-
-
-def free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_up(url: str, timeout_s: float = 60) -> None:

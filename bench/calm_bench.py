@@ -42,18 +42,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 import docfactory as df  # noqa: E402
-from load import wait_ready  # noqa: E402
+from load import free_port, wait_ready  # noqa: E402
 
 START_TIMEOUT_S = 120
 BATCH = 25           # samples between checks that both analyses still run
 ANALYSIS_TIMEOUT_S = 900
-
-
-def free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rss_mb(pid: int) -> float:

@@ -41,6 +41,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
 import docfactory as df  # noqa: E402  (PDF and scan renderers of the test suite)
+from bench.load import free_port  # noqa: E402
 from medmitra.clinical import coding, junk  # noqa: E402
 from medmitra.clinical.grounding import Grounder  # noqa: E402
 
@@ -104,13 +105,6 @@ def render(t: Truth, fmt: str) -> tuple[str, bytes, str]:
 
 
 # ----------------------------------------------------------------------- the server
-
-def free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 class Server:
     def __init__(self, tmp: Path, model: Path | None, remote_url: str | None):

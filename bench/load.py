@@ -199,7 +199,8 @@ def print_summary(s: dict) -> None:
 
 # ------------------------------------------------------------------ own server
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A loopback port free now (the benchmarks' and tests' servers bind it next)."""
     import socket
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -253,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     if url is None:
         tmp = tempfile.TemporaryDirectory(prefix="medmitra-load-")
         secret = "load-secret-" + uuid.uuid4().hex * 2
-        log, port = Path(tmp.name) / "server.log", _free_port()
+        log, port = Path(tmp.name) / "server.log", free_port()
         url = f"http://127.0.0.1:{port}"
         proc = start_server(Path(tmp.name) / "data", log, secret, port)
         wait_ready(url, proc)

@@ -34,6 +34,8 @@ from pathlib import Path
 
 import httpx
 
+from load import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -42,13 +44,6 @@ EMAIL, PASSWORD = "bench@clinic.test", "bench password 123"
 SHELL_GOAL_BYTES = 150 * 1024
 LIST_GOAL_MS = 500.0
 CASES = 100
-
-
-def free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(data: Path, port: int, log: Path) -> subprocess.Popen:

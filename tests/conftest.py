@@ -25,7 +25,6 @@ import contextlib
 import inspect
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -39,6 +38,7 @@ from typing import Any, Awaitable, Callable, Iterator
 import httpx
 import pytest
 
+from bench.load import free_port  # noqa: F401  (also imported from here by tests)
 from medmitra.auth.jwt import issue_token
 from medmitra.config import Settings, load_settings
 from tests.pg import pg_server, pg_url  # noqa: F401  (fixtures, for run_db's PostgreSQL)
@@ -57,12 +57,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if item.get_closest_marker("slow") and item.get_closest_marker("timeout") is None:
             item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT_S))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_settings(tmp_path: Path, **sections: dict[str, Any]) -> Settings:
