@@ -558,6 +558,7 @@ def test_the_head_file_is_written_off_the_event_loop_in_commit_order(
             await close_db()
 
     loop_thread = asyncio.run(go())
+    audit.wait_for_head()
     assert len(writers) == 6 and loop_thread not in writers
     rows = _rows(data)
     assert len(rows) == 21
