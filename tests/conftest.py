@@ -38,7 +38,7 @@ from typing import Any, Awaitable, Callable, Iterator
 import httpx
 import pytest
 
-from bench.load import free_port  # noqa: F401  (also imported from here by tests)
+from bench.load import free_port
 from medmitra.auth.jwt import issue_token
 from medmitra.config import Settings, load_settings
 from tests.pg import pg_server, pg_url  # noqa: F401  (fixtures, for run_db's PostgreSQL)

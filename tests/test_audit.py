@@ -16,6 +16,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -538,14 +539,12 @@ def test_the_head_file_is_written_off_the_event_loop_in_commit_order(
     real_write = audit._write_head
 
     def recording_write(path: Path, head: tuple[int, str]) -> None:
-        import threading
         writers.append(threading.get_ident())
         real_write(path, head)
 
     monkeypatch.setattr(audit, "_write_head", recording_write)
 
     async def go() -> int:
-        import threading
         await open_db(settings)
         try:
             # Concurrent appends commit one after another; the last commit's head must be
