@@ -12,8 +12,9 @@
    timer. Prints the ratio inside-analysis / raw-with-grammar (goal >= 0.90) and the
    grammar's own cost in raw llama-cpp-python (ms/token with vs without it);
 3. p99 latency of GET /health while 2 analyses run vs idle;
-4. throughput (``--part throughput``) in cases/hour with 1 worker x all cores and 2
-   workers x half the cores each, and the peak RSS of the server plus its model processes.
+4. throughput (``--part throughput``) in cases/hour with 1 worker x all cores, 2
+   workers x half the cores each, and the default ("auto", which chose 2 here), and the
+   peak RSS of the server plus its model processes.
 
 Lines to read: "RATIO" (item 5) and "THROUGHPUT" (item 6); every line shows the load.
 Usage: .venv/bin/python bench/analysis_bench.py [--part all|analysis|generation|latency|
@@ -51,7 +52,7 @@ CASE = {"patient_name": "Bench Patient", "patient_age": "58", "patient_gender": 
 
 
 class Server:
-    def __init__(self, tmp: Path, workers: int, threads: int = 0):
+    def __init__(self, tmp: Path, workers: int | str, threads: int = 0):
         self.data = tmp / f"data-w{workers}-{uuid.uuid4().hex[:6]}"
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -369,10 +370,13 @@ def latency(tmp: Path) -> None:
           f"(goal <= 3)")
 
 
-def throughput(tmp: Path, cases: int, cores: int, worker_counts: tuple[int, ...]) -> None:
+def throughput(tmp: Path, cases: int, cores: int,
+               worker_counts: tuple[int | str, ...]) -> None:
     """Cases/hour with each worker count (threads per worker = cores / workers, the
-    server's default), ``cases`` cases submitted at once; the runs alternate."""
+    server's default; "auto" = the server's default count, see jobs/pool.py), ``cases``
+    cases submitted at once; the runs alternate. Ratios are to the first setting's run."""
     print()
+    base: float | None = None
     for workers in worker_counts:
         srv = Server(tmp, workers=workers)
         try:
@@ -383,12 +387,16 @@ def throughput(tmp: Path, cases: int, cores: int, worker_counts: tuple[int, ...]
             rss = peak_rss_mib(srv.proc.pid)
             done = sum(srv.client.get(f"/cases/cases/{i}").json()["case"]["status"] ==
                        "completed" for i in ids)
+            ran = len(srv.client.get("/health").json()["workers"])
         finally:
             srv.stop()
-        print(f"THROUGHPUT {workers} worker(s) x {max(1, cores // workers)} thread(s): "
+        per_hour = cases * 3600 / took
+        base = base or per_hour
+        label = f"{workers} worker(s)" if workers != "auto" else f"auto = {ran} worker(s)"
+        print(f"THROUGHPUT {label} x {max(1, cores // ran)} thread(s): "
               f"{cases} cases ({done} completed) in {took:.0f} s = "
-              f"{cases * 3600 / took:.0f} cases/hour; peak RSS, server + model processes, "
-              f"{rss:.0f} MiB  "
+              f"{per_hour:.0f} cases/hour ({per_hour / base:.2f}x the first); peak RSS, "
+              f"server + model processes, {rss:.0f} MiB  "
               f"[{load()}]", flush=True)
 
 
@@ -417,7 +425,7 @@ def main() -> None:
         if part in ("all", "latency"):
             latency(tmp)
         if part == "throughput" or (part == "all" and not args.skip_throughput):
-            throughput(tmp, args.cases, cores, (1, 2))
+            throughput(tmp, args.cases, cores, (1, 2, "auto"))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
