@@ -15,7 +15,7 @@ from typing import Any, Sequence
 from medmitra import __version__, cli_auth
 from medmitra.auth import token_commands
 from medmitra.atomicfile import atomic_file
-from medmitra.config import ConfigError, Settings, load_settings, resolve_model_path
+from medmitra.config import AUTO, ConfigError, Settings, load_settings, resolve_model_path
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--host")
     p.add_argument("--port", type=int)
-    p.add_argument("--workers", type=int, help="analysis workers (llm.workers)")
+    p.add_argument("--workers", help='analysis workers, a number or "auto" (llm.workers)')
 
     p = sub.add_parser("migrate", help="create or upgrade the database schema")
     _common(p)
@@ -200,6 +200,8 @@ def _banner(settings: Settings) -> None:
         else settings.server.host
     exe = "medmitra" if shutil.which("medmitra") or getattr(sys, "frozen", False) \
         else "python -m medmitra"
+    workers = ("workers: auto (1, 2 if the machine has room)" if settings.llm.workers == AUTO
+               else f"{settings.llm.workers} worker(s)")
     lines = [
         f"MedMitra Edge {__version__}",
         f"  API:      http://{shown_host}:{settings.server.port}/   (docs: /docs, /redoc)",
@@ -207,7 +209,7 @@ def _banner(settings: Settings) -> None:
         f"{exe} users add --email <address>)",
         f"  Data:     {settings.data_path}",
         f"  Config:   {settings.source}",
-        f"  Model:    {model_line}, {settings.llm.workers} worker(s)",
+        f"  Model:    {model_line}, {workers}",
         f"  Token:    {exe} token create --user-id <UUID>"
         + (f" --data-dir {settings.data_path}" if settings.source == "defaults" else ""),
     ]

@@ -33,6 +33,9 @@ from pathlib import Path
 from typing import Any, ClassVar, Mapping
 
 MiB = 1024 * 1024
+# The value of an int key declared with ``auto=True`` when it is set to "auto": the code that
+# reads the key decides at run time (compare with ``AUTO``; it is not a number to use).
+AUTO = -1
 
 
 class ConfigError(Exception):
@@ -40,12 +43,13 @@ class ConfigError(Exception):
 
 
 def setting(default: Any, doc: str, *, min: float | None = None, max: float | None = None,
-            choices: tuple[str, ...] | None = None) -> Any:
+            choices: tuple[str, ...] | None = None, auto: bool = False) -> Any:
     """Declare a config key: its default, one-line doc (shown in config.toml), and range
     (``min``/``max`` for numbers, inclusive) or allowed values (``choices``, matched
-    case-insensitively and stored in the spelling given here)."""
+    case-insensitively and stored in the spelling given here). ``auto``: an int key that
+    also takes the word "auto", stored as ``AUTO``."""
     return field(default=default, metadata={"doc": doc, "min": min, "max": max,
-                                            "choices": choices})
+                                            "choices": choices, "auto": auto})
 
 
 _TYPES = {"int": int, "float": float, "bool": bool, "str": str}
@@ -60,6 +64,8 @@ class Section:
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
+            if f.metadata.get("auto") and value == AUTO:
+                continue
             lo, hi = f.metadata.get("min"), f.metadata.get("max")
             if lo is not None and value < lo or hi is not None and value > hi:
                 raise ConfigError(f"{self.name}.{f.name}: {value!r} is out of range "
@@ -198,8 +204,9 @@ class LLMSettings(Section):
     n_ctx: int = setting(4096, "context window, tokens", min=256, max=1 << 20)
     threads: int = setting(0, "CPU threads per worker; 0 = cores / workers", min=0, max=1024)
     workers: int = setting(
-        1, "analyses run at once, each with its own model context; 0 = API only",
-        min=0, max=64)
+        AUTO, 'analyses run at once, each with its own model context; 0 = API only; '
+        '"auto" = 1, and a 2nd when the machine has 2+ cores and memory for another context '
+        "(a local model only)", min=0, max=64, auto=True)
     inference: str = setting(
         "process", '"process": each worker\'s model runs in a child process (the API stays '
         'responsive while models compute); "thread": in the server process',
@@ -350,8 +357,17 @@ _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
 
-def _coerce(name: str, raw: Any, typ: type, choices: tuple[str, ...] | None) -> Any:
-    """``raw`` (from TOML, the environment or the command line) as a value of ``typ``."""
+def _coerce(name: str, raw: Any, typ: type, meta: Mapping[str, Any]) -> Any:
+    """``raw`` (from TOML, the environment or the command line) as a value of ``typ``;
+    ``meta`` is the key's ``setting`` metadata."""
+    if meta.get("auto"):
+        if isinstance(raw, str) and raw.strip().casefold() == "auto":
+            return AUTO
+        value = _coerce(name, raw, typ, {})
+        if value == AUTO:   # the stand-in is not a number a user can mean
+            raise ConfigError(f'{name}: expected a number or "auto", got {raw!r}')
+        return value
+    choices = meta.get("choices")
     if typ is bool:
         if isinstance(raw, bool):
             return raw
@@ -394,8 +410,7 @@ def _coerce_into(cls: type[Section], values: dict[str, Any], updates: Mapping[st
         if key not in types:
             raise ConfigError(f"{cls.name}.{key}: unknown config key{where}")
         if raw is not None:
-            values[key] = _coerce(f"{cls.name}.{key}", raw, types[key],
-                                  meta[key].get("choices"))
+            values[key] = _coerce(f"{cls.name}.{key}", raw, types[key], meta[key])
 
 
 def env_name(section: str, key: str) -> str:
@@ -503,6 +518,8 @@ def _key_comment(f: dataclasses.Field, value: Any) -> str:
     choices = f.metadata.get("choices")
     if choices:
         parts.append(f"[{', '.join(choices)}]")
+    if f.metadata.get("auto") and parts[-1].startswith("["):
+        parts[-1] = parts[-1][:-1] + ', or "auto"]'
     return " ".join(p for p in parts if p)
 
 
@@ -513,7 +530,8 @@ def render_config_toml() -> str:
     for section, cls in SECTIONS.items():
         lines += ["", f"[{section}]"]
         for f in dataclasses.fields(cls):
-            assign = f"# {f.name} = {_toml_value(f.default)}"
+            shown = "auto" if f.metadata.get("auto") and f.default == AUTO else f.default
+            assign = f"# {f.name} = {_toml_value(shown)}"
             comment = _key_comment(f, f.default)
             lines.append(f"{assign:<31} # {comment}" if comment else assign)
     return "\n".join(lines) + "\n"

@@ -55,6 +55,7 @@ class ModelState(StrEnum):
 
 
 class WorkerState(StrEnum):
+    LOADING = "loading"      # loading its model (or waiting for the file to appear)
     IDLE = "idle"
     BUSY = "busy"
     STOPPED = "stopped"

@@ -165,7 +165,7 @@ def _app(settings: Settings | None, app: Any, kw: dict[str, Any], tmp: Path | No
     if settings is None:
         assert tmp is not None
         settings = make_settings(tmp)
-    kw.setdefault("start_workers", settings.llm.workers > 0)
+    kw.setdefault("start_workers", settings.llm.workers != 0)
     return create_app(settings, **kw)
 
 

@@ -34,6 +34,7 @@ import pytest
 import docfactory as df
 from conftest import MODEL_PATH, ROOT, free_port
 from medmitra import __version__
+from medmitra.jobs import resources
 
 BINARY = ROOT / "dist" / "medmitra"
 EXE_NAME = "medmitra"
@@ -362,14 +363,27 @@ def test_binary_serves_analyses_and_restarts(sandbox: dict[str, Path],
     assert MODEL_PATH.name in banner and "found" in banner
     assert "token create --user-id" in banner
 
+    # llm.workers = "auto" (the default) on a machine with 2+ cores and memory to spare: a
+    # second worker starts once the first's model is ready.
+    assert "workers: auto" in banner
+    two = resources.usable_cores() >= 2
+    if two:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while [w["state"] for w in srv.client.get("/health").json()["workers"]] != \
+                ["idle", "idle"]:
+            assert time.monotonic() < deadline, "the second worker never became idle"
+            time.sleep(POLL_S)
+        assert "auto workers: 2, 1 thread(s) each" in srv.log()
+
     # The one-file bootloader has exactly one child, the server (no Sanic worker
-    # processes). With llm.inference = "process" (the default) the server starts the
-    # model's process for its one worker and multiprocessing's resource tracker: both are
-    # this same executable, children of the server.
+    # processes). With llm.inference = "process" (the default) the server starts a
+    # model process per worker and multiprocessing's resource tracker: all are this same
+    # executable, children of the server.
     server = _descendants(srv.proc.pid)[:1]
     assert len(server) == 1 and _exe_of(server[0]) == (app / EXE_NAME).resolve()
     kids = _descendants(srv.proc.pid)
-    assert 1 <= len(kids) <= 3, kids
+    workers = 2 if two else 1
+    assert 1 + workers <= len(kids) <= 2 + workers, kids
     assert all(_exe_of(k) == (app / EXE_NAME).resolve() for k in kids), kids
     assert set(kids[1:]) <= set(_descendants(server[0])), kids
 

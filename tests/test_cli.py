@@ -11,8 +11,9 @@ import pytest
 from conftest import database_at_version
 
 from medmitra.auth.jwt import TokenVerifier
-from medmitra.cli import main
-from medmitra.config import load_settings
+from medmitra import cli
+from medmitra.cli import build_parser, main
+from medmitra.config import AUTO, load_settings
 
 
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
@@ -114,3 +115,22 @@ def test_data_dir_works_before_or_after_the_subcommand(
         assert main(argv) == 0
         assert (tmp_path / "ab"[i] / "medmitra.sqlite3").is_file()
     capsys.readouterr()
+
+
+@pytest.mark.parametrize("given, expected", [("auto", AUTO), ("2", 2), ("0", 0)])
+def test_serve_workers_flag_takes_a_number_or_auto(given: str, expected: int,
+                                                   monkeypatch: pytest.MonkeyPatch,
+                                                   tmp_path: Path) -> None:
+    monkeypatch.chdir(tmp_path)                 # no ./config.toml to pick up
+    monkeypatch.delenv("MEDMITRA_CONFIG", raising=False)
+    monkeypatch.delenv("MEDMITRA_LLM_WORKERS", raising=False)
+    args = build_parser().parse_args(["serve", "--workers", given])
+    assert cli._settings(args).llm.workers == expected
+
+
+def test_serve_workers_flag_refuses_other_words(tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["migrate", "--data-dir", str(tmp_path)]) == 0
+    capsys.readouterr()
+    assert main(["serve", "--workers", "many", "--data-dir", str(tmp_path)]) == 2
+    assert "llm.workers" in capsys.readouterr().err

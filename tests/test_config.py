@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from medmitra.config import (SECTIONS, ConfigError, JobsSettings, LLMSettings, load_settings,
+from medmitra.config import (AUTO, SECTIONS, ConfigError, JobsSettings, LLMSettings, load_settings,
                              render_config_toml)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,7 +43,9 @@ def test_shipped_config_documents_every_key_with_its_default() -> None:
             assert (name, f.name) in seen, f"config.toml does not document {name}.{f.name}"
             default = f.default
             shown = seen[(name, f.name)]
-            if isinstance(default, bool):
+            if f.metadata.get("auto") and default == AUTO:
+                assert shown == '"auto"', (name, f.name)
+            elif isinstance(default, bool):
                 assert shown == str(default).lower(), (name, f.name)
             elif isinstance(default, str):
                 assert shown == f'"{default}"', (name, f.name)
@@ -93,6 +95,20 @@ def test_sections_check_their_ranges_when_built_directly() -> None:
         load_settings(None, env={}).replace("llm", nope=1)
 
 
+def test_workers_take_auto_by_default_and_from_every_layer(tmp_path: Path) -> None:
+    assert load_settings(None, env={}).llm.workers == AUTO
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[llm]\nworkers = "Auto"\n')
+    assert load_settings(cfg, env={}).llm.workers == AUTO
+    assert load_settings(cfg, env={"MEDMITRA_LLM_WORKERS": "3"}).llm.workers == 3
+    assert load_settings(None, env={"MEDMITRA_LLM_WORKERS": " auto "}).llm.workers == AUTO
+    assert load_settings(None, env={}, overrides={"llm": {"workers": "auto"}}).llm.workers \
+        == AUTO
+    assert load_settings(None, env={}).replace("llm", workers=0).llm.workers == 0
+    assert '# workers = "auto"' in render_config_toml()
+    assert '[0 to 64, or "auto"]' in render_config_toml()
+
+
 def test_choices_match_case_insensitively_and_keep_the_declared_spelling() -> None:
     assert load_settings(None, env={"MEDMITRA_LOG_LEVEL": "debug"}).log.level == "DEBUG"
 
@@ -126,6 +142,10 @@ def test_file_env_and_overrides_in_order(tmp_path: Path) -> None:
     ("[nosection]\na = 1\n", {}, "nosection"),
     ("[server]\nport = 8000\n", {"MEDMITRA_SERVER_PORT": "-1"}, "server.port"),
     ("", {"MEDMITRA_LLM_WORKERS": "two"}, "llm.workers"),
+    ("", {"MEDMITRA_LLM_WORKERS": "-1"}, "llm.workers"),     # not a spelling of "auto"
+    ("[llm]\nworkers = -1\n", {}, "llm.workers"),
+    ("[llm]\nworkers = \"sometimes\"\n", {}, "llm.workers"),
+    ("[llm]\nthreads = \"auto\"\n", {}, "llm.threads"),   # only keys declared auto=True
     ("", {"MEDMITRA_LLM_TEMPERATURE": "nan"}, "llm.temperature"),
     ("", {"MEDMITRA_LOG_LEVEL": "LOUD"}, "log.level"),
     ("this is not toml", {}, "not valid TOML"),

@@ -190,6 +190,31 @@ def test_complete_json_is_parseable_five_times_out_of_five(runtime):
 
 @pytest.mark.slow
 @needs_model
+def test_set_threads_changes_the_generation_threads_of_the_loaded_context(runtime):
+    """The pool moves a loaded worker from every core to half of them when a second worker
+    starts ("auto" workers): llama.cpp's context must generate with the new count."""
+    import llama_cpp
+
+    ctx = runtime._llm._ctx.ctx
+    batch = llama_cpp.llama_n_threads_batch(ctx)
+    schema = schemas.fit_schema(schemas.DIAGNOSIS, 64)
+    messages = [{"role": "user", "content": "Fever and cough. JSON: "
+                 + schemas.prompt_schema_text(schema)}]
+    try:
+        for threads in (1, 3):
+            runtime.set_threads(threads)
+            assert llama_cpp.llama_n_threads(ctx) == threads
+            assert llama_cpp.llama_n_threads_batch(ctx) == batch   # prompt reading keeps its own
+            text, _ = runtime.complete_json(messages, schema, max_tokens=64, temperature=0.2,
+                                            seed=1, repeat_penalty=1.1)
+            assert isinstance(json.loads(text), dict)
+    finally:
+        runtime.set_threads(THREADS)
+    assert llama_cpp.llama_n_threads(ctx) == THREADS
+
+
+@pytest.mark.slow
+@needs_model
 def test_interrupt_ends_generation_between_tokens(runtime):
     """A cancelled job or a shutdown stops the answer within a token, not at max_tokens."""
     schema = schemas.fit_schema(schemas.DIAGNOSIS, 200)

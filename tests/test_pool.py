@@ -79,6 +79,8 @@ class StubRuntime(GoodFake):
         self.overlaps = 0
         # The runtime's stop flag as each call saw it: set (and not raised) while a job runs.
         self.stop_flags: list[bool | None] = []
+        # Thread counts the pool set on it, and how many calls it had served by then.
+        self.threads_set: list[tuple[int, int]] = []
         self._busy = 0
         self._lock = threading.Lock()
 
@@ -107,6 +109,10 @@ class StubRuntime(GoodFake):
                 self._busy -= 1
 
 
+    def set_threads(self, threads: int) -> None:
+        self.threads_set.append((threads, len(self.served)))
+
+
 class Factory:
     def __init__(self, **kw):
         self.kw = kw
@@ -120,14 +126,15 @@ class Factory:
 
 # --- harness ------------------------------------------------------------------------------
 
-def make_settings(tmp_path: Path, *, workers: int = 1, max_attempts: int = 3,
+def make_settings(tmp_path: Path, *, workers: int | str = 1, threads: int = 1,
+                  max_attempts: int = 3,
                   graceful_s: float = 10.0, poll_s: float = 0.05, heartbeat_s: float = 0.2,
                   stage_timeout_s: float = 300.0, model_path: str | None = None) -> Settings:
     s = Settings().replace("storage", data_dir=str(tmp_path))
     s = s.replace("jobs", max_attempts=max_attempts, lease_s=max(2.0, 2 * heartbeat_s),
                   heartbeat_s=heartbeat_s, poll_s=poll_s)
     s = s.replace("server", graceful_shutdown_s=graceful_s)
-    llm = {"workers": workers, "threads": 1, "stage_timeout_s": stage_timeout_s}
+    llm = {"workers": workers, "threads": threads, "stage_timeout_s": stage_timeout_s}
     if model_path is not None:
         llm["model_path"] = model_path
     return s.replace("llm", **llm)
@@ -686,6 +693,7 @@ def test_stop_while_the_model_loads_returns_at_once_and_frees_the_model(tmp_path
         assert pool.status()["model"]["state"] == "loading"
         assert pool.status()["ready"] is False
         await wait_until(loading.is_set, "the load to begin")
+        assert [w["state"] for w in pool.status()["workers"]] == ["loading"]
         started = time.perf_counter()
         await pool.stop()
         stop_s = time.perf_counter() - started
@@ -858,3 +866,109 @@ def test_a_pool_with_workers_shortens_the_gil_switch_interval(tmp_path):
         run_with_db(settings, body, storage=True)
     finally:
         sys.setswitchinterval(before)
+
+
+# --- llm.workers = "auto" -------------------------------------------------------------------
+
+def _machine(monkeypatch, *, cores: int, available_mib: int | None) -> None:
+    from medmitra.jobs import resources
+
+    monkeypatch.setattr(resources, "usable_cores", lambda: cores)
+    monkeypatch.setattr(resources, "available_memory_bytes",
+                        lambda: None if available_mib is None else available_mib * 2**20)
+
+
+def test_auto_adds_a_second_worker_when_there_is_room(tmp_path, monkeypatch, caplog):
+    """2 cores and memory to spare: the first worker loads with both cores, is moved to
+    one before it takes a job, and a second worker with one thread joins; the model is
+    ready as soon as the first has loaded."""
+    _machine(monkeypatch, cores=2, available_mib=8192)
+    factory = Factory(compute_s={k: 0.01 for k in STAGES})
+    settings = make_settings(tmp_path, workers="auto", threads=0)
+
+    async def body(storage):
+        jobs = [(await new_case(storage, n, files=False))[1] for n in range(4)]
+        pool = WorkerPool(settings, storage, runtime_factory=factory)
+        await pool.start()
+        try:
+            await wait_until(lambda: len(pool.status()["workers"]) == 2, "a second worker")
+            for job in jobs:
+                await wait_until(state_is(job.id, "completed"), f"job {job.id}")
+            return pool.status(), [w.threads for w in pool._workers]
+        finally:
+            await pool.stop()
+
+    with caplog.at_level(logging.INFO, logger="medmitra.jobs"):
+        status, threads = run_with_db(settings, body, storage=True)
+    assert status["model"]["state"] == "ready" and status["ready"] is True
+    assert [w["name"] for w in status["workers"]] == ["worker-0", "worker-1"]
+    assert threads == [1, 1]
+    first, second = factory.made
+    assert first.threads_set == [(1, 0)]       # moved to 1 thread before its first call
+    assert second.threads_set == []            # the second was made with 1
+    assert first.served and second.served      # both ran jobs
+    assert "auto workers: 2, 1 thread(s) each" in caplog.text
+
+
+@pytest.mark.parametrize("cores,available_mib,why", [
+    (2, 300, "needs"),                 # below the reserve for OCR, uploads and the OS
+    (1, 8192, "1 core"),
+    (2, None, "cannot be measured"),
+])
+def test_auto_stays_at_one_worker_without_room(tmp_path, monkeypatch, caplog, cores,
+                                               available_mib, why):
+    _machine(monkeypatch, cores=cores, available_mib=available_mib)
+    factory = Factory()
+    settings = make_settings(tmp_path, workers="auto", threads=0)
+
+    async def body(storage):
+        _, job = await new_case(storage, 1, files=False)
+        pool = WorkerPool(settings, storage, runtime_factory=factory)
+        await pool.start()
+        try:
+            await wait_until(state_is(job.id, "completed"), "the job")
+            return pool.status(), [w.threads for w in pool._workers]
+        finally:
+            await pool.stop()
+
+    with caplog.at_level(logging.INFO, logger="medmitra.jobs"):
+        status, threads = run_with_db(settings, body, storage=True)
+    assert len(status["workers"]) == 1 and status["ready"] is True
+    assert threads == [cores]                  # the one worker keeps every core
+    [only] = factory.made
+    assert only.threads_set == []
+    assert "auto workers: 1" in caplog.text and why in caplog.text
+
+
+def test_auto_second_worker_failing_to_load_leaves_the_first_working(tmp_path, monkeypatch):
+    _machine(monkeypatch, cores=2, available_mib=8192)
+    made: list[StubRuntime] = []
+
+    def factory():
+        if made:
+            raise OSError("cannot allocate memory")
+        made.append(StubRuntime())
+        return made[-1]
+
+    settings = make_settings(tmp_path, workers="auto", threads=0)
+
+    async def body(storage):
+        pool = WorkerPool(settings, storage, runtime_factory=factory)
+        await pool.start()
+        try:
+            await wait_until(lambda: len(pool.status()["workers"]) == 2 and
+                             pool.status()["workers"][1]["state"] == "stopped",
+                             "the second worker to give up")
+            _, job = await new_case(storage, 1, files=False)
+            pool.notify()
+            await wait_until(state_is(job.id, "completed"), "the job on the first worker")
+            return pool.status()
+        finally:
+            await pool.stop()
+
+    status = run_with_db(settings, body, storage=True)
+    assert status["model"]["state"] == "ready" and status["model"]["error"] is None
+    assert status["ready"] is True
+    assert [w["state"] for w in status["workers"]] == ["idle", "stopped"]
+    # The first gave up a core for the second, and got it back when the second failed.
+    assert [n for n, _ in made[0].threads_set] == [1, 2]

@@ -117,6 +117,19 @@ def test_a_child_process_answers_with_the_real_model() -> None:
         rt.complete_json(MESSAGES, SCHEMA, **GEN)
 
 
+def test_set_threads_reaches_the_child() -> None:
+    rt = ProcessRuntime(_llm(), threads=2)
+    try:
+        rt.set_threads(1)
+        text, _ = rt.complete_json(MESSAGES, SCHEMA, **GEN)
+        assert isinstance(json.loads(text)["summary"], str)
+        with pytest.raises(LLMError):
+            rt.set_threads(0)      # refused in the child: the call fails, the child lives
+        assert rt.alive and rt.complete_json(MESSAGES, SCHEMA, **GEN)[0] == text
+    finally:
+        rt.close()
+
+
 def test_the_stop_flag_reaches_the_child_and_ends_the_answer() -> None:
     rt = ProcessRuntime(_llm(), threads=1)
     try:

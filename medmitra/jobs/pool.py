@@ -13,6 +13,10 @@ the job's cancel flag, and the run stops at its next checkpoint without writing.
 Shutdown (``stop``) is graceful-then-cancel, as in procrastinate: stop claiming, let
 running jobs finish for ``server.graceful_shutdown_s``, then signal cancel and give the
 jobs back to the queue (``queue.release``) so they run again after the restart.
+
+``llm.workers = "auto"`` (the default) starts one worker with every core; once its model
+has loaded, a second starts when the machine has two cores or more and memory for a second
+model context (``_maybe_add_worker``). The two then split the cores.
 """
 
 from __future__ import annotations
@@ -26,10 +30,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from medmitra.config import Settings, resolve_model_path
+from medmitra.config import AUTO, MiB, Settings, resolve_model_path
 from medmitra.contract import JobState, ModelState, WorkerState
 from medmitra.db.models import Job
-from medmitra.jobs import queue
+from medmitra.jobs import queue, resources
 from medmitra.llm.runtime import LLMRuntime, ModelUnavailable, check_gguf
 from medmitra.storage import Storage
 
@@ -45,14 +49,27 @@ ERROR_BACKOFF_S = 1.0
 # A missing model (no file yet, inference server not up) is looked for again this often,
 # so dropping a model in place or starting the server later needs no restart.
 MODEL_RETRY_S = 15.0
+# llm.workers = "auto". With the default model on 2 cores, 2 workers x 1 thread analysed
+# 1.19x the cases per hour of 1 x 2 (bench/analysis_bench.py --part throughput). A second
+# context of the same model costs the first's anonymous memory (KV cache, compute buffers,
+# heap): the weights are a memory-mapped file both share through the page cache.
+AUTO_MAX_WORKERS = 2
+# The second starts only if the memory available once the first has loaded is at least
+# this many times the first's anonymous memory, plus a reserve for OCR, uploads and the OS.
+AUTO_MEMORY_FACTOR = 1.5
+AUTO_MEMORY_RESERVE_BYTES = 512 * MiB
 
 @dataclass
 class _Worker:
     name: str
     executor: ThreadPoolExecutor
+    threads: int                 # CPU threads of its model
+    # Started by "auto" when there was room: failing to load its model leaves the pool's
+    # model state alone (the first worker goes on).
+    optional: bool = False
     runtime: LLMRuntime | None = None
     task: asyncio.Task | None = None
-    state: WorkerState = WorkerState.IDLE
+    state: WorkerState = WorkerState.LOADING
     job_id: int | None = None
     case_pk: int | None = None
     owner: str | None = None
@@ -62,6 +79,8 @@ class _Worker:
     # would free memory a native call is using).
     thread_busy: bool = False
     owners: set[str] = field(default_factory=set)
+    # Anonymous memory its model context took when it loaded (None: not measurable here).
+    context_bytes: int | None = None
     # Times the worker found the queue empty and went to sleep (shows it is polling).
     idle_waits: int = 0
     loaded_once: bool = False
@@ -76,10 +95,11 @@ class WorkerPool:
                  runtime_factory: Callable[[], LLMRuntime] | None = None):
         self.settings = settings
         self.storage = storage
-        self.n_workers = settings.llm.workers
-        self.threads = settings.llm.threads or max(1, (os.cpu_count() or 1)
-                                                   // max(1, self.n_workers))
-        self._factory = runtime_factory or self._load_configured_model
+        self._auto = settings.llm.workers == AUTO
+        # Workers started with the pool ("auto" may add one once the first has loaded).
+        self.n_workers = 1 if self._auto else settings.llm.workers
+        self._cores = resources.usable_cores()
+        self._factory = runtime_factory
         if settings.llm.remote_url:  # remote inference: no local model file is used
             from medmitra.llm.remote import display_url
             self._model_path = f"remote:{display_url(settings.llm.remote_url)}"
@@ -97,7 +117,10 @@ class WorkerPool:
         self._stopped = False
         self._side_tasks: set[asyncio.Task] = set()
 
-    def _load_configured_model(self) -> LLMRuntime:
+    def _threads_for(self, n_workers: int) -> int:
+        return self.settings.llm.threads or max(1, self._cores // max(1, n_workers))
+
+    def _load_configured_model(self, threads: int) -> LLMRuntime:
         from medmitra.clinical import icd10
 
         if self.settings.llm.remote_url:
@@ -114,12 +137,12 @@ class WorkerPool:
             if self.settings.llm.inference == "process":
                 from medmitra.llm.process import load_process_runtime
 
-                runtime = load_process_runtime(self.settings.llm, threads=self.threads,
+                runtime = load_process_runtime(self.settings.llm, threads=threads,
                                                cache_dir=cache_dir)
             else:
                 from medmitra.llm.llama import load_runtime
 
-                runtime = load_runtime(self.settings.llm, threads=self.threads,
+                runtime = load_runtime(self.settings.llm, threads=threads,
                                        cache_dir=cache_dir)
         # Open the ICD-10 table (a millisecond) here: a missing table shows at start-up.
         icd10.warm_up()
@@ -144,13 +167,17 @@ class WorkerPool:
         recovered = await queue.recover_dead_local_owners()
         if recovered:
             log.info("re-queued %d job(s) left running by a stopped process", recovered)
-        for i in range(self.n_workers):
-            name = f"worker-{i}"
-            w = _Worker(name=name, executor=ThreadPoolExecutor(
-                max_workers=1, thread_name_prefix=f"medmitra-{name}",
-                initializer=_lower_thread_priority))
-            w.task = asyncio.create_task(self._worker_main(w), name=f"medmitra-{name}")
-            self._workers.append(w)
+        for _ in range(self.n_workers):
+            self._add_worker(self._threads_for(self.n_workers))
+
+    def _add_worker(self, threads: int, *, optional: bool = False) -> _Worker:
+        name = f"worker-{len(self._workers)}"
+        w = _Worker(name=name, threads=threads, optional=optional, executor=ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix=f"medmitra-{name}",
+            initializer=_lower_thread_priority))
+        w.task = asyncio.create_task(self._worker_main(w), name=f"medmitra-{name}")
+        self._workers.append(w)
+        return w
 
     async def stop(self) -> None:
         """Stop claiming; let running jobs finish for graceful_shutdown_s, then cancel and
@@ -266,30 +293,35 @@ class WorkerPool:
 
     async def _load_runtime(self, w: _Worker) -> bool:
         first = not w.loaded_once
+        w.state = WorkerState.LOADING
 
         def load() -> LLMRuntime:
             # The job runner and the pipeline it imports (numpy, Pillow, the extractors)
             # are imported here, in the worker's thread, not before the server answers.
             import medmitra.jobs.runner  # noqa: F401
 
-            runtime = self._factory()
+            before = resources.anonymous_bytes()
+            runtime = self._factory() if self._factory else \
+                self._load_configured_model(w.threads)
             if self._stopped:  # stop() gave up waiting for us: free it right away
                 _close(runtime, w.name)
+            w.context_bytes = _context_bytes(runtime, before)
             return runtime
 
         try:
             w.runtime = await self._in_thread(w, load)
-        except ModelUnavailable as exc:
-            self._set_model_failed(ModelState.MISSING, str(exc))
-            log.error("%s: model unavailable: %s; jobs stay queued", w.name, exc)
-            return False
         except Exception as exc:
-            self._set_model_failed(ModelState.ERROR, f"{type(exc).__name__}: {exc}")
-            log.error("%s: model failed to load (%s)", w.name, type(exc).__name__)
+            if w.optional:
+                log.warning("%s: its model did not load (%s); the other worker goes on",
+                            w.name, type(exc).__name__)
+                await self._give_back_threads()
+                return False
+            self._model_load_failed(w, exc)
             return False
         if self._stopped:
             w.runtime = None
             return False
+        w.state = WorkerState.IDLE
         info = getattr(w.runtime, "info", None) or {}
         self._model_name = info.get("name") or self._model_name
         if first:
@@ -299,8 +331,16 @@ class WorkerPool:
                 self._model_state in (ModelState.LOADING, ModelState.MISSING):
             self._model_state, self._model_error = ModelState.READY, None
             log.info("model %s ready in %d worker(s), %d thread(s) each", self._model_name,
-                     self.n_workers, self.threads)
+                     self.n_workers, w.threads)
         return True
+
+    def _model_load_failed(self, w: _Worker, exc: Exception) -> None:
+        if isinstance(exc, ModelUnavailable):
+            self._set_model_failed(ModelState.MISSING, str(exc))
+            log.error("%s: model unavailable: %s; jobs stay queued", w.name, exc)
+        else:
+            self._set_model_failed(ModelState.ERROR, f"{type(exc).__name__}: {exc}")
+            log.error("%s: model failed to load (%s)", w.name, type(exc).__name__)
 
     def _set_model_failed(self, state: ModelState, error: str) -> None:
         if self._model_state not in (ModelState.MISSING, ModelState.ERROR):
@@ -314,6 +354,8 @@ class WorkerPool:
                 await self._idle(MODEL_RETRY_S)
                 if self._stopping.is_set():
                     return
+            if self._auto and w is self._workers[0]:
+                await self._maybe_add_worker(w)
             while not self._stopping.is_set():
                 if not getattr(w.runtime, "alive", True):
                     if not await self._replace_runtime(w):
@@ -336,6 +378,61 @@ class WorkerPool:
                 await self._run(w, job, owner)
         finally:
             w.state = WorkerState.STOPPED
+
+    async def _maybe_add_worker(self, first: _Worker) -> None:
+        """llm.workers = "auto": start a second worker if this machine has room for it,
+        the first giving up half of its threads. Runs once the first worker's model has
+        loaded, before that worker takes a job."""
+        if len(self._workers) >= AUTO_MAX_WORKERS or self._stopping.is_set():
+            return
+        if self.settings.llm.remote_url:
+            return   # the inference server's capacity is not measured from here
+        if self._cores < 2:
+            log.info("auto workers: 1 (this machine gives the server 1 core)")
+            return
+        cost, avail = first.context_bytes, resources.available_memory_bytes()
+        if cost is None or avail is None:
+            log.info("auto workers: 1 (memory use cannot be measured on this system)")
+            return
+        need = int(AUTO_MEMORY_FACTOR * cost) + AUTO_MEMORY_RESERVE_BYTES
+        if avail < need:
+            log.info("auto workers: 1 (a second model context needs %d MiB available, "
+                     "%d MiB are)", need // MiB, avail // MiB)
+            return
+        threads = self._threads_for(AUTO_MAX_WORKERS)
+        if threads != first.threads:
+            set_threads = getattr(first.runtime, "set_threads", None)
+            if set_threads is None:
+                log.info("auto workers: 1 (this model runtime cannot share the cores)")
+                return
+            try:
+                await self._in_thread(first, lambda: set_threads(threads))
+            except Exception as exc:   # e.g. the inference process died meanwhile
+                log.warning("auto workers: 1 (could not move the first to %d thread(s): "
+                            "%s)", threads, type(exc).__name__)
+                return
+            first.threads = threads
+        if self._stopping.is_set():
+            return
+        self._add_worker(threads, optional=True)
+        log.info("auto workers: 2, %d thread(s) each (a model context took %d MiB, "
+                 "%d MiB were available)", threads, cost // MiB, avail // MiB)
+
+    async def _give_back_threads(self) -> None:
+        """The auto-added worker is gone for good: the first gets every core back. Called
+        from a plain thread: the runtime waits for a running call of the first's to end."""
+        first = self._workers[0]
+        threads = self._threads_for(1)
+        set_threads = getattr(first.runtime, "set_threads", None)
+        if set_threads is None or threads == first.threads:
+            return
+        try:
+            await asyncio.to_thread(set_threads, threads)
+        except Exception as exc:   # closed or died meanwhile: its replacement loads anew
+            log.debug("could not give %s its threads back (%s)", first.name,
+                      type(exc).__name__)
+            return
+        first.threads = threads
 
     async def _replace_runtime(self, w: _Worker) -> bool:
         """The worker's inference process died: start a new one (False: give up)."""
@@ -435,6 +532,17 @@ def _lower_thread_priority() -> None:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WORKER_NICE)
     except OSError:  # not permitted in this sandbox or container: run at normal priority
         log.debug("could not lower the worker thread's priority")
+
+
+def _context_bytes(runtime: LLMRuntime, before: int | None) -> int | None:
+    """Anonymous memory a just-loaded runtime took: its child process's own, or (a model
+    in this process) how much this process's grew while loading (``before``)."""
+    if _separate_process(runtime):
+        return resources.anonymous_bytes(runtime.pid)  # type: ignore[attr-defined]
+    after = resources.anonymous_bytes()
+    if before is None or after is None:
+        return None
+    return max(0, after - before)
 
 
 def _separate_process(runtime: LLMRuntime) -> bool:

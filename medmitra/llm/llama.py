@@ -303,6 +303,17 @@ class LlamaRuntime:
         return self._chat(self._vision, messages, schema, max_tokens=max_tokens,
                           temperature=temperature, seed=seed, repeat_penalty=repeat_penalty)
 
+    def set_threads(self, threads: int) -> None:
+        """Generate with ``threads`` CPU threads from the next call on (prompt reading
+        keeps its own count). The pool lowers it when a second worker shares the cores."""
+        if threads < 1:
+            raise ValueError(f"threads must be at least 1, not {threads}")
+        with self._lock:
+            for llm in (self._llm, self._vision):
+                if llm is not None:
+                    llm.n_threads = llm.context_params.n_threads = threads
+                    llm._ctx.set_n_threads(threads, llm.n_threads_batch)
+
     def close(self) -> None:
         for smpl in self._grammar_samplers.values():
             llama_cpp.llama_sampler_free(smpl)

@@ -67,7 +67,7 @@ COUNT_CACHE_ENTRIES = 512
 # loop wins the CPU, the model gets every cycle the API does not use.
 CHILD_NICE = 10
 
-_METHODS = ("complete_json", "describe_image_json", "count_tokens")
+_METHODS = ("complete_json", "describe_image_json", "count_tokens", "set_threads")
 EXTRACT = "extract_file"   # pipeline/extract.py's extract_file, run in the child
 _live: "weakref.WeakSet[ProcessRuntime]" = weakref.WeakSet()
 # Workers load at the same time; one start at a time (PyInstaller's one-file spawn support
@@ -214,6 +214,9 @@ class ProcessRuntime:
         return self._call("describe_image_json", image, prompt, schema,
                           max_tokens=max_tokens, temperature=temperature, seed=seed,
                           repeat_penalty=repeat_penalty)
+
+    def set_threads(self, threads: int) -> None:
+        self._call("set_threads", threads)
 
     # -- reading files ------------------------------------------------------------------
 
