@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import mmap
 import os
 from pathlib import Path
 
@@ -24,13 +25,15 @@ def test_cores_and_memory_of_this_machine() -> None:
 
 def test_anonymous_memory_grows_with_what_the_process_allocates() -> None:
     before = resources.anonymous_bytes()
-    block = bytearray(64 * MiB)            # zero pages are only mapped once written
-    for i in range(0, len(block), 4096):
+    # A fresh anonymous mapping (malloc could hand back pages this process already had),
+    # resident only once written.
+    block = mmap.mmap(-1, 64 * MiB, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    for i in range(0, len(block), mmap.PAGESIZE):
         block[i] = 1
     after = resources.anonymous_bytes(os.getpid())
     assert before is not None and after is not None
     assert after - before >= 60 * MiB
-    del block
+    block.close()
     assert resources.anonymous_bytes(2**22 + 12345) is None   # no such process
 
 

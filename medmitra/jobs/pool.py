@@ -55,9 +55,11 @@ MODEL_RETRY_S = 15.0
 # heap): the weights are a memory-mapped file both share through the page cache.
 AUTO_MAX_WORKERS = 2
 # The second starts only if the memory available once the first has loaded is at least
-# this many times the first's anonymous memory, plus a reserve for OCR, uploads and the OS.
+# this many times the first's anonymous memory, plus a reserve: each worker's process also
+# reads scans, and OCR (rapidocr) peaked at 917 MiB RSS on a full page
+# (bench/ocr_compare.py), none of which the first had loaded yet when measured.
 AUTO_MEMORY_FACTOR = 1.5
-AUTO_MEMORY_RESERVE_BYTES = 512 * MiB
+AUTO_MEMORY_RESERVE_BYTES = 1024 * MiB
 
 @dataclass
 class _Worker:
