@@ -3,7 +3,8 @@ rename it over the target, fsync the directory.
 
 A reader (or a restart after a crash at any moment) sees the old file or the complete new
 one, never a part. Used for user uploads (storage.py), the local JWT secret
-(auth/keys.py), model files copied in by the CLI and the model-hash cache (llm/runtime.py).
+(auth/keys.py), model files copied in by the CLI, the model-hash cache (llm/runtime.py)
+and the audit trail's head file (ops/audit.py, not fsynced: see ``durable``).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def publish(tmp: Path, dest: Path, *, exclusive: bool = False) -> None:
+def publish(tmp: Path, dest: Path, *, exclusive: bool = False, durable: bool = True) -> None:
     """Move the finished (already fsynced) temp file ``tmp`` to ``dest`` atomically and
     make the move durable.
 
@@ -47,17 +48,21 @@ def publish(tmp: Path, dest: Path, *, exclusive: bool = False) -> None:
             os.unlink(tmp)
     else:
         os.replace(tmp, dest)
-    fsync_dir(dest.parent)
+    if durable:
+        fsync_dir(dest.parent)
 
 
 @contextlib.contextmanager
-def atomic_file(path: Path, *, mode: int | None = None,
-                exclusive: bool = False) -> Iterator[BinaryIO]:
+def atomic_file(path: Path, *, mode: int | None = None, exclusive: bool = False,
+                durable: bool = True) -> Iterator[BinaryIO]:
     """``with atomic_file(path) as fh: fh.write(...)``: ``path`` appears complete when the
     block ends, or not at all if it raises (the temp file is removed).
 
     ``mode``: permission bits of the new file, set before any byte is written.
     ``exclusive``: see ``publish``; raises FileExistsError if ``path`` exists.
+    ``durable=False``: no fsync of the file or the directory. Still all-or-nothing for
+    readers, but after a power cut the old file may be back; only for a file that another
+    durable record can stand in for.
     """
     path = Path(path)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -68,15 +73,16 @@ def atomic_file(path: Path, *, mode: int | None = None,
                 os.chmod(tmp, mode)
             yield fh
             fh.flush()
-            os.fsync(fh.fileno())
-        publish(tmp, path, exclusive=exclusive)
+            if durable:
+                os.fsync(fh.fileno())
+        publish(tmp, path, exclusive=exclusive, durable=durable)
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
 
 
 def write_atomic(path: Path, data: bytes | str, *, mode: int | None = None,
-                 exclusive: bool = False) -> None:
+                 exclusive: bool = False, durable: bool = True) -> None:
     """Replace (or, ``exclusive``, create) ``path`` with ``data`` atomically."""
-    with atomic_file(path, mode=mode, exclusive=exclusive) as fh:
+    with atomic_file(path, mode=mode, exclusive=exclusive, durable=durable) as fh:
         fh.write(data.encode("utf-8") if isinstance(data, str) else data)

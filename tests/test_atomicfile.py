@@ -54,3 +54,21 @@ def test_publish_moves_a_finished_temp_file(tmp_path: Path) -> None:
     dest.parent.mkdir()
     publish(tmp, dest)
     assert dest.read_bytes() == b"bytes" and not tmp.exists()
+
+
+def test_durable_false_skips_every_fsync_and_is_still_all_or_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    synced: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
+    target = tmp_path / "head"
+    write_atomic(target, "1 abc\n")
+    assert len(synced) == 2                       # the file, then its directory
+    synced.clear()
+    write_atomic(target, "2 def\n", mode=0o600, durable=False)
+    assert synced == [] and target.read_text() == "2 def\n"
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(IsADirectoryError):   # the rename fails: no temp file is left
+        write_atomic(tmp_path / "taken", "3 ghi\n", durable=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["head", "taken"]

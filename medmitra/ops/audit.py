@@ -44,6 +44,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import orjson
 
 from medmitra import filemodes
+from medmitra.atomicfile import write_atomic
 
 log = logging.getLogger("medmitra.ops.audit")
 
@@ -208,12 +209,10 @@ def wait_for_head() -> None:
 
 
 def _write_head(path: Path, head: tuple[int, str]) -> None:
-    # Atomic replace; not fsynced (the database commit is the durable record, the head
-    # file only lets verify notice rows cut off the end).
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    with open(tmp, "w", encoding="ascii", opener=filemodes.private_opener) as fh:  # 0600
-        fh.write(f"{head[0]} {head[1]}\n")
-    os.replace(tmp, path)
+    # Not fsynced (durable=False): the database commit is the durable record, the head file
+    # only lets verify notice rows cut off the end, and a head older than the rows after a
+    # power cut is still a prefix of the chain.
+    write_atomic(path, f"{head[0]} {head[1]}\n", mode=filemodes.FILE_MODE, durable=False)
 
 
 def read_head(path: Path) -> tuple[int, str] | None:
