@@ -130,6 +130,22 @@ def test_set_threads_reaches_the_child() -> None:
         rt.close()
 
 
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="Linux scheduling class")
+def test_every_thread_of_the_child_yields_the_cpu_to_the_server() -> None:
+    """SCHED_IDLE for the child's main thread, its pipe reader and llama.cpp's compute
+    threads (started by the first generation): the server's threads never wait behind
+    the model for a CPU."""
+    rt = ProcessRuntime(_llm(), threads=2)
+    try:
+        rt.complete_json(MESSAGES, SCHEMA, **GEN)
+        tids = [int(t.name) for t in Path(f"/proc/{rt.pid}/task").iterdir()]
+        assert len(tids) >= 3
+        assert {os.sched_getscheduler(t) for t in tids} == {os.SCHED_IDLE}
+        assert os.sched_getscheduler(0) == os.SCHED_OTHER     # the server is untouched
+    finally:
+        rt.close()
+
+
 def test_the_stop_flag_reaches_the_child_and_ends_the_answer() -> None:
     rt = ProcessRuntime(_llm(), threads=1)
     try:

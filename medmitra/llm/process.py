@@ -63,8 +63,13 @@ STOP_POLL_S = 0.05
 CLOSE_WAIT_S = 5.0
 # Token counts are asked for repeatedly with the same text (prompt trimming searches).
 COUNT_CACHE_ENTRIES = 512
-# Niceness of the child (all of its threads, llama.cpp's included): the server's event
-# loop wins the CPU, the model gets every cycle the API does not use.
+# The child (all of its threads, llama.cpp's included) runs in Linux's SCHED_IDLE class:
+# a waking thread of the server (or of anything else) takes a CPU from the model at once,
+# and the model gets every cycle nothing else wants. Lowering its niceness was not enough:
+# with nice 19, /health's p99 while 2 analyses ran was 2.7-3.8x the idle p99, with
+# SCHED_IDLE 1.5-1.8x, and the server's loop thread waited 88-109 us per request for a CPU
+# against 37-52 us (bench/calm_bench.py, the two interleaved, 3 rounds each). Where the
+# class is missing or refused, the child lowers its niceness by CHILD_NICE instead.
 CHILD_NICE = 10
 
 _METHODS = ("complete_json", "describe_image_json", "count_tokens", "set_threads")
@@ -270,6 +275,21 @@ def load_process_runtime(llm: LLMSettings, *, threads: int, cache_dir: Path | No
 
 # --------------------------------------------------------------------------- the child
 
+def _yield_cpu_to_others() -> None:
+    """This thread, and every thread it starts from now on, gives way to any other."""
+    if hasattr(os, "SCHED_IDLE"):
+        try:
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+            return
+        except OSError:
+            pass
+    if sys.platform != "win32":
+        try:
+            os.nice(CHILD_NICE)
+        except OSError:  # not permitted here: run at normal priority
+            pass
+
+
 def _child_main(conn: Connection, llm: LLMSettings, threads: int, cache_dir: Path | None,
                 log_level: int) -> None:
     """Entry of the child process: load the model, then answer calls until "close"."""
@@ -278,11 +298,7 @@ def _child_main(conn: Connection, llm: LLMSettings, threads: int, cache_dir: Pat
     logging.basicConfig(level=log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s[inference "
                                f"{os.getpid()}]: %(message)s")
-    if sys.platform != "win32":
-        try:
-            os.nice(CHILD_NICE)
-        except OSError:  # not permitted here: run at normal priority
-            pass
+    _yield_cpu_to_others()
     requests: list[tuple] = []
     wake = threading.Condition()
     closing = threading.Event()
