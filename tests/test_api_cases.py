@@ -14,7 +14,7 @@ import pytest
 
 from conftest import Served, User, make_settings, make_user, serve_in_process
 from medmitra import contract
-from medmitra.db.models import CaseFile, Insight, Job
+from medmitra.db.models import Case, CaseFile, Insight, Job
 from tests import docfactory as df
 
 PATIENT = {"patient_name": "  Asha Rao  ", "patient_age": " 52 ", "patient_gender": "female",
@@ -289,6 +289,44 @@ def test_get_case_answer_is_kept_only_while_nothing_changes(server, alice, bob) 
         fid = body["files"][0]["file_id"]
         assert c.delete(f"/cases/file/{fid}").status_code == 200
         assert c.get(url).json()["files"] == []
+
+
+def test_list_answer_is_kept_only_while_nothing_changes(server, alice, bob) -> None:
+    """The case list keeps its answer per user and query while the database is unchanged
+    (services.cases.list_cases_body); every change shows in the next poll, another query
+    gets its own answer, and another user's list never holds alice's cases."""
+    with server.client(alice.token) as c, server.client(bob.token) as b:
+        first = create(c, patient_name="Kept One")["case"]
+        r1, r2 = c.get("/cases/all_cases"), c.get("/cases/all_cases")
+        assert r1.status_code == r2.status_code == 200
+        assert r1.headers["content-type"] == "application/json"
+        assert r1.content == r2.content and r1.json()["total"] == 1
+        # Bob's list at the same database state is his own (empty), then alice's again.
+        assert b.get("/cases/all_cases").json() == {"cases": [], "total": 0, "page": 1,
+                                                     "limit": 0}
+        assert c.get("/cases/all_cases").content == r1.content
+        # Another query is another answer, not the kept one.
+        paged = c.get("/cases/all_cases", params={"limit": 5}).json()
+        assert (paged["total"], paged["limit"]) == (1, 5)
+        assert c.get("/cases/all_cases", params={"search": "nobody"}).json()["cases"] == []
+
+        def names() -> list[str]:
+            return [x["patient_name"] for x in c.get("/cases/all_cases").json()["cases"]]
+
+        # A new case, an update through the API, a write that bypasses the API (the
+        # pipeline's, through the ORM) and a delete each show in the next poll.
+        second = create(c, patient_name="Kept Two")["case"]
+        assert sorted(names()) == ["Kept One", "Kept Two"]
+        r = c.put(f"/cases/cases/{first['case_id']}", json={"patient_name": "Kept Renamed"})
+        assert r.status_code == 200, r.text
+        assert sorted(names()) == ["Kept Renamed", "Kept Two"]
+        server.run(Case.filter(id=second["id"]).update(status="completed"))
+        statuses = {x["patient_name"]: x["status"]
+                    for x in c.get("/cases/all_cases").json()["cases"]}
+        assert statuses["Kept Two"] == "completed"
+        assert c.delete(f"/cases/cases/{second['case_id']}").status_code == 200
+        assert names() == ["Kept Renamed"]
+        assert b.get("/cases/all_cases").json()["total"] == 0
 
 
 # -- update, analyze ---------------------------------------------------------------------

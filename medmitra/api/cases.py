@@ -96,9 +96,7 @@ async def all_cases(request: Request) -> HTTPResponse:
     q = normalise_query(request.args)
     user_id = await current_user(request, claimed_user_id=q.get("user_id"))
     svc.check_user_field(user_id, q.get("user_id"))
-    cases_json, total, page, limit = await svc.list_cases(_ctx(request).reader, user_id, q)
-    # The case array arrives as JSON text rendered by the database (db/reads.py).
-    return raw(f'{{"cases":{cases_json},"total":{total},"page":{page},"limit":{limit}}}',
+    return raw(await svc.list_cases_body(_ctx(request).reader, user_id, q),
                content_type="application/json")
 
 

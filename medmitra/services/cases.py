@@ -433,13 +433,23 @@ def parse_list_query(user_id: str, q: dict[str, str]) -> tuple[reads.CaseQuery, 
     return query, page
 
 
-async def list_cases(reader: Reader, user_id: str,
-                     q: dict[str, str]) -> tuple[str, int, int, int]:
-    """One page of the user's cases as a JSON array text (the hot read path), with the
-    total, page and limit."""
+async def list_cases_body(reader: Reader, user_id: str, q: dict[str, str]) -> bytes:
+    """The answer of ``GET /cases/all_cases``: one page of the user's cases with the total,
+    page and limit, as JSON bytes (the hot read path: clients poll it). Kept by the reader
+    per user and query while the database is unchanged, so a repeated poll does not join
+    and encode the page again (~9 us of a 100-case page)."""
     query, page = parse_list_query(user_id, q)
-    cases_json, total = await reads.list_cases_json(reader, query, case_dict)
-    return cases_json, total, page, query.limit if query.limit is not None else total
+    key = ("case-list", query, page)
+    version = reader.version()      # before the reads the answer is made from
+    body = reader.kept(key, version)
+    if body is None:
+        # The case array arrives as JSON text rendered by the database (db/reads.py).
+        cases_json, total = await reads.list_cases_json(reader, query, case_dict)
+        limit = query.limit if query.limit is not None else total
+        body = (f'{{"cases":{cases_json},"total":{total},"page":{page},"limit":{limit}}}'
+                .encode())
+        reader.keep(key, version, body, len(body))
+    return body
 
 
 # -- rendering ---------------------------------------------------------------------------
