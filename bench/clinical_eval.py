@@ -185,6 +185,16 @@ def _norm(name: str) -> str:
     return re.sub(r"[^a-z0-9]", "", name.lower())
 
 
+# The generator's H/L markers as the pipeline's lab flags.
+FLAG_WORDS = {"H": "high", "L": "low"}
+
+
+def value_matches(read: float, truth: float) -> bool:
+    """A lab value read back is the generator's: equal within the 2 decimals ``_num``
+    prints (the rule every scorer of lab rows here uses)."""
+    return abs(read - truth) <= 1e-6 * max(1.0, abs(truth)) + 0.01
+
+
 def score(t: Truth, body: dict, seconds: float) -> dict:
     s = {"failed": int(body["case"]["status"] != "completed"), "seconds": round(seconds, 1)}
     ins = body.get("insights") or {}
@@ -199,14 +209,13 @@ def score(t: Truth, body: dict, seconds: float) -> dict:
     truth = {_norm(n): (v, f) for n, v, _u, f in t.labs}
     got = {_norm(r["analyte"]): r for r in ins["labs"]}
     tp = sum(1 for k, r in got.items() if k in truth and r["numeric"] is not None
-             and abs(r["numeric"] - truth[k][0]) <= 1e-6 * max(1.0, abs(truth[k][0])) + 0.01)
+             and value_matches(r["numeric"], truth[k][0]))
     s["precision"] = tp / len(got) if got else 0.0
     s["recall"] = tp / len(truth) if truth else 1.0
     # The generator prints no reference ranges: a row it calls normal can only be
     # "unknown" here (nothing to judge it by), so direction is scored on its H/L rows.
-    want = {"H": "high", "L": "low"}
-    judged = [(got[k]["flag"], want[f]) for k, (_v, f) in truth.items() if k in got
-              and f in want]
+    judged = [(got[k]["flag"], FLAG_WORDS[f]) for k, (_v, f) in truth.items() if k in got
+              and f in FLAG_WORDS]
     s["direction_acc"] = (sum(a == b for a, b in judged) / len(judged)) if judged else 1.0
     kf = " | ".join(ins["case_summary"]["key_findings"])
     s["abnormal_missing"] = sum(1 for r in ins["labs"] if r["flag"] in ("low", "high")

@@ -195,14 +195,14 @@ def score(items: list[dict], result: dict, verbose: bool) -> list[str]:
             if row is None or row.numeric is None:
                 s["misses"].append(f"{page['name']}: {key} {value} missing")
                 continue
-            if abs(row.numeric - value) <= 1e-6 * max(1.0, abs(value)) + 0.01:
+            if ce.value_matches(row.numeric, value):
                 s["right"] += 1
             else:
                 s["wrong"] += 1
                 s["misses"].append(f"{page['name']}: {key} {value} read as {row.value}")
-            if flag in ("H", "L"):
+            if flag in ce.FLAG_WORDS:
                 s["judged"] += 1
-                s["kept"] += row.flag == {"H": "high", "L": "low"}[flag]
+                s["kept"] += row.flag == ce.FLAG_WORDS[flag]
     lines = []
     for name, s in sorted(sets.items()):
         precision, recall = s["right"] / max(s["got"], 1), s["right"] / max(s["want"], 1)

@@ -47,11 +47,11 @@ def test_lab_rows_of_generated_patients(fmt: str, patients: list[ce.Truth],
             row = got.get(key)
             if row is None or row.numeric is None:
                 continue
-            if abs(row.numeric - value) <= 1e-6 * max(1.0, abs(value)) + 0.01:
+            if ce.value_matches(row.numeric, value):
                 tp += 1
-            if flag in ("H", "L"):
+            if flag in ce.FLAG_WORDS:
                 judged += 1
-                right += row.flag == {"H": "high", "L": "low"}[flag]
+                right += row.flag == ce.FLAG_WORDS[flag]
         # The header "Patient: <name>  Age/Sex: ..." is identity, never a lab row.
         parts = [p for p in t.name.split() if len(p) >= 3]
         for r in out.lab_rows:
