@@ -50,7 +50,8 @@ ERROR_BACKOFF_S = 1.0
 # so dropping a model in place or starting the server later needs no restart.
 MODEL_RETRY_S = 15.0
 # llm.workers = "auto". With the default model on 2 cores, 2 workers x 1 thread analysed
-# 1.19x the cases per hour of 1 x 2 (bench/analysis_bench.py --part throughput). A second
+# 1.19-2.09x the cases per hour of 1 x 2 (bench/analysis_bench.py --part throughput, four
+# runs on different days; never less). A second
 # context of the same model costs the first's anonymous memory (KV cache, compute buffers,
 # heap): the weights are a memory-mapped file both share through the page cache.
 AUTO_MAX_WORKERS = 2

@@ -1,8 +1,9 @@
 """What this machine can give the analysis workers: cores and memory, as Linux reports them.
 
-Read from ``/proc`` and the cgroup (v2) files a container limits, so a server in a container
-with 2 CPUs or 4 GiB sees those limits, not the host's. Elsewhere (no ``/proc``) the
-functions answer None and callers take the cautious choice.
+Read from ``/proc`` and the cgroup (v1 or v2) files a container limits, so a server in a
+container with 2 CPUs or 4 GiB sees those limits, not the host's. Elsewhere (no ``/proc``)
+the memory functions answer None and callers take the cautious choice; the core count falls
+back to ``os.cpu_count()``.
 """
 
 from __future__ import annotations
