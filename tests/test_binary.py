@@ -410,10 +410,12 @@ def test_binary_serves_analyses_and_restarts(sandbox: dict[str, Path],
     pdf = df.text_pdf(["Complete Blood Count", "Hemoglobin 9.1 g/dL 13.5-17.5",
                        "WBC 14.2 x10^3/uL 4.0-11.0"])
     png = df.xray_png()
+    scan = df.scanned_pdf()     # an image-only page: OCR runs
     r = srv.client.post("/cases/create_case", headers=h,
                         data={"patient_name": "Binary Patient", "patient_age": "58",
                               "patient_gender": "male", "case_summary": "fever and cough"},
                         files=[("lab_files", ("cbc.pdf", pdf, "application/pdf")),
+                               ("lab_files", ("scan.pdf", scan, "application/pdf")),
                                ("radiology_files", ("chest.png", png, "image/png"))])
     assert r.status_code == 201, r.text
     case_id = r.json()["case"]["case_id"]
@@ -424,8 +426,10 @@ def test_binary_serves_analyses_and_restarts(sandbox: dict[str, Path],
     done = _wait_case_done(srv, case_id, h)
     assert done["case"]["status"] == "completed", done["analysis"]
     assert done["ai_insights"] is not None and done["insights"]["primary_diagnosis"]
-    lab = next(f for f in done["files"] if f["file_category"] == "lab")
-    assert "Hemoglobin" in (lab["text_data"] or "")             # pdfium ran in the binary
+    labs = {f["file_name"]: f for f in done["files"] if f["file_category"] == "lab"}
+    assert "Hemoglobin" in (labs["cbc.pdf"]["text_data"] or "")  # pdfium ran in the binary
+    # OCR ran in the binary: the scanned table was read.
+    assert "Platelets 250" in (labs["scan.pdf"]["text_data"] or ""), labs["scan.pdf"]
 
     assert srv.stop() == 0
     assert "Binary Patient" not in srv.log() and "fever and cough" not in srv.log()

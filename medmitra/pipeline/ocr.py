@@ -21,6 +21,13 @@ from PIL import Image
 
 log = logging.getLogger(__name__)
 
+# onnxruntime 1.29 and later carry Microsoft's telemetry on Linux too: on first use they write
+# a device id under ~/.cache/Microsoft and a session file in the temp dir, and try to upload
+# events to mobile.events.data.microsoft.com. A clinic's server sends nothing anywhere. This
+# variable is onnxruntime's whole opt-out (nothing created, nothing sent); it is read when
+# onnxruntime initialises, so it is set here, before anything can import it.
+os.environ["ORT_DISABLE_TELEMETRY"] = "1"
+
 OCR_THREADS = max(1, min(2, os.cpu_count() or 1))
 # Recognised boxes below this confidence are dropped as noise.
 MIN_SCORE = 0.5
