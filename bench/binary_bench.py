@@ -55,7 +55,7 @@ ANALYSIS_TIMEOUT_S = 600.0
 COMPONENTS: list[tuple[str, tuple[str, ...]]] = [
     ("llama.cpp (llama_cpp libs)", ("llama_cpp/", "libllama", "libggml", "libmtmd")),
     ("onnxruntime", ("onnxruntime/", "onnxruntime.libs/")),
-    ("opencv", ("cv2/", "opencv_python")),
+    ("opencv (must not be there: ocr_imgops replaces it)", ("cv2/", "opencv_python")),
     ("OCR models (rapidocr)", ("rapidocr_onnxruntime/",)),
     ("numpy", ("numpy/", "numpy.libs/")),
     ("pdfium", ("pypdfium2",)),
@@ -75,7 +75,7 @@ def _vendored_libs() -> dict[str, str]:
     folders (auditwheel); PyInstaller may collect them to the archive's top level."""
     import site
 
-    roots = [ROOT / "build" / "overlay", *map(Path, site.getsitepackages())]
+    roots = list(map(Path, site.getsitepackages()))
     out = {}
     for root in roots:
         for libs in root.glob("*.libs") if root.is_dir() else ():

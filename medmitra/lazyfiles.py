@@ -2,7 +2,7 @@
 
 PyInstaller's one-file bootloader unpacks every library and data file of its archive into a
 temp folder (``sys._MEIPASS``) before Python starts: ~370 MB and about 2 s of CPU, most of it
-for the model (numpy, llama.cpp), OCR (OpenCV, onnxruntime, the OCR models) and documents
+for the model (numpy, llama.cpp), OCR (onnxruntime, the OCR models) and documents
 (PDFium, Pillow) and the ICD-10-CM table, none of which is needed to answer ``/health``.
 ``build.spec`` gives the
 archive entries of those groups a type code that the bootloader does not unpack
@@ -30,9 +30,8 @@ import zlib
 # files PyInstaller may move to the top level (matched by where they were collected from).
 GROUPS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "model": (("numpy", "llama_cpp"), ("numpy.libs/",)),
-    "ocr": (("cv2", "onnxruntime", "rapidocr_onnxruntime", "shapely", "pyclipper"),
-            ("opencv_python_headless.libs/", "opencv_python.libs/", "shapely.libs/",
-             "onnxruntime.libs/")),
+    "ocr": (("onnxruntime", "rapidocr_onnxruntime", "shapely", "pyclipper"),
+            ("shapely.libs/", "onnxruntime.libs/")),
     "documents": (("PIL", "pypdfium2", "pypdfium2_raw"), ("pillow.libs/",)),
     # the ICD-10-CM table, first opened by the model worker's warm-up or an analysis
     "icd10": (("medmitra.clinical.icd10",), ("medmitra/clinical/data/icd10cm.sqlite",)),

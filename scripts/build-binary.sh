@@ -9,7 +9,7 @@
 #
 # Caches kept between runs on one machine: build/pyinstaller (PyInstaller's work dir: an
 # unchanged analysis is not redone), build/stripped (native libraries without debug info),
-# build/overlay (opencv-python-headless, see build.spec), PyInstaller's own cache
+# PyInstaller's own cache
 # (~/.cache/pyinstaller) and pip's. Output: dist/medmitra; build/ and dist/ are git-ignored.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -39,22 +39,9 @@ if ! $VPY -c "import PyInstaller" 2>/dev/null; then
         "pyinstaller==$PYINSTALLER_VERSION" "pyinstaller-hooks-contrib==$HOOKS_CONTRIB_VERSION"
 fi
 
-# The GUI-less OpenCV of the same version as the venv's opencv-python, for the binary only
-# (the venv keeps opencv-python, which rapidocr-onnxruntime requires by name).
-OVERLAY=build/overlay
-CV_VERSION=$($VPY -c "import importlib.metadata as m; print(m.version('opencv-python'))" \
-    2>/dev/null || true)
-if [[ -n $CV_VERSION && ! -f $OVERLAY/.opencv-headless-$CV_VERSION ]]; then
-    echo "==> fetching opencv-python-headless $CV_VERSION into $OVERLAY (once per version)"
-    rm -rf "$OVERLAY"
-    $VPY -m pip install --quiet --disable-pip-version-check --no-deps --target "$OVERLAY" \
-        "opencv-python-headless==$CV_VERSION"
-    touch "$OVERLAY/.opencv-headless-$CV_VERSION"
-fi
-
 echo "==> building dist/medmitra (PyInstaller $($VPY -c 'import PyInstaller; print(PyInstaller.__version__)'))"
 started=$(date +%s)
-MEDMITRA_BUILD_OVERLAY="$PWD/$OVERLAY" PYINSTALLER_ZLIB_COMPRESSION_LEVEL=$ZLIB_LEVEL \
+PYINSTALLER_ZLIB_COMPRESSION_LEVEL=$ZLIB_LEVEL \
     $VPY -m PyInstaller --noconfirm "${CLEAN[@]}" --log-level WARN \
     --distpath dist --workpath "$WORK" build.spec
 echo "==> built in $(( $(date +%s) - started )) s"

@@ -107,6 +107,18 @@ def _cli(sb: dict[str, Path], *args: str, stdin: str | None = None
                           capture_output=True, text=True, timeout=120)
 
 
+def test_binary_leaves_opencv_out(binary: Path) -> None:
+    """OCR's image work is medmitra/pipeline/ocr_imgops.py: neither OpenCV nor the codec and
+    BLAS libraries it brings (59 MB packed) are in the archive; rapidocr and its models are."""
+    from PyInstaller.archive.readers import CArchiveReader
+
+    names = list(CArchiveReader(str(binary)).toc)
+    assert any(n.startswith("rapidocr_onnxruntime/models/") for n in names)
+    opencv = [n for n in names if n.startswith(("cv2/", "opencv"))
+              or re.match(r"(libavcodec|libavformat|libswscale|libopenblasp|libQt5)", n)]
+    assert opencv == []
+
+
 # -- network isolation ------------------------------------------------------------------------
 
 
@@ -410,7 +422,7 @@ def test_binary_serves_analyses_and_restarts(sandbox: dict[str, Path],
     pdf = df.text_pdf(["Complete Blood Count", "Hemoglobin 9.1 g/dL 13.5-17.5",
                        "WBC 14.2 x10^3/uL 4.0-11.0"])
     png = df.xray_png()
-    scan = df.scanned_pdf()     # an image-only page: OCR runs
+    scan = df.scanned_pdf()     # an image-only page: OCR (onnxruntime, ocr_imgops) runs
     r = srv.client.post("/cases/create_case", headers=h,
                         data={"patient_name": "Binary Patient", "patient_age": "58",
                               "patient_gender": "male", "case_summary": "fever and cough"},
@@ -428,7 +440,7 @@ def test_binary_serves_analyses_and_restarts(sandbox: dict[str, Path],
     assert done["ai_insights"] is not None and done["insights"]["primary_diagnosis"]
     labs = {f["file_name"]: f for f in done["files"] if f["file_category"] == "lab"}
     assert "Hemoglobin" in (labs["cbc.pdf"]["text_data"] or "")  # pdfium ran in the binary
-    # OCR ran in the binary: the scanned table was read.
+    # OCR ran in the binary, which has no OpenCV: the scanned table was read.
     assert "Platelets 250" in (labs["scan.pdf"]["text_data"] or ""), labs["scan.pdf"]
 
     assert srv.stop() == 0

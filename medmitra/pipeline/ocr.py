@@ -1,4 +1,5 @@
-"""Offline OCR with rapidocr_onnxruntime (PP-OCRv4 ONNX models shipped inside its wheel).
+"""Offline OCR with rapidocr_onnxruntime (PP-OCRv4 ONNX models shipped inside its wheel),
+its image work done by ``ocr_imgops`` instead of OpenCV.
 
 The engine is created lazily, once per process, and every call is serialised by a lock:
 one engine is not safe to share between threads, and a second engine would only compete
@@ -48,8 +49,10 @@ def _load_engine() -> Any:
     if _engine_error is not None:
         raise OcrUnavailable(_engine_error)
     try:
-        from rapidocr_onnxruntime import RapidOCR
+        from medmitra.pipeline import ocr_imgops
 
+        # rapidocr with numpy/Pillow image functions in place of OpenCV (ocr_imgops.py).
+        RapidOCR = ocr_imgops.bind()
         _engine = RapidOCR(intra_op_num_threads=OCR_THREADS, inter_op_num_threads=1,
                            # "max": never upscale the image for detection (the default
                            # "min" blows a 1000x300 strip up to 2400x736, 3x slower).
