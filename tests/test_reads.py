@@ -175,8 +175,9 @@ def test_data_version_is_read_once_per_loop_iteration_and_commits_are_seen(
 
 
 def test_read_cache_is_bounded_by_size_and_skips_big_reads(tmp_path: Path) -> None:
-    """A read larger than CACHE_ITEM_MAX_BYTES is never kept, the kept reads together stay
-    under CACHE_MAX_BYTES, and an unpaged-list style read off the loop is kept when small."""
+    """A read larger than CACHE_ITEM_MAX_BYTES is never kept, and the kept reads together
+    stay under CACHE_MAX_BYTES. Reads off the loop and reads with ``keep_rows=False`` (their
+    callers keep what they make of the rows) take no entry."""
     settings = make_settings(tmp_path)
     db_path = Path(settings.database_url.removeprefix("sqlite://"))
 
@@ -194,14 +195,12 @@ def test_read_cache_is_bounded_by_size_and_skips_big_reads(tmp_path: Path) -> No
             # 5 reads of ~816 bytes: only the newest three fit under 2500 bytes.
             assert len(reader._cache) == 3
             assert 0 < reader._cache_bytes <= reader.CACHE_MAX_BYTES
+            kept = dict(reader._cache)
             small = [('SELECT ? AS "t"', ["z" * 10])]
-            first = await reader.many_off_loop(small, tuples=True)
-            assert first == [[("z" * 10,)]]
-            assert reader._key(small, True) in reader._cache
-            again = await reader.many_off_loop(small, tuples=True)
-            assert again == first and again is not first
+            assert await reader.many_off_loop(small, tuples=True) == [[("z" * 10,)]]
+            assert await reader.many(small, tuples=True, keep_rows=False) == [[("z" * 10,)]]
             await reader.many_off_loop(big, tuples=True)
-            assert reader._key(big, True) not in reader._cache
+            assert reader._cache == kept
         finally:
             reader.close()
             await close_db()
@@ -241,6 +240,40 @@ def test_audit_trail_writes_leave_cached_reads_in_place(tmp_path: Path, monkeypa
             await Case.filter(user_id=user).update(patient_name="q")   # a real change
             (rows,) = await reader.many(select)
             assert len(snapshots) == 2 and rows[0]["patient_name"] == "q"
+        finally:
+            reader.close()
+            await close_db()
+
+    asyncio.run(run())
+
+
+def test_kept_answers_take_one_cache_entry_each(tmp_path: Path) -> None:
+    """GET case and the case lists keep their whole answer (``Reader.keep``); the rows they
+    are made from are not kept beside it, so each answer counts once against the cache's
+    bounds. The files route still shares the case's rows."""
+    from medmitra.services import cases as svc
+
+    settings = make_settings(tmp_path)
+    db_path = Path(settings.database_url.removeprefix("sqlite://"))
+    user = str(uuid.uuid4())
+
+    async def run() -> None:
+        await open_db(settings)
+        now = datetime.now(timezone.utc)
+        case = await Case.create(case_id=str(uuid.uuid4()), user_id=user, patient_name="A",
+                                 patient_age=40, patient_gender="f", status="processing",
+                                 created_at=now, updated_at=now)
+        reader = reads.Reader(db_path)
+        try:
+            for _ in range(2):
+                parts = await svc.case_parts(reader, user, case.case_id)
+                assert parts.case_uuid == case.case_id
+                await svc.list_cases_body(reader, user, {"limit": "10"})      # paged
+                await svc.list_cases_body(reader, user, {})                   # unpaged
+            assert len(reader._cache) == 3
+            assert all(key[0] == "kept" for key in reader._cache)
+            await svc.case_view(reader, user, case.case_id)        # GET /cases/files/<id>
+            assert len(reader._cache) == 4
         finally:
             reader.close()
             await close_db()

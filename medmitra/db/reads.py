@@ -259,16 +259,9 @@ class Reader:
 
     async def many_off_loop(self, queries: Sequence[tuple[str, Sequence[Any]]], *,
                             tuples: bool = False) -> list[list[Any]]:
-        """SQLite only: ``many`` for reads of any size. A kept result is handed out on the
-        loop; otherwise the read runs on a big-read thread and is kept only if small."""
-        key = self._key(queries, tuples)
-        version = self._version()
-        hit = self._cache_get(key, version, tuples)
-        if hit is not None:
-            return hit
-        out = await self.off_loop(lambda: self.many_sync(queries, tuples=tuples))
-        self._cache_put(key, version, out, tuples)
-        return out
+        """SQLite only: ``many`` for reads of any size, on a big-read thread. The rows are
+        not kept: the caller (the unpaged case list) keeps the answer made from them."""
+        return await self.off_loop(lambda: self.many_sync(queries, tuples=tuples))
 
     def many_sync(self, queries: Sequence[tuple[str, Sequence[Any]]], *,
                   tuples: bool = False) -> list[list[Any]]:
@@ -277,10 +270,14 @@ class Reader:
         return _snapshot(self._thread_conn(), queries, tuples)
 
     async def many(self, queries: Sequence[tuple[str, Sequence[Any]]], *,
-                   tuples: bool = False) -> list[list[Any]]:
-        """Run several SELECTs as one consistent snapshot; rows as dicts (or tuples)."""
+                   tuples: bool = False, keep_rows: bool = True) -> list[list[Any]]:
+        """Run several SELECTs as one consistent snapshot; rows as dicts (or tuples).
+        ``keep_rows=False`` for a caller that keeps what it makes of the rows (``keep``):
+        the rows would take a second cache entry that is never read."""
         if self._conn is not None:
             conn = self._conn
+            if not keep_rows:
+                return _snapshot(conn, queries, tuples)
             key = self._key(queries, tuples)
             version = self._version()
             hit = self._cache_get(key, version, tuples)
@@ -335,8 +332,10 @@ def _case_view_sql(column: str) -> tuple[str, str, str, str]:
 _CASE_VIEW_SQL: dict[str, tuple[str, str, str, str]] = {}
 
 
-async def case_view(reader: Reader, user_id: str, ident: dict[str, Any]) -> dict[str, Any] | None:
-    """Case row, its files, newest insights and newest job (with its queue position)."""
+async def case_view(reader: Reader, user_id: str, ident: dict[str, Any], *,
+                    keep_rows: bool = True) -> dict[str, Any] | None:
+    """Case row, its files, newest insights and newest job (with its queue position).
+    ``keep_rows`` as ``Reader.many``."""
     key, value = next(iter(ident.items()))
     column = {"id": '"id"', "case_id": '"case_id"'}[key]
     sql = _CASE_VIEW_SQL.get(column)
@@ -345,7 +344,7 @@ async def case_view(reader: Reader, user_id: str, ident: dict[str, Any]) -> dict
     case_sql, files_sql, ins_sql, job_sql = sql
     p = (value, user_id)
     cases, files, insights, jobs = await reader.many(
-        [(case_sql, p), (files_sql, p), (ins_sql, p), (job_sql, p)])
+        [(case_sql, p), (files_sql, p), (ins_sql, p), (job_sql, p)], keep_rows=keep_rows)
     if not cases:
         return None
     return {"case": cases[0], "files": files, "insight": insights[0] if insights else None,
@@ -438,7 +437,8 @@ def _case_order(q: CaseQuery) -> str:
 
 async def list_cases_json(reader: Reader, q: CaseQuery,
                           render: Callable[[dict[str, Any]], dict[str, Any]]) -> tuple[str, int]:
-    """A page of cases as a JSON array text, and the total count."""
+    """A page of cases as a JSON array text, and the total count. The rows are not kept:
+    the caller keeps the answer (``services.cases.list_cases_body``)."""
     cond, params = _case_where(q, reader.is_sqlite)
     order = _case_order(q)
     page = f" LIMIT {int(q.limit)} OFFSET {int(q.offset)}" if q.limit is not None else ""
@@ -452,12 +452,12 @@ async def list_cases_json(reader: Reader, q: CaseQuery,
 
         if q.limit is None:
             # Unpaged (the original frontend's list): any size, so read off the event loop
-            # (other requests go on meanwhile) and joined there; small results are kept.
+            # (other requests go on meanwhile) and joined there.
             rows, count = await reader.many_off_loop(queries, tuples=True)
             if len(rows) <= JOIN_ON_LOOP_ROWS:
                 return joined(rows, count)
             return await reader.off_loop(joined, rows, count)
-        return joined(*await reader.many(queries, tuples=True))
+        return joined(*await reader.many(queries, tuples=True, keep_rows=False))
     rows, count = await reader.many([
         (f'SELECT {CASE_COLS} FROM "cases" WHERE {cond} ORDER BY {order}{page}', params),
         (f'SELECT COUNT(*) AS "n" FROM "cases" WHERE {cond}', params)])

@@ -496,8 +496,10 @@ def analysis_dict(job: Mapping[str, Any] | None) -> dict[str, Any] | None:
     return reads.analysis_from_row(job)
 
 
-async def case_view(reader: Reader, user_id: str, ident: str) -> dict[str, Any]:
-    view = await reads.case_view(reader, user_id, parse_ident(ident, "case"))
+async def case_view(reader: Reader, user_id: str, ident: str, *,
+                    keep_rows: bool = True) -> dict[str, Any]:
+    view = await reads.case_view(reader, user_id, parse_ident(ident, "case"),
+                                 keep_rows=keep_rows)
     if view is None:
         raise NotFound("Case not found")
     return view
@@ -523,7 +525,7 @@ async def case_parts(reader: Reader, user_id: str, ident: str) -> CaseParts:
     parts = reader.kept(key, version)
     if parts is not None:
         return parts
-    view = await case_view(reader, user_id, ident)
+    view = await case_view(reader, user_id, ident, keep_rows=False)   # the parts are kept
     case_uuid = view["case"]["case_id"]
     flat, nested = render_insights(case_uuid, view["insight"])
     head = b'{"case":' + orjson.dumps(case_dict(view["case"])) + b',"files":'
