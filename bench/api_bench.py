@@ -5,10 +5,14 @@ Starts, in one run and on this machine:
   1. a bare Sanic app (one route returning a constant JSON), single process;
   2. the MedMitra server (single process, no analysis workers) on a fresh data dir with
      100 cases;
-then drives each with wrk (50 connections, 2 threads), the three routes in turn for several
+then drives each with wrk (50 connections, 2 threads), the routes in turn for several
 rounds, and prints requests/s and latency percentiles (medians over the rounds), with the
 ratio of each case route to the bare route: the median and each round's (their spread
-shows how much the machine's other load moved the figures). Last, it measures the
+shows how much the machine's other load moved the figures). Each round starts one route
+later than the one before, so every route is measured at every place in a round equally
+often when --rounds is a multiple of the number of routes: in a fixed order, a route's
+place alone moved its ratio (two identical servers, measured 3rd and 4th in each round:
+0.59 and 0.64; another pair 1st and 4th: 0.56 and 0.69). Last, it measures the
 server's peak RSS growth while one 50 MiB DICOM file is uploaded (streamed to disk).
 
 Usage: .venv/bin/python bench/api_bench.py [--duration 5] [--rounds 3] [--connections 50]
@@ -200,7 +204,9 @@ def add_analysed_case(api: str, headers: dict[str, str], data_dir: Path, answer:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--duration", type=int, default=5, help="seconds per wrk run")
-    ap.add_argument("--rounds", type=int, default=3, help="rounds of (bare, case, list)")
+    ap.add_argument("--rounds", type=int, default=6,
+                    help="rounds of every route, each round in a rotated order (a multiple "
+                         "of the number of routes, 6 or 7, puts each route at each place)")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="then profile the server with py-spy during one more run of each "
                          "case route and print the N top functions (pip install py-spy)")
@@ -252,7 +258,8 @@ def main() -> None:
         print(f"machine: {os.cpu_count()} cores; "
               f"{'servers on CPU ' + SERVER_CPU + ', wrk on CPU ' + LOAD_CPU + '; ' if PIN else ''}"
               f"wrk -t2 -c{args.connections} -d{args.duration}s, "
-              f"{args.rounds} rounds (bare, case, list in turn, so each ratio compares runs "
+              f"{args.rounds} rounds (all routes in turn, each round starting one route later; "
+              f"each ratio compares runs "
               f"seconds apart under the same machine load)")
         pids: dict[str, int] = {}   # the server of each route, where not `server`
         routes = {"bare GET /": (bare + "/", None),
@@ -278,8 +285,11 @@ def main() -> None:
             pids[f"GET case, audit {label}"] = procs[-1].pid
         pids["bare GET /"] = bare_proc.pid
         runs: dict[str, list[dict[str, float]]] = {name: [] for name in routes}
-        for _ in range(args.rounds):
-            for name, (url, tok) in routes.items():
+        names = list(routes)
+        for i in range(args.rounds):
+            start = i % len(names)          # rotated: see the module docstring
+            for name in names[start:] + names[:start]:
+                url, tok = routes[name]
                 runs[name].append(wrk(url, args.duration, args.connections, tok,
                                       pids.get(name, server.pid)))
         print(f"{'route':30} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'ratio':>6} "
