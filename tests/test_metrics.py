@@ -153,18 +153,46 @@ def test_served_json_logs_are_one_object_per_line(tmp_path: Path) -> None:
     assert any(o.get("request_id") == "trace-42" for o in objs), lines[-5:]
 
 
-def test_made_up_methods_share_one_series() -> None:
-    """Series are looked up once per (method, route template, status); a client's made-up
-    methods are all OTHER, so they cannot grow the lookup table (or the scrape)."""
+def test_request_series_are_prometheus_client_s_own() -> None:
+    """Metrics.observe keeps plain counters and exports them at scrape time: the scrape
+    is sample for sample what prometheus-client's Counter and Histogram give for the same
+    requests (bucket edges included: "le" is less-or-equal). A client's made-up methods
+    are all OTHER, so they cannot grow the series (or the scrape)."""
     from types import SimpleNamespace
 
-    from medmitra.ops.metrics import Metrics
+    from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+    from medmitra.ops.metrics import LATENCY_BUCKETS_S, Metrics
 
     m = Metrics(SimpleNamespace(ctx=SimpleNamespace()))
-    for i in range(200):
-        m.observe(f"M{i}", "<unmatched>", 405, 0.001)
-    m.observe("GET", "/health", 200, 0.001)
-    m.observe("GET", "/health", 200, 0.002)
-    assert len(m._series) == 2
-    assert m.requests.labels("OTHER", "<unmatched>", "405")._value.get() == 200
-    assert m.requests.labels("GET", "/health", "200")._value.get() == 2
+    ref = CollectorRegistry()
+    labels = ["method", "route", "status"]
+    counter = Counter("medmitra_http_requests", "HTTP requests", labels, registry=ref)
+    hist = Histogram("medmitra_http_request_duration_seconds",
+                     "HTTP request latency, from request to response", labels,
+                     buckets=LATENCY_BUCKETS_S, registry=ref)
+    requests = [(f"M{i}", "<unmatched>", 405, 0.001) for i in range(200)]
+    requests += [("GET", "/health", 200, t) for t in (0.001, 0.002, 0.0025, 0.7, 31.0, 0.0)]
+    requests += [("POST", "/cases/create_case", 201, 0.3)]
+    for method, route, status, seconds in requests:
+        m.observe(method, route, status, seconds)
+        shown = method if method in ("GET", "POST") else "OTHER"
+        counter.labels(shown, route, str(status)).inc()
+        hist.labels(shown, route, str(status)).observe(seconds)
+
+    def http(registry) -> dict:
+        return {k: v for k, v in _samples(generate_latest(registry).decode()).items()
+                if k[0].startswith("medmitra_http_")}
+
+    ours = http(m.registry)
+    assert ours == http(ref)
+    assert ours[("medmitra_http_requests_total",
+                 (("method", "OTHER"), ("route", "<unmatched>"), ("status", "405")))] == 200
+    health = (("method", "GET"), ("route", "/health"), ("status", "200"))
+    assert ours[("medmitra_http_request_duration_seconds_bucket",
+                 (("le", "0.001"),) + health)] == 2        # 0.0 and 0.001, not 0.002
+    assert ours[("medmitra_http_request_duration_seconds_bucket",
+                 (("le", "+Inf"),) + health)] == 6
+    assert {k[1][1:] for k in ours if k[0] == "medmitra_http_requests_total"} == {
+        (("route", "<unmatched>"), ("status", "405")), (("route", "/health"), ("status", "200")),
+        (("route", "/cases/create_case"), ("status", "201"))}
