@@ -110,9 +110,9 @@ def _cli(sb: dict[str, Path], *args: str, stdin: str | None = None
 def test_binary_leaves_opencv_out(binary: Path) -> None:
     """OCR's image work is medmitra/pipeline/ocr_imgops.py: neither OpenCV nor the codec and
     BLAS libraries it brings (59 MB packed) are in the archive; rapidocr and its models are."""
-    from PyInstaller.archive.readers import CArchiveReader
+    from medmitra import lazyfiles
 
-    names = list(CArchiveReader(str(binary)).toc)
+    names = [entry[0] for entry in lazyfiles.entries(str(binary))]
     assert any(n.startswith("rapidocr_onnxruntime/models/") for n in names)
     opencv = [n for n in names if n.startswith(("cv2/", "opencv"))
               or re.match(r"(libavcodec|libavformat|libswscale|libopenblasp|libQt5)", n)]
