@@ -212,14 +212,17 @@ def warpPerspective(src: np.ndarray, M: np.ndarray, dsize: Sequence[int], dst: A
         offsets, wxs, wys = (-1, 0, 1, 2), _cubic_weights(tx), _cubic_weights(ty)
     else:
         offsets, wxs, wys = (0, 1), [1 - tx, tx], [1 - ty, ty]
-    flat = src.reshape(src.shape[0] * src.shape[1], -1).astype(np.float32)
+    # The source stays in its own dtype: only the sampled pixels are converted (the source
+    # is the whole page, a crop is one text line).
+    flat = np.ascontiguousarray(src).reshape(src.shape[0] * src.shape[1], -1)
     out = np.zeros((height * width, flat.shape[1]), np.float32)
     h_max, w_max = src.shape[0] - 1, src.shape[1] - 1
     for oy, wy in zip(offsets, wys):
         rows = np.clip(y0 + oy, 0, h_max).ravel() * src.shape[1]
         for ox, wx in zip(offsets, wxs):
             cols = np.clip(x0 + ox, 0, w_max).ravel()
-            out += flat[rows + cols] * (wy * wx).astype(np.float32).reshape(-1, 1)
+            out += (flat[rows + cols].astype(np.float32)
+                    * (wy * wx).astype(np.float32).reshape(-1, 1))
     return _saturate(out.reshape((height, width) + src.shape[2:]), src.dtype)
 
 
